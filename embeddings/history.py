@@ -1,0 +1,50 @@
+"""What each user interacted with recently, to keep it out of their recommendations."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class InteractionHistory:
+    """The last ``max_per_user`` distinct items of each user, most recent last.
+
+    >>> h = InteractionHistory(max_per_user=2)
+    >>> h.add(np.array([0, 0, 0, 0]), np.array([5, 6, 5, 7]))
+    >>> list(h.items_of(0)), list(h.items_of(1))
+    ([5, 7], [])
+    """
+
+    def __init__(self, max_per_user: int = 500) -> None:
+        self.max_per_user = max_per_user
+        self._items: dict[int, dict[int, None]] = {}
+
+    def add(self, user_rows: np.ndarray, item_rows: np.ndarray) -> None:
+        items = self._items
+        limit = self.max_per_user
+        for u, i in zip(user_rows.tolist(), item_rows.tolist()):
+            recent = items.get(u)
+            if recent is None:
+                items[u] = {i: None}
+                continue
+            # Re-inserting moves the item to the end, so eviction drops the oldest.
+            recent.pop(i, None)
+            recent[i] = None
+            if len(recent) > limit:
+                del recent[next(iter(recent))]
+
+    def items_of(self, user_row: int) -> dict[int, None]:
+        """The user's recent items (a dict used as an ordered set)."""
+        return self._items.get(user_row, {})
+
+    def pairs(self, user_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(position in ``user_rows``, item row) of every remembered interaction of those users.
+
+        >>> h = InteractionHistory()
+        >>> h.add(np.array([3, 3, 4]), np.array([1, 2, 9]))
+        >>> [a.tolist() for a in h.pairs(np.array([4, 3]))]
+        [[0, 1, 1], [9, 1, 2]]
+        """
+        lists = [self._items.get(u, {}) for u in user_rows.tolist()]
+        counts = np.fromiter((len(s) for s in lists), dtype=np.int64, count=len(lists))
+        items = np.fromiter((i for s in lists for i in s), dtype=np.int64, count=int(counts.sum()))
+        return np.repeat(np.arange(len(lists)), counts), items

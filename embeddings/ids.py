@@ -1,0 +1,72 @@
+"""Collisionless maps from external ids to dense matrix rows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+
+class IdMap:
+    """Assigns each distinct external id the next free row, forever.
+
+    Unlike the hashing trick, two ids never share a row, so one user's
+    clicks never move another user's vector (Monolith's "collisionless"
+    tables). Ids are kept as strings: ``5`` and ``"5"`` are the same id,
+    because JSON producers are not consistent about it.
+
+    >>> ids = IdMap()
+    >>> ids.rows(["a", "b", "a", 5]).tolist()
+    [0, 1, 0, 2]
+    >>> ids.rows(["5"]).tolist()
+    [2]
+    >>> len(ids), ids.id_of(1)
+    (3, 'b')
+    >>> ids.get("missing") is None
+    True
+    """
+
+    def __init__(self, ids: Iterable[str] = ()) -> None:
+        self._row_of: dict[str, int] = {}
+        self._ids: list[str] = []
+        for key in ids:
+            self._add(str(key))
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, key: object) -> bool:
+        return str(key) in self._row_of
+
+    def _add(self, key: str) -> int:
+        row = self._row_of.get(key)
+        if row is None:
+            row = len(self._ids)
+            self._row_of[key] = row
+            self._ids.append(key)
+        return row
+
+    def rows(self, keys: Sequence[object]) -> np.ndarray:
+        """Rows for ``keys`` (int64), adding the ids seen for the first time."""
+        row_of = self._row_of
+        out = [row_of.get(k) if k.__class__ is str else None for k in keys]
+        if None in out:
+            add = self._add
+            out = [r if r is not None else add(str(k)) for r, k in zip(out, keys)]
+        return np.fromiter(out, dtype=np.int64, count=len(out))
+
+    def get(self, key: object) -> int | None:
+        """Row of ``key``, or None if it was never seen."""
+        return self._row_of.get(str(key))
+
+    def id_of(self, row: int) -> str:
+        return self._ids[row]
+
+    def ids_of(self, rows: Iterable[int]) -> list[str]:
+        ids = self._ids
+        return [ids[r] for r in rows]
+
+    @property
+    def ids(self) -> list[str]:
+        """All ids in row order (do not mutate)."""
+        return self._ids

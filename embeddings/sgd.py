@@ -1,0 +1,152 @@
+"""Compiled kernels: one call applies a whole batch of events, in order.
+
+Everything random here comes from a counter-based generator (splitmix64)
+whose whole state is one uint64, so a run is reproducible from the event
+order and the seed alone, and the state fits in a checkpoint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_TO_UNIT = 1.0 / 9007199254740992.0  # 2**-53
+
+
+@njit(cache=True, inline="always")
+def _mix64(z):
+    z = (z ^ (z >> np.uint64(30))) * _MIX1
+    z = (z ^ (z >> np.uint64(27))) * _MIX2
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(cache=True, inline="always")
+def _next_u64(state):
+    state[0] += _GOLDEN
+    return _mix64(state[0])
+
+
+@njit(cache=True, inline="always")
+def _unit(z):
+    return (z >> np.uint64(11)) * _TO_UNIT
+
+
+@njit(cache=True, nogil=True)
+def init_rows(out, id_hashes, seed, std):
+    """Fill ``out[r]`` with N(0, std^2) values derived from ``(seed, id_hashes[r])``.
+
+    The initial vector of an id depends on nothing but the id and the seed, so
+    it is the same whatever order ids arrive in and in every process.
+    """
+    dim = out.shape[1]
+    for r in range(out.shape[0]):
+        state = np.empty(1, dtype=np.uint64)
+        state[0] = _mix64(id_hashes[r] ^ _mix64(seed))
+        f = 0
+        while f < dim:
+            u1 = _unit(_next_u64(state))
+            u2 = _unit(_next_u64(state))
+            if u1 <= 1e-300:
+                continue
+            radius = np.sqrt(-2.0 * np.log(u1)) * std
+            out[r, f] = radius * np.cos(2.0 * np.pi * u2)
+            if f + 1 < dim:
+                out[r, f + 1] = radius * np.sin(2.0 * np.pi * u2)
+            f += 2
+
+
+@njit(cache=True, inline="always")
+def _sigmoid(x):
+    if x >= 0:
+        return 1.0 / (1.0 + np.exp(-x))
+    e = np.exp(x)
+    return e / (1.0 + e)
+
+
+@njit(cache=True, inline="always")
+def _logistic_step(P, Q, bi, u, j, label, weight, lr, reg):
+    dim = P.shape[1]
+    x = bi[j]
+    for f in range(dim):
+        x += P[u, f] * Q[j, f]
+    g = weight * (label - _sigmoid(x))
+    bi[j] += lr * (g - reg * bi[j])
+    for f in range(dim):
+        pu = P[u, f]
+        qj = Q[j, f]
+        P[u, f] += lr * (g * qj - reg * pu)
+        Q[j, f] += lr * (g * pu - reg * qj)
+
+
+@njit(cache=True, nogil=True)
+def sgd_batch(
+    P, Q, bu, bi, item_seq,
+    users, items, ratings, weights,
+    implicit_count, mean_state, rng_state, recent_items, recent_state,
+    lr, reg, n_negatives, seq,
+):
+    """Apply events ``0..n-1`` in order; returns the summed loss of the batch.
+
+    Explicit event (``ratings[e]`` is a number): squared loss on
+    ``mu + bu + bi + p.q``, with ``mu`` the running mean of all ratings.
+    Implicit event (``ratings[e]`` is NaN): logistic loss, the item as a
+    positive with confidence ``weights[e]`` and ``n_negatives`` negatives
+    drawn from a ring buffer of recent positives, i.e. in proportion to recent
+    popularity. Drawing negatives from recently active items (not uniformly)
+    keeps the set of items an update moves small, which is what lets the
+    index rescore "changed since the last build" items exactly.
+
+    ``item_seq[i]`` is set to ``seq`` for every item whose row moved.
+    Negatives drawn in proportion to popularity make the score learn
+    ``log P(i|u) - log P(i)`` (a PMI, as in word2vec), so ranking adds the
+    popularity back: ``implicit_count[i]`` counts each item's implicit events
+    (see ``OnlineMF.ranking_biases``). ``recent_state`` holds [next write
+    position, number filled] of the ring buffer.
+    """
+    dim = P.shape[1]
+    cap = recent_items.shape[0]
+    loss = 0.0
+    for e in range(users.shape[0]):
+        u = users[e]
+        i = items[e]
+        r = ratings[e]
+        item_seq[i] = seq
+        if not np.isnan(r):
+            mean_state[1] += 1.0
+            mean_state[0] += (r - mean_state[0]) / mean_state[1]
+            pred = mean_state[0] + bu[u] + bi[i]
+            for f in range(dim):
+                pred += P[u, f] * Q[i, f]
+            err = r - pred
+            loss += err * err
+            bu[u] += lr * (err - reg * bu[u])
+            bi[i] += lr * (err - reg * bi[i])
+            for f in range(dim):
+                pu = P[u, f]
+                qi = Q[i, f]
+                P[u, f] += lr * (err * qi - reg * pu)
+                Q[i, f] += lr * (err * pu - reg * qi)
+            continue
+        w = weights[e]
+        x = bi[i]
+        for f in range(dim):
+            x += P[u, f] * Q[i, f]
+        loss += w * np.log1p(np.exp(-x)) if x > -30.0 else w * -x
+        _logistic_step(P, Q, bi, u, i, 1.0, w, lr, reg)
+        implicit_count[i] += 1
+        filled = recent_state[1]
+        for _ in range(n_negatives if filled > 0 else 0):
+            j = recent_items[np.int64(_next_u64(rng_state) % np.uint64(filled))]
+            if j == i:
+                continue
+            _logistic_step(P, Q, bi, u, j, 0.0, 1.0, lr, reg)
+            item_seq[j] = seq
+        pos = recent_state[0]
+        recent_items[pos] = i
+        recent_state[0] = (pos + 1) % cap
+        if filled < cap:
+            recent_state[1] = filled + 1
+    return loss

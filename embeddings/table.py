@@ -1,0 +1,84 @@
+"""Growable embedding tables: one float32 row and one bias per id."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from recstream.embeddings.ids import IdMap
+from recstream.embeddings.sgd import init_rows
+
+
+def id_hash(key: str) -> int:
+    """A stable 64-bit hash of an id (unlike ``hash()``, the same in every process)."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+class EmbeddingTable:
+    """Vectors and biases for a growing set of ids, stored as dense matrices.
+
+    Capacity doubles when full, so adding ids is amortised O(1) and the
+    kernels always see plain contiguous arrays. A new id's vector is drawn
+    from N(0, init_std^2) seeded by the id itself (see ``init_rows``).
+
+    >>> t = EmbeddingTable(dim=4, init_std=0.1, seed=1)
+    >>> t.rows(["x", "y", "x"]).tolist()
+    [0, 1, 0]
+    >>> t.vectors.shape, t.biases.shape
+    ((2, 4), (2,))
+    >>> u = EmbeddingTable(dim=4, init_std=0.1, seed=1)
+    >>> bool((u.rows(["y"]) == 0).all() and (u.vectors[0] == t.vectors[1]).all())
+    True
+    """
+
+    def __init__(self, dim: int, init_std: float, seed: int, capacity: int = 1024) -> None:
+        self.dim = dim
+        self.init_std = init_std
+        self.seed = seed
+        self.ids = IdMap()
+        self._vectors = np.zeros((capacity, dim), dtype=np.float32)
+        self._biases = np.zeros(capacity, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self, keys: Sequence[str]) -> np.ndarray:
+        """Rows of ``keys``; ids seen for the first time get a fresh row."""
+        before = len(self.ids)
+        rows = self.ids.rows(keys)
+        after = len(self.ids)
+        if after > before:
+            self._grow(after)
+            hashes = np.fromiter(
+                (id_hash(k) for k in self.ids.ids[before:after]), dtype=np.uint64, count=after - before
+            )
+            init_rows(self._vectors[before:after], hashes, np.uint64(self.seed), self.init_std)
+        return rows
+
+    def _grow(self, needed: int) -> None:
+        capacity = self._vectors.shape[0]
+        if needed <= capacity:
+            return
+        while capacity < needed:
+            capacity *= 2
+        vectors = np.zeros((capacity, self.dim), dtype=np.float32)
+        vectors[: len(self._vectors)] = self._vectors
+        biases = np.zeros(capacity, dtype=np.float32)
+        biases[: len(self._biases)] = self._biases
+        self._vectors, self._biases = vectors, biases
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """(n, dim) view of the live vectors; the kernels update it in place."""
+        return self._vectors[: len(self.ids)]
+
+    @property
+    def biases(self) -> np.ndarray:
+        return self._biases[: len(self.ids)]
+
+    @property
+    def storage(self) -> tuple[np.ndarray, np.ndarray]:
+        """The full (capacity-sized) arrays, for kernels that index by row."""
+        return self._vectors, self._biases

@@ -1,0 +1,140 @@
+"""Periodic index rebuilds in the background, swapped in atomically."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from annoy import AnnoyIndex
+
+from recstream.embeddings.model import OnlineMF
+from recstream.index.build import build_in_subprocess, mips_item_vectors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """The ``[index]`` config section."""
+
+    n_trees: int = 50
+    search_k: int = -1
+    # Rebuild when the index is this old and anything changed ...
+    rebuild_interval_s: float = 60.0
+    # ... or sooner, once this share of the items changed (they are scored exactly until then),
+    # but not more often than min_rebuild_interval_s.
+    rebuild_changed_fraction: float = 0.1
+    min_rebuild_interval_s: float = 10.0
+    min_items: int = 1
+    build_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class BuiltIndex:
+    """An Annoy index and the model state it was built from (immutable once made)."""
+
+    annoy: AnnoyIndex
+    version: int
+    model_version: int  # item rows changed after this are not reflected in ``annoy``
+    n_items: int
+    built_at: float
+    build_seconds: float
+    path: Path
+
+    def nearest(self, query: list[float], n: int, search_k: int) -> list[int]:
+        return self.annoy.get_nns_by_vector(query, n, search_k=search_k)
+
+
+class IndexRefresher:
+    """Keeps ``current`` an index of the item vectors no older than the triggers allow.
+
+    A thread waits for a trigger (``rebuild_interval_s`` passed, or more than
+    ``rebuild_changed_fraction`` of the items changed since the last build),
+    copies the item vectors under ``model_lock``, builds in a child process
+    and rebinds ``current``. Readers take ``current`` once per query round; a
+    rebind never invalidates an index a reader holds (its memory map lives as
+    long as the object), so queries never see a half-built index.
+    """
+
+    def __init__(self, model: OnlineMF, model_lock: threading.Lock, directory: Path, config: IndexConfig) -> None:
+        self.model = model
+        self.model_lock = model_lock
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.current: BuiltIndex | None = None
+        self.builds = 0
+        self.failures = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="index-refresher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def poke(self) -> None:
+        """Ask for a trigger check now (the consumer calls this after a batch)."""
+        self._wake.set()
+
+    def due(self) -> bool:
+        n_items = len(self.model.items)
+        if n_items < self.config.min_items:
+            return False
+        current = self.current
+        if current is None:
+            return True
+        age = time.monotonic() - current.built_at
+        if age >= self.config.rebuild_interval_s:
+            return current.model_version < self.model.model_version
+        if age < self.config.min_rebuild_interval_s:
+            return False
+        changed = len(self.model.items_changed_since(current.model_version))
+        return changed > self.config.rebuild_changed_fraction * n_items
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                if self.due():
+                    self.rebuild()
+            except Exception:  # a failed build must not kill the refresher: the old index stays
+                self.failures += 1
+                log.exception("index rebuild failed; keeping index version %s",
+                              self.current.version if self.current else None)
+                self._stop.wait(5.0)
+
+    def rebuild(self) -> BuiltIndex:
+        """Build an index of the current item vectors and swap it in (blocking)."""
+        started = time.monotonic()
+        with self.model_lock:
+            model_version = self.model.model_version
+            vectors = self.model.items.vectors.copy()
+            biases = self.model.ranking_biases()
+        points = mips_item_vectors(vectors, biases)
+        version = (self.current.version if self.current else 0) + 1
+        path = self.directory / f"items-v{version}.ann"
+        build_in_subprocess(points, path, self.config.n_trees, self.config.build_timeout_s)
+        annoy = AnnoyIndex(points.shape[1], "angular")
+        annoy.load(str(path))  # memory-maps: no copy, ~0 ms
+        built = BuiltIndex(annoy, version, model_version, len(points), time.monotonic(), time.monotonic() - started, path)
+        previous, self.current = self.current, built
+        self.builds += 1
+        if previous is not None:
+            # Unlinking a mapped file is safe on POSIX: readers holding ``previous`` keep their map.
+            previous.path.unlink(missing_ok=True)
+        log.info("index v%d: %d items, built in %.2fs", version, len(points), built.build_seconds)
+        return built

@@ -1,0 +1,185 @@
+"""The ``recstream`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+
+from recstream.stream.config import ConfigError, ServiceConfig, load_config
+
+log = logging.getLogger("recstream")
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return key.strip(), value.strip()
+
+
+def _run_config(args: argparse.Namespace) -> ServiceConfig:
+    overrides: dict[str, object] = {}
+    for key, value in args.set or []:
+        overrides[key] = value
+    for key, value in args.X or []:
+        overrides[f"kafka.{key}"] = value
+    flags = {
+        "kafka.bootstrap.servers": args.bootstrap_servers,
+        "topics.input": args.input_topic,
+        "topics.output": args.output_topic,
+        "topics.dead_letter": args.dlq_topic,
+        "topics.group_id": args.group_id,
+        "state_dir": args.state_dir,
+    }
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    config = load_config(args.config, overrides)
+    if not config.bootstrap_servers:
+        raise ConfigError("kafka.bootstrap.servers: required (--bootstrap-servers or the config file)")
+    return config
+
+
+def _install_stop_handlers(stop: threading.Event) -> None:
+    def handle(signum: int, _frame: object) -> None:
+        log.info("%s: finishing the batch in hand, then stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from recstream.stream.service import RecStreamService
+
+    config = _run_config(args)
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    last = {"t": time.monotonic(), "events": 0}
+
+    def status(service: RecStreamService) -> None:
+        now = time.monotonic()
+        if now - last["t"] < config.loop.status_interval_s:
+            return
+        s = service.stats
+        rate = (s.events_applied - last["events"]) / (now - last["t"])
+        index = service.refresher.current
+        log.info("events=%d (%.0f/s) users=%d items=%d index=v%s dead_letters=%d updates=%d",
+                 s.events_applied, rate, len(service.model.users), len(service.model.items),
+                 index.version if index else 0, s.dead_letters, s.updates_published)
+        last.update(t=now, events=s.events_applied)
+
+    RecStreamService(config, stop=stop, on_flush=status).run()
+    return 0
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    from recstream.stream.broker import create_topics
+
+    settings = dict(args.X or [])
+    create_topics(args.bootstrap_servers, {
+        args.input_topic: args.partitions,
+        args.output_topic: args.partitions,
+        args.dlq_topic or f"{args.input_topic}.dlq": 1,
+    }, settings)
+    print(f"topics ready on {args.bootstrap_servers}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from confluent_kafka import Producer
+
+    from recstream.stream.synthetic import SyntheticClickstream
+
+    producer = Producer({"bootstrap.servers": args.bootstrap_servers, "linger.ms": 20, **dict(args.X or [])})
+    gen = SyntheticClickstream(n_users=args.users, n_items=args.items, seed=args.seed,
+                               start_ms=int(time.time() * 1000), events_per_second=args.rate or 1000.0)
+    sent = 0
+    started = time.monotonic()
+    while sent < args.events:
+        chunk = min(10_000, args.events - sent)
+        for key, value in gen.events(chunk).messages():
+            while True:
+                try:
+                    producer.produce(args.topic, value=value, key=key)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+        producer.poll(0)
+        sent += chunk
+        if args.rate:
+            time.sleep(max(0.0, started + sent / args.rate - time.monotonic()))
+    producer.flush()
+    print(f"produced {sent} events to {args.topic} in {time.monotonic() - started:.1f}s")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from recstream.stream.demo import run_demo
+
+    return run_demo(duration_s=args.duration, rate=args.rate, n_users=args.users, n_items=args.items)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recstream", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    kafka = argparse.ArgumentParser(add_help=False)
+    kafka.add_argument("-X", action="append", type=_key_value, metavar="KEY=VALUE",
+                       help="librdkafka setting for consumer and producer (repeatable), as in kcat")
+
+    run = sub.add_parser("run", parents=[kafka], help="consume a clickstream topic and publish recommendations")
+    run.add_argument("--bootstrap-servers")
+    run.add_argument("--input-topic")
+    run.add_argument("--output-topic")
+    run.add_argument("--dlq-topic", help="dead-letter topic (default: <input-topic>.dlq)")
+    run.add_argument("--group-id")
+    run.add_argument("--state-dir")
+    run.add_argument("--config", help="TOML config file (see README: Configuration)")
+    run.add_argument("--set", action="append", type=_key_value, metavar="SECTION.KEY=VALUE",
+                     help="override one config value, e.g. --set model.dim=64")
+    run.set_defaults(func=cmd_run)
+
+    topics = sub.add_parser("topics", parents=[kafka], help="create the input, output and dead-letter topics")
+    topics.add_argument("--bootstrap-servers", required=True)
+    topics.add_argument("--input-topic", default="clicks")
+    topics.add_argument("--output-topic", default="recs")
+    topics.add_argument("--dlq-topic")
+    topics.add_argument("--partitions", type=int, default=4)
+    topics.set_defaults(func=cmd_topics)
+
+    gen = sub.add_parser("generate", parents=[kafka], help="produce a synthetic clickstream to a topic")
+    gen.add_argument("--bootstrap-servers", required=True)
+    gen.add_argument("--topic", default="clicks")
+    gen.add_argument("--events", type=int, default=100_000)
+    gen.add_argument("--rate", type=float, default=0.0, help="events per second (0: as fast as possible)")
+    gen.add_argument("--users", type=int, default=20_000)
+    gen.add_argument("--items", type=int, default=5_000)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
+
+    demo = sub.add_parser("demo", help="embedded broker + generator + live consumer, with live progress")
+    demo.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0: at Ctrl-C)")
+    demo.add_argument("--rate", type=float, default=20_000.0, help="generated events per second")
+    demo.add_argument("--users", type=int, default=20_000)
+    demo.add_argument("--items", type=int, default=5_000)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"recstream: config error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

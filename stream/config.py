@@ -1,0 +1,246 @@
+"""Service configuration: a TOML file, overridden by command-line flags, checked at start-up.
+
+Every check names the field it rejects, so a bad config stops start-up with a
+message a person can act on. Unknown keys are errors too: a typo that would
+silently fall back to a default is worse than a refusal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recstream.embeddings.model import MFConfig
+from recstream.index.refresh import IndexConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class TopicsConfig:
+    input: str = "clicks"
+    output: str = "recs"
+    dead_letter: str = ""  # empty: "<input>.dlq"
+    group_id: str = "recstream"
+
+    @property
+    def dlq(self) -> str:
+        return self.dead_letter or f"{self.input}.dlq"
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    """How input messages become events."""
+
+    weights: dict[str, float] = field(default_factory=lambda: {"view": 0.5, "click": 1.0, "cart": 2.0, "purchase": 3.0})
+    default_event_type: str = "click"
+    max_message_bytes: int = 65536
+    max_id_length: int = 256
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    top_k: int = 10
+    exclude_seen: bool = True
+    history_per_user: int = 500
+    # At most one update per user per interval; offsets are committed at the same cadence,
+    # after the updates of the interval are delivered.
+    flush_interval_s: float = 1.0
+    max_pending_users: int = 50_000
+    delivery_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    batch_size: int = 10_000
+    poll_timeout_s: float = 0.2
+    status_interval_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    kafka: dict[str, str] = field(default_factory=dict)  # librdkafka settings for consumer and producer
+    kafka_consumer: dict[str, str] = field(default_factory=dict)
+    kafka_producer: dict[str, str] = field(default_factory=dict)
+    topics: TopicsConfig = TopicsConfig()
+    model: MFConfig = MFConfig()
+    events: EventsConfig = EventsConfig()
+    index: IndexConfig = IndexConfig()
+    output: OutputConfig = OutputConfig()
+    loop: LoopConfig = LoopConfig()
+    state_dir: str = ""
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.kafka.get("bootstrap.servers", "")
+
+
+_SECTIONS = {
+    "topics": TopicsConfig,
+    "model": MFConfig,
+    "events": EventsConfig,
+    "index": IndexConfig,
+    "output": OutputConfig,
+    "loop": LoopConfig,
+}
+
+# field -> (predicate, what it must be)
+_RULES: dict[str, tuple[Any, str]] = {
+    "topics.input": (bool, "a non-empty topic name"),
+    "topics.output": (bool, "a non-empty topic name"),
+    "topics.group_id": (bool, "a non-empty group id"),
+    "model.dim": (lambda v: 1 <= v <= 4096, "an integer from 1 to 4096"),
+    "model.learning_rate": (lambda v: 0 < v < 10, "a number in (0, 10)"),
+    "model.regularization": (lambda v: 0 <= v < 10, "a number in [0, 10)"),
+    "model.n_negatives": (lambda v: 0 <= v <= 1000, "an integer from 0 to 1000"),
+    "model.init_std": (lambda v: 0 <= v < 10, "a number in [0, 10)"),
+    "model.seed": (lambda v: 0 <= v < 2**63, "a non-negative integer"),
+    "model.negative_pool": (lambda v: v >= 1, "a positive integer"),
+    "events.weights": (lambda v: bool(v) and all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                 and math.isfinite(w) and w > 0 for w in v.values()),
+                       "a non-empty table of event type = positive number"),
+    "events.max_message_bytes": (lambda v: v >= 64, "an integer >= 64"),
+    "events.max_id_length": (lambda v: v >= 1, "a positive integer"),
+    "index.n_trees": (lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
+    "index.search_k": (lambda v: v == -1 or v >= 1, "-1 (annoy's default) or a positive integer"),
+    "index.rebuild_interval_s": (lambda v: v > 0, "a positive number of seconds"),
+    "index.rebuild_changed_fraction": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    "index.min_rebuild_interval_s": (lambda v: v >= 0, "a non-negative number of seconds"),
+    "index.min_items": (lambda v: v >= 1, "a positive integer"),
+    "index.build_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
+    "output.top_k": (lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
+    "output.history_per_user": (lambda v: v >= 0, "a non-negative integer"),
+    "output.flush_interval_s": (lambda v: v > 0, "a positive number of seconds"),
+    "output.max_pending_users": (lambda v: v >= 1, "a positive integer"),
+    "output.delivery_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
+    "loop.batch_size": (lambda v: 1 <= v <= 1_000_000, "an integer from 1 to 1000000"),
+    "loop.poll_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
+    "loop.status_interval_s": (lambda v: v > 0, "a positive number of seconds"),
+}
+
+
+def _typed(name: str, value: Any, default: Any) -> Any:
+    """``value`` converted to the type of ``default``, or a ConfigError naming ``name``."""
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+                if math.isfinite(number):
+                    return number
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    elif kind is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}")
+
+
+def _section(name: str, cls: type, values: dict[str, Any]) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name}: expected a table, got {values!r}")
+    defaults = cls()
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{name}.{unknown[0]}: unknown setting (known: {', '.join(sorted(known))})")
+    typed = {}
+    for key, value in values.items():
+        full = f"{name}.{key}"
+        typed[key] = _typed(full, value, getattr(defaults, key))
+    section = dataclasses.replace(defaults, **typed)
+    for key in known:
+        rule = _RULES.get(f"{name}.{key}")
+        value = getattr(section, key)
+        if rule is not None and not rule[0](value):
+            raise ConfigError(f"{name}.{key}: must be {rule[1]}, got {value!r}")
+    return section
+
+
+def _librdkafka(name: str, values: Any) -> dict[str, str]:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name}: expected a table of librdkafka settings, got {values!r}")
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            raise ConfigError(f"{name}.{key}: expected a value, got a table")
+        out[key] = str(value).lower() if isinstance(value, bool) else str(value)
+    return out
+
+
+def build_config(data: dict[str, Any]) -> ServiceConfig:
+    """A checked :class:`ServiceConfig` from a parsed TOML document (or an equivalent dict)."""
+    data = dict(data)
+    kafka = dict(data.pop("kafka", {}) or {})
+    if not isinstance(kafka, dict):
+        raise ConfigError(f"kafka: expected a table of librdkafka settings, got {kafka!r}")
+    consumer = _librdkafka("kafka.consumer", kafka.pop("consumer", {}))
+    producer = _librdkafka("kafka.producer", kafka.pop("producer", {}))
+    sections = {name: _section(name, cls, data.pop(name, {})) for name, cls in _SECTIONS.items()}
+    state_dir = _typed("state_dir", data.pop("state_dir", ""), "")
+    if data:
+        raise ConfigError(f"{sorted(data)[0]}: unknown setting (known: kafka, state_dir, {', '.join(_SECTIONS)})")
+    for event_type in [sections["events"].default_event_type]:
+        if event_type not in sections["events"].weights:
+            raise ConfigError(f"events.default_event_type: {event_type!r} has no weight in events.weights")
+    return ServiceConfig(
+        kafka=_librdkafka("kafka", kafka), kafka_consumer=consumer, kafka_producer=producer,
+        state_dir=state_dir, **sections,
+    )
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> ServiceConfig:
+    """Read ``path`` (TOML), apply ``overrides`` (dotted keys, e.g. ``"model.dim"``), check everything.
+
+    >>> load_config(overrides={"model.dim": "16"}).model.dim
+    16
+    >>> try:
+    ...     load_config(overrides={"model.dim": 0})
+    ... except ConfigError as exc:
+    ...     print(exc)
+    model.dim: must be an integer from 1 to 4096, got 0
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"--config: cannot read {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from exc
+    for dotted, value in (overrides or {}).items():
+        if dotted.startswith("kafka."):
+            # librdkafka keys contain dots themselves: "kafka.session.timeout.ms".
+            data.setdefault("kafka", {})[dotted[len("kafka."):]] = value
+            continue
+        head, _, key = dotted.partition(".")
+        if key:
+            data.setdefault(head, {})[key] = value
+        else:
+            data[head] = value
+    return build_config(data)

@@ -1,0 +1,305 @@
+"""The processing loop: consume a batch, learn from it, publish fresh top-K, commit.
+
+Order of work per flush interval (at-least-once):
+
+1. ``consume`` a batch, decode it; bad messages go to the dead-letter topic.
+2. Apply the valid events to the model in one kernel call.
+3. Every ``flush_interval_s``: recommend for each user touched since the
+   last flush (once per user), produce the updates, wait until every update
+   and dead letter is delivered, then commit the offsets of what was applied.
+
+A crash between 2 and 3 replays the uncommitted events; the output topic is
+keyed by user and the latest message wins, so repeated updates are harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from recstream.embeddings.history import InteractionHistory
+from recstream.embeddings.model import OnlineMF
+from recstream.index.query import Recommender
+from recstream.index.refresh import IndexRefresher
+from recstream.stream.config import ConfigError, ServiceConfig
+from recstream.stream.events import EventDecoder
+
+log = logging.getLogger(__name__)
+
+DLQ_REASON_HEADER = "recstream.error"
+
+
+@dataclass
+class ServiceStats:
+    """Counters a person (or a test) reads to see what the service has done."""
+
+    messages: int = 0
+    events_applied: int = 0
+    dead_letters: int = 0
+    updates_published: int = 0
+    commits: int = 0
+    delivery_failures: int = 0
+    last_event_ts: int = 0
+    assigned: list[tuple[str, int]] = field(default_factory=list)
+    started_at: float = field(default_factory=time.monotonic)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class RecStreamService:
+    """Owns the consumer, the producer, the model and the index refresher.
+
+    ``run()`` blocks until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT),
+    then finishes the batch in hand, publishes, commits and closes.
+    """
+
+    def __init__(
+        self,
+        config: ServiceConfig,
+        stop: threading.Event | None = None,
+        on_flush: Callable[[RecStreamService], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.stop = stop or threading.Event()
+        self.on_flush = on_flush
+        self.stats = ServiceStats()
+        self.model = OnlineMF(config.model)
+        self.model_lock = threading.Lock()
+        out = config.output
+        self.history = InteractionHistory(out.history_per_user) if out.exclude_seen else None
+        self.recommender = Recommender(self.model, self.history, out.top_k, config.index.search_k)
+        self.decoder = EventDecoder(config.events)
+        if config.state_dir:
+            index_dir = Path(config.state_dir) / "index"
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="recstream-index-")
+            index_dir = Path(self._tmp.name)
+        self.refresher = IndexRefresher(self.model, self.model_lock, index_dir, config.index)
+        self._pending_users: dict[int, int] = {}  # user row -> last event ts, awaiting an update
+        self._offsets: dict[tuple[str, int], int] = {}  # next offset to read, applied but not committed
+        self._failed: list[tuple[str, bytes | None, bytes | None, list | None]] = []
+        self._next_flush = time.monotonic() + out.flush_interval_s
+        self.consumer: Consumer | None = None
+        self.producer: Producer | None = None
+
+    # -- Kafka clients -------------------------------------------------------------------------
+
+    def _client_configs(self) -> tuple[dict, dict]:
+        cfg = self.config
+        consumer = {
+            "group.id": cfg.topics.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+            # tansu and Kafka both return big fetches; a larger queue keeps fetching from pausing.
+            "queued.min.messages": 1_000_000,
+            "fetch.queue.backoff.ms": 10,
+            **cfg.kafka,
+            **cfg.kafka_consumer,
+        }
+        producer = {
+            "enable.idempotence": True,
+            "linger.ms": 20,
+            "compression.type": "lz4",
+            **cfg.kafka,
+            **cfg.kafka_producer,
+        }
+        return consumer, producer
+
+    def _check_topics(self) -> None:
+        topics = self.config.topics
+        metadata = self.producer.list_topics(timeout=30)
+        for field_name, topic in (("topics.input", topics.input), ("topics.output", topics.output),
+                                  ("topics.dead_letter", topics.dlq)):
+            if topic not in metadata.topics:
+                raise ConfigError(f"{field_name}: topic {topic!r} does not exist on "
+                                  f"{self.config.bootstrap_servers} (create it, e.g. `recstream topics`)")
+
+    # -- main loop -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        consumer_cfg, producer_cfg = self._client_configs()
+        self.producer = Producer(producer_cfg)
+        self._check_topics()
+        self.consumer = Consumer(consumer_cfg)
+        self.consumer.subscribe(
+            [self.config.topics.input], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        self.refresher.start()
+        loop = self.config.loop
+        log.info("consuming %s as group %s", self.config.topics.input, self.config.topics.group_id)
+        try:
+            while not self.stop.is_set():
+                messages = self.consumer.consume(loop.batch_size, loop.poll_timeout_s)
+                if messages:
+                    self._process(messages)
+                if self._offsets and (
+                    time.monotonic() >= self._next_flush
+                    or len(self._pending_users) >= self.config.output.max_pending_users
+                ):
+                    self.flush()
+            self.flush()
+        finally:
+            self.refresher.stop()
+            try:
+                self.consumer.close()  # revokes: _on_revoke flushes and commits what is left
+            finally:
+                self.producer.flush(self.config.output.delivery_timeout_s)
+        log.info("stopped after %d events", self.stats.events_applied)
+
+    def _process(self, messages: list[Message]) -> None:
+        values = []
+        good = []
+        offsets = self._offsets
+        for m in messages:
+            err = m.error()
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if err.fatal():
+                    raise KafkaException(err)
+                log.warning("consumer error: %s", err)
+                continue
+            values.append(m.value())
+            good.append(m)
+            offsets[(m.topic(), m.partition())] = m.offset() + 1
+        if not good:
+            return
+        self.stats.messages += len(good)
+        batch, bad = self.decoder.decode(values)
+        for position, reason in bad:
+            self._dead_letter(good[position], reason)
+        if not len(batch):
+            return
+        stamps = batch.timestamps
+        missing = np.flatnonzero(stamps < 0)
+        for n in missing.tolist():
+            stamps[n] = good[batch.positions[n]].timestamp()[1]
+        with self.model_lock:
+            user_rows = self.model.users.rows(batch.user_ids)
+            item_rows = self.model.items.rows(batch.item_ids)
+            self.model.learn_rows(user_rows, item_rows, batch.ratings, batch.weights)
+        if self.history is not None:
+            self.history.add(user_rows, item_rows)
+        # Latest timestamp per user: a dict built from arrays keeps the last write per key.
+        self._pending_users.update(zip(user_rows.tolist(), stamps.tolist()))
+        self.stats.events_applied += len(batch)
+        self.stats.last_event_ts = max(self.stats.last_event_ts, int(stamps.max()))
+        self.refresher.poke()
+
+    def _dead_letter(self, message: Message, reason: str) -> None:
+        headers = [
+            (DLQ_REASON_HEADER, reason.encode()),
+            ("recstream.source", f"{message.topic()}/{message.partition()}/{message.offset()}".encode()),
+        ]
+        self._produce(self.config.topics.dlq, message.key(), message.value(), headers)
+        self.stats.dead_letters += 1
+
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: list | None = None) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._delivered)
+                return
+            except BufferError:  # local queue full: let deliveries drain, then retry
+                self.producer.poll(0.05)
+
+    def _delivered(self, err: KafkaError | None, message: Message) -> None:
+        if err is not None:
+            self.stats.delivery_failures += 1
+            self._failed.append((message.topic(), message.key(), message.value(), message.headers()))
+
+    # -- publishing and committing -------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Publish updates for the users touched since the last flush, deliver, then commit."""
+        self._next_flush = time.monotonic() + self.config.output.flush_interval_s
+        if self._pending_users:
+            self._publish_updates()
+        if not self._deliver_all():
+            return  # stopping with undelivered output: leave the offsets uncommitted
+        if self._offsets:
+            commit = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()]
+            self.consumer.commit(offsets=commit, asynchronous=False)
+            self._offsets.clear()
+            self.stats.commits += 1
+        if self.on_flush is not None:
+            self.on_flush(self)
+
+    def _publish_updates(self) -> None:
+        pending, self._pending_users = self._pending_users, {}
+        user_rows = np.fromiter(pending.keys(), dtype=np.int64, count=len(pending))
+        index = self.refresher.current
+        with self.model_lock:
+            recommendations = self.recommender.recommend(user_rows, index)
+            model_version = self.model.model_version
+        user_ids = self.model.users.ids.ids
+        item_ids = self.model.items.ids.ids
+        topic = self.config.topics.output
+        generated_at = _now_ms()
+        index_version = index.version if index else 0
+        for rec in recommendations:
+            user_id = user_ids[rec.user_row]
+            value = orjson.dumps({
+                "user_id": user_id,
+                "items": [{"item_id": item_ids[i], "score": s}
+                          for i, s in zip(rec.item_rows.tolist(), rec.scores.tolist())],
+                "index_version": index_version,
+                "model_version": model_version,
+                "generated_at": generated_at,
+                "last_event_ts": pending[rec.user_row],
+            })
+            self._produce(topic, user_id.encode(), value)
+        self.stats.updates_published += len(recommendations)
+
+    def _deliver_all(self) -> bool:
+        """Wait until everything produced is delivered, re-producing failures with backoff.
+
+        Returns False only if asked to stop while deliveries still fail.
+        """
+        backoff = 0.5
+        while True:
+            remaining = self.producer.flush(self.config.output.delivery_timeout_s)
+            if remaining == 0 and not self._failed:
+                return True
+            failed, self._failed = self._failed, []
+            if self.stop.is_set() and backoff > 0.5:
+                log.error("stopping with %d undelivered message(s); offsets not committed", remaining + len(failed))
+                return False
+            log.warning("%d message(s) undelivered, %d failed; retrying in %.1fs (offsets not committed)",
+                        remaining, len(failed), backoff)
+            self.stop.wait(backoff)
+            for topic, key, value, headers in failed:
+                self._produce(topic, key, value, headers)
+            backoff = min(backoff * 2, 30.0)
+
+    # -- rebalance -----------------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.stats.assigned = sorted(set(self.stats.assigned) | {(p.topic, p.partition) for p in partitions})
+        log.info("assigned %s", [f"{p.topic}/{p.partition}" for p in partitions])
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        log.info("revoked %s", [f"{p.topic}/{p.partition}" for p in partitions])
+        self.flush()
+        gone = {(p.topic, p.partition) for p in partitions}
+        self.stats.assigned = [tp for tp in self.stats.assigned if tp not in gone]
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Another member may already own these: committing for them now would be wrong.
+        gone = {(p.topic, p.partition) for p in partitions}
+        log.warning("lost %s; their uncommitted offsets will be re-read by the new owner", sorted(gone))
+        for tp in gone:
+            self._offsets.pop(tp, None)
+        self.stats.assigned = [tp for tp in self.stats.assigned if tp not in gone]
