@@ -1,0 +1,65 @@
+"""Configuration: defaults, overrides and start-up errors that name the field."""
+
+import subprocess
+import sys
+
+import pytest
+
+from recstream.stream.config import ConfigError, load_config
+
+
+def test_file_and_overrides(tmp_path):
+    path = tmp_path / "recstream.toml"
+    path.write_text(
+        '[kafka]\n"security.protocol" = "SASL_SSL"\n"session.timeout.ms" = 45000\n'
+        '[kafka.consumer]\n"fetch.max.bytes" = 1048576\n'
+        '[model]\ndim = 48\n[events.weights]\nview = 0.2\nclick = 1\n'
+    )
+    cfg = load_config(path, {"model.learning_rate": "0.01", "kafka.bootstrap.servers": "h:9092"})
+    assert cfg.model.dim == 48 and cfg.model.learning_rate == 0.01
+    assert cfg.kafka == {"security.protocol": "SASL_SSL", "session.timeout.ms": "45000", "bootstrap.servers": "h:9092"}
+    assert cfg.kafka_consumer == {"fetch.max.bytes": "1048576"}
+    assert cfg.events.weights == {"view": 0.2, "click": 1}
+    assert cfg.topics.dlq == "clicks.dlq"
+
+
+@pytest.mark.parametrize("overrides, field", [
+    ({"model.dim": "-3"}, "model.dim"),
+    ({"model.dim": "many"}, "model.dim"),
+    ({"model.learning_rate": "0"}, "model.learning_rate"),
+    ({"model.learning_rate": "nan"}, "model.learning_rate"),
+    ({"model.dimension": 3}, "model.dimension: unknown setting"),
+    ({"output.top_k": 0}, "output.top_k"),
+    ({"output.exclude_seen": "maybe"}, "output.exclude_seen"),
+    ({"topics.input": ""}, "topics.input"),
+    ({"events.weights": {"click": -1}}, "events.weights"),
+    ({"events.default_event_type": "tap"}, "events.default_event_type"),
+    ({"index.rebuild_changed_fraction": 2}, "index.rebuild_changed_fraction"),
+    ({"colour": "blue"}, "colour: unknown setting"),
+])
+def test_bad_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(overrides=overrides)
+
+
+def test_bad_toml_is_reported(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[model\ndim = 3")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(path)
+
+
+def test_cli_stops_on_bad_config_with_the_field_name(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "recstream.stream.cli", "run", "--bootstrap-servers", "127.0.0.1:1",
+         "--set", "model.dim=0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "model.dim: must be an integer from 1 to 4096, got 0" in result.stderr
+
+
+def test_cli_requires_bootstrap_servers():
+    result = subprocess.run([sys.executable, "-m", "recstream.stream.cli", "run"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "kafka.bootstrap.servers: required" in result.stderr

@@ -1,0 +1,62 @@
+"""Decoding input messages: every kind of bad input is named, good ones pass through."""
+
+import orjson
+import pytest
+
+from recstream.stream.config import EventsConfig
+from recstream.stream.events import EventDecoder
+
+DECODER = EventDecoder(EventsConfig(max_message_bytes=1000, max_id_length=20))
+
+
+def test_valid_events_become_arrays():
+    values = [
+        orjson.dumps({"user_id": "alice", "item_id": 42, "event_type": "purchase", "ts": 1000, "extra": [1]}),
+        orjson.dumps({"user_id": 7, "item_id": "x", "rating": 4.5}),
+        orjson.dumps({"user_id": "bob", "item_id": "y", "event_type": "view", "rating": 3}),
+    ]
+    batch, bad = DECODER.decode(values)
+    assert bad == []
+    assert batch.user_ids == ["alice", "7", "bob"] and batch.item_ids == ["42", "x", "y"]
+    assert batch.weights.tolist() == [3.0, 1.0, 0.5]
+    assert str(batch.ratings[0]) == "nan" and batch.ratings[1:].tolist() == [4.5, 3.0]
+    assert batch.timestamps.tolist() == [1000, -1, -1]
+    assert batch.positions == [0, 1, 2]
+
+
+@pytest.mark.parametrize("value, reason", [
+    (None, "empty message"),
+    (b"\xff\xfe not json", "invalid JSON"),
+    (b'{"user_id": "a", "item_id": ', "invalid JSON"),
+    (b"NaN", "invalid JSON"),
+    (b'{"user_id": "a", "item_id": "b", "rating": NaN}', "invalid JSON"),
+    (b'{"user_id": "a", "item_id": "b", "rating": 1e999}', "invalid JSON"),
+    (b'[1, 2]', "not a JSON object"),
+    (b'"text"', "not a JSON object"),
+    (b'{"item_id": "b"}', "missing user_id"),
+    (b'{"user_id": null, "item_id": "b"}', "missing user_id"),
+    (b'{"user_id": "a"}', "missing item_id"),
+    (b'{"user_id": "", "item_id": "b"}', "empty user_id"),
+    (b'{"user_id": "a", "item_id": "   "}', "empty item_id"),
+    (b'{"user_id": true, "item_id": "b"}', "user_id must be a string or an integer, got bool"),
+    (b'{"user_id": 1.5, "item_id": "b"}', "user_id must be a string or an integer, got float"),
+    (b'{"user_id": {"x": 1}, "item_id": "b"}', "user_id must be a string or an integer, got dict"),
+    (b'{"user_id": "aaaaaaaaaaaaaaaaaaaaaaaaa", "item_id": "b"}', "user_id longer than 20"),
+    # orjson reads integers beyond 64 bits as floats, so a huge numeric id is a type error
+    (b'{"user_id": 123456789012345678901234567890, "item_id": "b"}', "user_id must be a string or an integer, got float"),
+    (b'{"user_id": "a", "item_id": "b", "event_type": "teleport"}', "unknown event_type 'teleport'"),
+    (b'{"user_id": "a", "item_id": "b", "event_type": 3}', "unknown event_type 3"),
+    (b'{"user_id": "a", "item_id": "b", "rating": "5"}', "rating must be a number"),
+    (b'{"user_id": "a", "item_id": "b", "rating": true}', "rating must be a number"),
+    (b'{"user_id": "a", "item_id": "b", "rating": 1e300}', "outside"),
+    (b'{"user_id": "a", "item_id": "b", "ts": "yesterday"}', "ts must be"),
+    (b'{"user_id": "a", "item_id": "b", "ts": -5}', "ts must be"),
+    (b'{"user_id": "a", "item_id": "b", "ts": 1.5}', "ts must be"),
+    (b'{"user_id": "a", "item_id": "' + b"x" * 2000 + b'"}', "exceeds max_message_bytes=1000"),
+])
+def test_bad_input_is_rejected_with_its_reason(value, reason):
+    good = orjson.dumps({"user_id": "ok", "item_id": "ok"})
+    batch, bad = DECODER.decode([good, value, good])
+    assert len(batch) == 2 and batch.positions == [0, 2]
+    assert len(bad) == 1 and bad[0][0] == 1
+    assert reason in bad[0][1], bad[0][1]

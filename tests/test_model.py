@@ -1,0 +1,105 @@
+"""The SGD step, determinism and id handling of the embeddings package."""
+
+import numpy as np
+import pytest
+
+from recstream.embeddings.ids import IdMap
+from recstream.embeddings.model import MFConfig, OnlineMF
+from recstream.embeddings.table import EmbeddingTable
+
+
+def _state(mf: OnlineMF):
+    return mf.users.vectors.copy(), mf.items.vectors.copy(), mf.users.biases.copy(), mf.items.biases.copy()
+
+
+def test_explicit_step_matches_hand_computed_update():
+    cfg = MFConfig(dim=3, learning_rate=0.1, regularization=0.01, seed=5)
+    mf = OnlineMF(cfg)
+    mf.users.rows(["u"]), mf.items.rows(["i"])
+    p, q, bu, bi = (a.astype(np.float64) for a in _state(mf))
+    p, q, bu, bi = p[0], q[0], bu[0], bi[0]
+    rating = 4.0
+    mu = rating  # the running mean after the first rating is that rating
+    err = rating - (mu + bu + bi + p @ q)
+    lr, reg = 0.1, 0.01
+    want_p = p + lr * (err * q - reg * p)
+    want_q = q + lr * (err * p - reg * q)
+    want_bu, want_bi = bu + lr * (err - reg * bu), bi + lr * (err - reg * bi)
+
+    mf.learn(["u"], ["i"], ratings=np.array([rating], dtype=np.float32))
+
+    np.testing.assert_allclose(mf.users.vectors[0], want_p, rtol=1e-6)
+    np.testing.assert_allclose(mf.items.vectors[0], want_q, rtol=1e-6)
+    assert mf.users.biases[0] == pytest.approx(want_bu, rel=1e-6)
+    assert mf.items.biases[0] == pytest.approx(want_bi, rel=1e-6)
+    assert mf.global_mean == rating
+
+
+def test_implicit_step_matches_hand_computed_update():
+    cfg = MFConfig(dim=4, learning_rate=0.05, regularization=0.0, n_negatives=3, seed=9)
+    mf = OnlineMF(cfg)
+    mf.users.rows(["u"]), mf.items.rows(["i"])
+    p, q, _, bi = (a.astype(np.float64)[0] for a in _state(mf))
+    weight = 2.0
+    g = weight * (1.0 - 1.0 / (1.0 + np.exp(-(bi + p @ q))))
+    want_p, want_q, want_bi = p + 0.05 * g * q, q + 0.05 * g * p, bi + 0.05 * g
+
+    # The negative pool is empty before the first event, so this step has no negatives.
+    mf.learn(["u"], ["i"], weights=np.array([weight], dtype=np.float32))
+
+    np.testing.assert_allclose(mf.users.vectors[0], want_p, rtol=1e-6)
+    np.testing.assert_allclose(mf.items.vectors[0], want_q, rtol=1e-6)
+    assert mf.items.biases[0] == pytest.approx(want_bi, rel=1e-6)
+
+
+def _stream(n=5000, seed=0):
+    rng = np.random.default_rng(seed)
+    users = [f"u{x}" for x in rng.integers(0, 300, n)]
+    items = [f"i{x}" for x in rng.zipf(1.5, n) % 500]
+    ratings = np.where(rng.random(n) < 0.5, rng.integers(1, 11, n) / 2, np.nan).astype(np.float32)
+    weights = rng.choice([0.5, 1.0, 3.0], n).astype(np.float32)
+    return users, items, ratings, weights
+
+
+def test_same_events_same_state_however_batched():
+    users, items, ratings, weights = _stream()
+    whole = OnlineMF(MFConfig(dim=8, seed=3))
+    whole.learn(users, items, ratings, weights)
+    pieces = OnlineMF(MFConfig(dim=8, seed=3))
+    for a, b in [(0, 1), (1, 777), (777, 2000), (2000, 5000)]:
+        pieces.learn(users[a:b], items[a:b], ratings[a:b], weights[a:b])
+    for x, y in zip(_state(whole), _state(pieces)):
+        np.testing.assert_array_equal(x, y)
+    assert whole.global_mean == pieces.global_mean
+    other_seed = OnlineMF(MFConfig(dim=8, seed=4))
+    other_seed.learn(users, items, ratings, weights)
+    assert not np.array_equal(whole.users.vectors, other_seed.users.vectors)
+
+
+def test_changed_items_are_tracked_per_model_version():
+    mf = OnlineMF(MFConfig(dim=4, n_negatives=0))
+    mf.learn(["u1", "u2"], ["a", "b"])
+    version = mf.model_version
+    mf.learn(["u1"], ["c"])
+    assert [mf.items.ids.id_of(r) for r in mf.items_changed_since(version)] == ["c"]
+    assert len(mf.items_changed_since(mf.model_version)) == 0
+
+
+def test_id_map_is_collisionless_and_canonical():
+    ids = IdMap()
+    rows = ids.rows([str(x) for x in range(100_000)])
+    assert len(set(rows.tolist())) == 100_000
+    assert ids.rows(["7", 7]).tolist() == [7, 7]
+    assert ids.get(99_999) == 99_999 and ids.get("nope") is None
+
+
+def test_table_growth_keeps_rows_and_init_is_order_independent():
+    a = EmbeddingTable(dim=6, init_std=0.1, seed=11, capacity=2)
+    a.rows(["x", "y"])
+    before = a.vectors.copy()
+    a.rows([f"n{i}" for i in range(1000)])
+    np.testing.assert_array_equal(a.vectors[:2], before)
+    b = EmbeddingTable(dim=6, init_std=0.1, seed=11)
+    b.rows(["n5", "y"])
+    np.testing.assert_array_equal(b.vectors[1], a.vectors[a.ids.get("y")])
+    assert abs(float(a.vectors.std()) - 0.1) < 0.01
