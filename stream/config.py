@@ -46,6 +46,8 @@ class EventsConfig:
 
 @dataclass(frozen=True)
 class OutputConfig:
+    # False: learn and commit only, publish nothing (backfills, and measuring the learning path).
+    publish: bool = True
     top_k: int = 10
     exclude_seen: bool = True
     history_per_user: int = 500

@@ -92,8 +92,14 @@ class EventDecoder:
                     raise ValueError(f"invalid JSON: {exc}") from None
                 if event.__class__ is not dict:
                     raise ValueError("not a JSON object")
-                user = _id(event, "user_id", max_id)
-                item = _id(event, "item_id", max_id)
+                # Fast path inline (a call per field per event costs more than the JSON parse);
+                # anything unusual goes through _id, which names the problem.
+                user = event.get("user_id")
+                if user.__class__ is not str or not 0 < len(user) <= max_id or user.isspace():
+                    user = _id(event, "user_id", max_id)
+                item = event.get("item_id")
+                if item.__class__ is not str or not 0 < len(item) <= max_id or item.isspace():
+                    item = _id(event, "item_id", max_id)
                 event_type = event.get("event_type", default_type)
                 weight = weight_of(event_type) if event_type.__class__ is str else None
                 if weight is None:
