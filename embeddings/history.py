@@ -48,3 +48,25 @@ class InteractionHistory:
         counts = np.fromiter((len(s) for s in lists), dtype=np.int64, count=len(lists))
         items = np.fromiter((i for s in lists for i in s), dtype=np.int64, count=int(counts.sum()))
         return np.repeat(np.arange(len(lists)), counts), items
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """CSR form: users, where each one's items start, and the items (oldest first)."""
+        users = np.fromiter(self._items.keys(), dtype=np.int64, count=len(self._items))
+        counts = np.fromiter(map(len, self._items.values()), dtype=np.int64, count=len(self._items))
+        items = np.fromiter((i for s in self._items.values() for i in s), dtype=np.int64, count=int(counts.sum()))
+        return {"users": users, "ends": np.cumsum(counts), "items": items}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Inverse of :meth:`to_arrays`.
+
+        >>> h = InteractionHistory()
+        >>> h.add(np.array([1, 1, 2]), np.array([5, 6, 7]))
+        >>> g = InteractionHistory()
+        >>> g.load_arrays(h.to_arrays())
+        >>> list(g.items_of(1)), list(g.items_of(2))
+        ([5, 6], [7])
+        """
+        items = arrays["items"].tolist()
+        starts = [0, *arrays["ends"][:-1].tolist()]
+        self._items = {u: dict.fromkeys(items[a:b])
+                       for u, a, b in zip(arrays["users"].tolist(), starts, arrays["ends"].tolist())}

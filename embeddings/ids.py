@@ -66,6 +66,23 @@ class IdMap:
         ids = self._ids
         return [ids[r] for r in rows]
 
+    def to_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """The ids as (UTF-8 bytes, end offsets): compact, and loadable without pickle."""
+        encoded = [k.encode() for k in self._ids]
+        ends = np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
+        return np.frombuffer(b"".join(encoded), dtype=np.uint8), ends
+
+    @classmethod
+    def from_arrays(cls, blob: np.ndarray, ends: np.ndarray) -> IdMap:
+        """Inverse of :meth:`to_arrays`.
+
+        >>> IdMap.from_arrays(*IdMap(["a", "bé", "7"]).to_arrays()).ids
+        ['a', 'bé', '7']
+        """
+        data = blob.tobytes()
+        starts = [0, *ends[:-1].tolist()]
+        return cls(data[a:b].decode() for a, b in zip(starts, ends.tolist()))
+
     @property
     def ids(self) -> list[str]:
         """All ids in row order (do not mutate)."""

@@ -107,6 +107,40 @@ class OnlineMF:
         self.events_applied += len(user_rows)
         return float(loss)
 
+    # -- state ------------------------------------------------------------------------------
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Everything learning depends on, as named arrays (views: copy or write them out at once)."""
+        n_items = len(self.items)
+        out = {f"users.{k}": v for k, v in self.users.to_arrays().items()}
+        out.update({f"items.{k}": v for k, v in self.items.to_arrays().items()})
+        out.update({
+            "mean_state": self._mean_state,
+            "rng_state": self._rng_state,
+            "negative_pool": self._negative_pool,
+            "negative_pool_state": self._negative_pool_state,
+            "item_seq": self._item_seq[:n_items],
+            "implicit_count": self._implicit_count[:n_items],
+            "counters": np.array([self.model_version, self.events_applied], dtype=np.int64),
+        })
+        return out
+
+    def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`state_arrays` output; raises ValueError if it does not fit this config."""
+        if len(arrays["negative_pool"]) != self.config.negative_pool:
+            raise ValueError(f"model.negative_pool is {self.config.negative_pool} but the state has "
+                             f"{len(arrays['negative_pool'])}")
+        self.users.load_arrays({k[6:]: v for k, v in arrays.items() if k.startswith("users.")})
+        self.items.load_arrays({k[6:]: v for k, v in arrays.items() if k.startswith("items.")})
+        self._mean_state = np.array(arrays["mean_state"], dtype=np.float64)
+        self._rng_state = np.array(arrays["rng_state"], dtype=np.uint64)
+        self._negative_pool = np.array(arrays["negative_pool"], dtype=np.int64)
+        self._negative_pool_state = np.array(arrays["negative_pool_state"], dtype=np.int64)
+        n_items = len(self.items)
+        self._item_seq = _grown(np.array(arrays["item_seq"], dtype=np.int64), max(n_items, 1024))
+        self._implicit_count = _grown(np.array(arrays["implicit_count"], dtype=np.int64), max(n_items, 1024))
+        self.model_version, self.events_applied = (int(x) for x in arrays["counters"])
+
     def items_changed_since(self, model_version: int) -> np.ndarray:
         """Rows of items whose vector or bias moved after ``model_version``."""
         return np.flatnonzero(self._item_seq[: len(self.items)] > model_version)

@@ -69,6 +69,23 @@ class EmbeddingTable:
         biases[: len(self._biases)] = self._biases
         self._vectors, self._biases = vectors, biases
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        blob, ends = self.ids.to_arrays()
+        return {"id_bytes": blob, "id_ends": ends, "vectors": self.vectors, "biases": self.biases}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Replace the contents with :meth:`to_arrays` output (same dim)."""
+        vectors = arrays["vectors"]
+        if vectors.shape[1] != self.dim:
+            raise ValueError(f"stored vectors have dim {vectors.shape[1]}, the table has {self.dim}")
+        self.ids = IdMap.from_arrays(arrays["id_bytes"], arrays["id_ends"])
+        n = len(self.ids)
+        capacity = max(1024, 1 << max(n - 1, 1).bit_length())
+        self._vectors = np.zeros((capacity, self.dim), dtype=np.float32)
+        self._biases = np.zeros(capacity, dtype=np.float32)
+        self._vectors[:n] = vectors
+        self._biases[:n] = arrays["biases"]
+
     @property
     def vectors(self) -> np.ndarray:
         """(n, dim) view of the live vectors; the kernels update it in place."""

@@ -60,13 +60,15 @@ class IndexRefresher:
     long as the object), so queries never see a half-built index.
     """
 
-    def __init__(self, model: OnlineMF, model_lock: threading.Lock, directory: Path, config: IndexConfig) -> None:
+    def __init__(self, model: OnlineMF, model_lock: threading.Lock, directory: Path, config: IndexConfig,
+                 first_version: int = 1) -> None:
         self.model = model
         self.model_lock = model_lock
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.config = config
         self.current: BuiltIndex | None = None
+        self.next_version = first_version  # continues across restarts: versions only grow
         self.builds = 0
         self.failures = 0
         self._wake = threading.Event()
@@ -125,7 +127,8 @@ class IndexRefresher:
             vectors = self.model.items.vectors.copy()
             biases = self.model.ranking_biases()
         points = mips_item_vectors(vectors, biases)
-        version = (self.current.version if self.current else 0) + 1
+        version = self.next_version
+        self.next_version += 1
         path = self.directory / f"items-v{version}.ann"
         build_in_subprocess(points, path, self.config.n_trees, self.config.build_timeout_s)
         annoy = AnnoyIndex(points.shape[1], "angular")

@@ -28,6 +28,9 @@ class TopicsConfig:
     output: str = "recs"
     dead_letter: str = ""  # empty: "<input>.dlq"
     group_id: str = "recstream"
+    # Where to start reading a partition the checkpoint knows nothing of:
+    # "committed" (the group's offset, else auto.offset.reset), "earliest", "latest", or epoch ms.
+    start_from: str = "committed"
 
     @property
     def dlq(self) -> str:
@@ -59,6 +62,15 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class CheckpointConfig:
+    """Used only with a state dir: then the checkpoint is the source of truth for offsets."""
+
+    interval_s: float = 30.0
+    events: int = 2_000_000
+    keep: int = 2
+
+
+@dataclass(frozen=True)
 class LoopConfig:
     batch_size: int = 10_000
     poll_timeout_s: float = 0.2
@@ -75,6 +87,7 @@ class ServiceConfig:
     events: EventsConfig = EventsConfig()
     index: IndexConfig = IndexConfig()
     output: OutputConfig = OutputConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     loop: LoopConfig = LoopConfig()
     state_dir: str = ""
 
@@ -89,6 +102,7 @@ _SECTIONS = {
     "events": EventsConfig,
     "index": IndexConfig,
     "output": OutputConfig,
+    "checkpoint": CheckpointConfig,
     "loop": LoopConfig,
 }
 
@@ -97,6 +111,11 @@ _RULES: dict[str, tuple[Any, str]] = {
     "topics.input": (bool, "a non-empty topic name"),
     "topics.output": (bool, "a non-empty topic name"),
     "topics.group_id": (bool, "a non-empty group id"),
+    "topics.start_from": (lambda v: v in ("committed", "earliest", "latest") or v.isdigit(),
+                          "committed, earliest, latest or an epoch time in milliseconds"),
+    "checkpoint.interval_s": (lambda v: v > 0, "a positive number of seconds"),
+    "checkpoint.events": (lambda v: v >= 1, "a positive integer"),
+    "checkpoint.keep": (lambda v: v >= 2, "an integer >= 2 (the previous checkpoint is the fallback)"),
     "model.dim": (lambda v: 1 <= v <= 4096, "an integer from 1 to 4096"),
     "model.learning_rate": (lambda v: 0 < v < 10, "a number in (0, 10)"),
     "model.regularization": (lambda v: 0 <= v < 10, "a number in [0, 10)"),

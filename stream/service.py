@@ -1,15 +1,23 @@
-"""The processing loop: consume a batch, learn from it, publish fresh top-K, commit.
+"""The processing loop: consume a batch, learn from it, publish fresh top-K, checkpoint, commit.
 
-Order of work per flush interval (at-least-once):
+Per batch: ``consume``, decode (bad messages go to the dead-letter topic),
+apply the valid events to the model in one kernel call. Every
+``flush_interval_s``: recommend for each user touched since the last flush
+(once per user), produce the updates and wait until every update and dead
+letter is delivered. Then:
 
-1. ``consume`` a batch, decode it; bad messages go to the dead-letter topic.
-2. Apply the valid events to the model in one kernel call.
-3. Every ``flush_interval_s``: recommend for each user touched since the
-   last flush (once per user), produce the updates, wait until every update
-   and dead letter is delivered, then commit the offsets of what was applied.
+- with a state dir (effectively-once state): every ``checkpoint.interval_s``
+  or ``checkpoint.events``, on revoke and on shutdown, write a checkpoint of
+  the whole state with the offsets it corresponds to, then commit those
+  offsets. On start and on assign each partition resumes at the checkpoint's
+  offset (or the group's, if another member got further), so after a crash
+  the events since the checkpoint are applied once more to the state they
+  were missing from, never twice;
+- without one (at-least-once): commit after every flush; a crash replays the
+  uncommitted events onto a model that already learned from them.
 
-A crash between 2 and 3 replays the uncommitted events; the output topic is
-keyed by user and the latest message wins, so repeated updates are harmless.
+Output updates may repeat after a crash; they are keyed by user and the
+latest wins, so they are idempotent for consumers of the output topic.
 """
 
 from __future__ import annotations
@@ -25,14 +33,23 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
-from recstream.embeddings.history import InteractionHistory
-from recstream.embeddings.model import OnlineMF
 from recstream.index.query import Recommender
 from recstream.index.refresh import IndexRefresher
+from recstream.stream.checkpoint import CheckpointStore
 from recstream.stream.config import ConfigError, ServiceConfig
 from recstream.stream.events import EventDecoder
+from recstream.stream.state import RecState
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +65,8 @@ class ServiceStats:
     dead_letters: int = 0
     updates_published: int = 0
     commits: int = 0
+    checkpoints: int = 0
+    last_checkpoint_s: float = 0.0
     delivery_failures: int = 0
     last_event_ts: int = 0
     assigned: list[tuple[str, int]] = field(default_factory=list)
@@ -59,10 +78,10 @@ def _now_ms() -> int:
 
 
 class RecStreamService:
-    """Owns the consumer, the producer, the model and the index refresher.
+    """Owns the consumer, the producer, the state and the index refresher.
 
     ``run()`` blocks until ``stop`` is set (the CLI sets it on SIGTERM/SIGINT),
-    then finishes the batch in hand, publishes, commits and closes.
+    then finishes the batch in hand, publishes, checkpoints, commits and closes.
     """
 
     def __init__(
@@ -75,22 +94,30 @@ class RecStreamService:
         self.stop = stop or threading.Event()
         self.on_flush = on_flush
         self.stats = ServiceStats()
-        self.model = OnlineMF(config.model)
-        self.model_lock = threading.Lock()
         out = config.output
-        self.history = InteractionHistory(out.history_per_user) if out.exclude_seen else None
-        self.recommender = Recommender(self.model, self.history, out.top_k, config.index.search_k)
-        self.decoder = EventDecoder(config.events)
         if config.state_dir:
-            index_dir = Path(config.state_dir) / "index"
+            state_dir = Path(config.state_dir)
+            self.store: CheckpointStore | None = CheckpointStore(state_dir / "checkpoints", config.checkpoint.keep)
+            index_dir = state_dir / "index"
         else:
+            self.store = None
             self._tmp = tempfile.TemporaryDirectory(prefix="recstream-index-")
             index_dir = Path(self._tmp.name)
-        self.refresher = IndexRefresher(self.model, self.model_lock, index_dir, config.index)
+        self.state = RecState.load_or_new(self.store, config.model, out.history_per_user)
+        self.model = self.state.model
+        self.model_lock = threading.Lock()
+        self.recommender = Recommender(self.model, self.state.history if out.exclude_seen else None,
+                                       out.top_k, config.index.search_k)
+        self.decoder = EventDecoder(config.events)
+        self.refresher = IndexRefresher(self.model, self.model_lock, index_dir, config.index,
+                                        first_version=self.state.index_version + 1)
         self._pending_users: dict[int, int] = {}  # user row -> last event ts, awaiting an update
-        self._offsets: dict[tuple[str, int], int] = {}  # next offset to read, applied but not committed
+        self._uncommitted: dict[tuple[str, int], int] = {}  # next offsets applied but not committed
         self._failed: list[tuple[str, bytes | None, bytes | None, list | None]] = []
         self._next_flush = time.monotonic() + out.flush_interval_s
+        self._next_checkpoint = time.monotonic() + config.checkpoint.interval_s
+        self._state_changed = False  # anything applied or skipped since the last checkpoint
+        self._checkpointed_events = self.model.events_applied
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
 
@@ -103,8 +130,7 @@ class RecStreamService:
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": "earliest",
-            "enable.partition.eof": False,
-            # tansu and Kafka both return big fetches; a larger queue keeps fetching from pausing.
+            # Big fetches overflow the default queue and pause fetching for a second.
             "queued.min.messages": 1_000_000,
             "fetch.queue.backoff.ms": 10,
             **cfg.kafka,
@@ -114,6 +140,8 @@ class RecStreamService:
             "enable.idempotence": True,
             "linger.ms": 20,
             "compression.type": "lz4",
+            # An output topic that vanished is an error to retry, not a topic to create.
+            "allow.auto.create.topics": False,
             **cfg.kafka,
             **cfg.kafka_producer,
         }
@@ -150,16 +178,16 @@ class RecStreamService:
                 messages = self.consumer.consume(loop.batch_size, loop.poll_timeout_s)
                 if messages:
                     self._process(messages)
-                if self._offsets and (
+                if self._uncommitted and (
                     time.monotonic() >= self._next_flush
                     or len(self._pending_users) >= self.config.output.max_pending_users
                 ):
                     self.flush()
-            self.flush()
+            self.flush(checkpoint=True)
         finally:
             self.refresher.stop()
             try:
-                self.consumer.close()  # revokes: _on_revoke flushes and commits what is left
+                self.consumer.close()  # revokes: _on_revoke flushes what is left
             finally:
                 self.producer.flush(self.config.output.delivery_timeout_s)
         log.info("stopped after %d events", self.stats.events_applied)
@@ -178,34 +206,30 @@ class RecStreamService:
                     log.warning("consumer error: %s", err)
         if not good:
             return
-        # One input topic: the last message of each partition carries its next offset.
-        topic = self.config.topics.input
-        last = {m.partition(): m for m in good}
-        for partition, m in last.items():
-            self._offsets[(topic, partition)] = m.offset() + 1
-        values = [m.value() for m in good]
         self.stats.messages += len(good)
+        values = [m.value() for m in good]
         batch, bad = self.decoder.decode(values)
         for position, reason in bad:
             self._dead_letter(good[position], reason)
-        if not len(batch):
-            return
-        stamps = batch.timestamps
-        missing = np.flatnonzero(stamps < 0)
-        for n in missing.tolist():
-            stamps[n] = good[batch.positions[n]].timestamp()[1]
-        with self.model_lock:
-            user_rows = self.model.users.rows(batch.user_ids)
-            item_rows = self.model.items.rows(batch.item_ids)
-            self.model.learn_rows(user_rows, item_rows, batch.ratings, batch.weights)
-        if self.history is not None:
-            self.history.add(user_rows, item_rows)
-        if self.config.output.publish:
-            # Latest timestamp per user: a dict built from arrays keeps the last write per key.
-            self._pending_users.update(zip(user_rows.tolist(), stamps.tolist()))
-        self.stats.events_applied += len(batch)
-        self.stats.last_event_ts = max(self.stats.last_event_ts, int(stamps.max()))
-        self.refresher.poke()
+        topic = self.config.topics.input
+        # One input topic: the last message of each partition carries its next offset.
+        next_offsets = {m.partition(): m.offset() + 1 for m in good}
+        if len(batch):
+            stamps = batch.timestamps
+            for n in np.flatnonzero(stamps < 0).tolist():
+                stamps[n] = good[batch.positions[n]].timestamp()[1]
+            partitions = np.fromiter((m.partition() for m in good), dtype=np.int64, count=len(good))
+            with self.model_lock:
+                user_rows, _ = self.state.apply(batch, topic, partitions[batch.positions])
+            if self.config.output.publish:
+                # Latest timestamp per user: a dict built from pairs keeps the last write per key.
+                self._pending_users.update(zip(user_rows.tolist(), stamps.tolist()))
+            self.stats.events_applied += len(batch)
+            self.stats.last_event_ts = max(self.stats.last_event_ts, int(stamps.max()))
+            self.refresher.poke()
+        self.state.advance({f"{topic}/{p}": o for p, o in next_offsets.items()})
+        self._uncommitted.update({(topic, p): o for p, o in next_offsets.items()})
+        self._state_changed = True
 
     def _dead_letter(self, message: Message, reason: str) -> None:
         headers = [
@@ -228,22 +252,57 @@ class RecStreamService:
             self.stats.delivery_failures += 1
             self._failed.append((message.topic(), message.key(), message.value(), message.headers()))
 
-    # -- publishing and committing -------------------------------------------------------------
+    # -- publishing, checkpointing and committing ----------------------------------------------
 
-    def flush(self) -> None:
-        """Publish updates for the users touched since the last flush, deliver, then commit."""
+    def flush(self, checkpoint: bool = False) -> None:
+        """Publish updates for the users touched since the last flush, deliver, then commit.
+
+        With a state dir, offsets are committed only together with a checkpoint
+        (when one is due, or ``checkpoint`` is set).
+        """
         self._next_flush = time.monotonic() + self.config.output.flush_interval_s
         if self._pending_users:
             self._publish_updates()
         if not self._deliver_all():
             return  # stopping with undelivered output: leave the offsets uncommitted
-        if self._offsets:
-            commit = [TopicPartition(t, p, o) for (t, p), o in self._offsets.items()]
-            self.consumer.commit(offsets=commit, asynchronous=False)
-            self._offsets.clear()
-            self.stats.commits += 1
+        if self.store is not None:
+            due = (time.monotonic() >= self._next_checkpoint
+                   or self.model.events_applied - self._checkpointed_events >= self.config.checkpoint.events)
+            if checkpoint or due:
+                self._checkpoint()
+                self._commit()
+        else:
+            self._commit()
         if self.on_flush is not None:
             self.on_flush(self)
+
+    def _checkpoint(self) -> None:
+        self._next_checkpoint = time.monotonic() + self.config.checkpoint.interval_s
+        if not self._state_changed:
+            return
+        started = time.monotonic()
+        current = self.refresher.current
+        self.state.index_version = current.version if current else self.state.index_version
+        path = self.state.save(self.store)
+        self._checkpointed_events = self.model.events_applied
+        self._state_changed = False
+        self.stats.checkpoints += 1
+        self.stats.last_checkpoint_s = time.monotonic() - started
+        log.info("checkpoint %s: %d events, %.2fs", path.name, self.model.events_applied, self.stats.last_checkpoint_s)
+
+    def _commit(self) -> None:
+        if not self._uncommitted:
+            return
+        offsets = [TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items()]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            # E.g. the group rebalanced or the broker is away. With a state dir the checkpoint
+            # already holds these offsets; without one the events will be read again.
+            log.warning("commit failed (%s); will retry with the next flush", exc.args[0])
+            return
+        self._uncommitted.clear()
+        self.stats.commits += 1
 
     def _publish_updates(self) -> None:
         pending, self._pending_users = self._pending_users, {}
@@ -294,14 +353,48 @@ class RecStreamService:
 
     # -- rebalance -----------------------------------------------------------------------------
 
+    def _start_offsets(self, partitions: list[TopicPartition]) -> None:
+        """Set where each newly assigned partition resumes (in place)."""
+        committed = {(tp.topic, tp.partition): tp.offset
+                     for tp in self.consumer.committed(partitions, timeout=30)}
+        start = self.config.topics.start_from
+        unknown = []
+        for tp in partitions:
+            position = self.state.positions.get(f"{tp.topic}/{tp.partition}")
+            group_offset = committed.get((tp.topic, tp.partition), -1)
+            if position is not None:
+                # Another member may have gone further while it owned the partition: its events
+                # are in its own state, not to be applied here again.
+                tp.offset = max(position, group_offset)
+            elif start == "earliest":
+                tp.offset = OFFSET_BEGINNING
+            elif start == "latest":
+                tp.offset = OFFSET_END
+            elif start.isdigit():
+                tp.offset = int(start)
+                unknown.append(tp)
+        if unknown:  # timestamps to offsets (relies on the broker's time index)
+            found = self.consumer.offsets_for_times(unknown, timeout=30)
+            by_key = {(tp.topic, tp.partition): tp.offset for tp in found}
+            for tp in unknown:
+                tp.offset = by_key[(tp.topic, tp.partition)]
+
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._start_offsets(partitions)
+        cooperative = "cooperative" in self._client_configs()[0].get("partition.assignment.strategy", "")
+        if cooperative:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
         self.stats.assigned = sorted(set(self.stats.assigned) | {(p.topic, p.partition) for p in partitions})
-        log.info("assigned %s", [f"{p.topic}/{p.partition}" for p in partitions])
+        log.info("assigned %s", [f"{p.topic}/{p.partition}@{p.offset}" for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("revoked %s", [f"{p.topic}/{p.partition}" for p in partitions])
-        self.flush()
+        self.flush(checkpoint=True)
         gone = {(p.topic, p.partition) for p in partitions}
+        for tp in gone:
+            self._uncommitted.pop(tp, None)
         self.stats.assigned = [tp for tp in self.stats.assigned if tp not in gone]
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -309,5 +402,5 @@ class RecStreamService:
         gone = {(p.topic, p.partition) for p in partitions}
         log.warning("lost %s; their uncommitted offsets will be re-read by the new owner", sorted(gone))
         for tp in gone:
-            self._offsets.pop(tp, None)
+            self._uncommitted.pop(tp, None)
         self.stats.assigned = [tp for tp in self.stats.assigned if tp not in gone]

@@ -1,0 +1,120 @@
+"""Durable, atomic checkpoints of the whole learned state and the input offsets it corresponds to.
+
+A checkpoint is two files in the checkpoint directory:
+
+- ``ckpt-<seq>.npz``: the arrays (plain ``np.savez``, loadable without pickle);
+- ``ckpt-<seq>.json``: the metadata, including the npz's size and SHA-256.
+
+Each is written to a temporary name, fsynced and renamed, the npz first; the
+JSON is the commit point, so a checkpoint exists only once both are complete,
+and the previous one stays valid until then. On load, the newest checkpoint
+whose JSON parses and whose npz matches its checksum wins; a damaged one is
+reported and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+class IncompatibleCheckpoint(ValueError):
+    """The stored state cannot be used with the current configuration."""
+
+
+@dataclass
+class Checkpoint:
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomically(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointStore:
+    """Writes and finds checkpoints in one directory, keeping the newest ``keep``."""
+
+    def __init__(self, directory: str | Path, keep: int = 2) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.keep = keep
+
+    def _existing(self) -> list[tuple[int, Path]]:
+        found = []
+        for meta in self.directory.glob("ckpt-*.json"):
+            try:
+                found.append((int(meta.stem.split("-")[1]), meta))
+            except (IndexError, ValueError):
+                continue
+        return sorted(found, reverse=True)
+
+    def save(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
+        """Write a new checkpoint durably; returns the path of its metadata file."""
+        existing = self._existing()
+        seq = existing[0][0] + 1 if existing else 1
+        data_path = self.directory / f"ckpt-{seq:012d}.npz"
+        meta_path = data_path.with_suffix(".json")
+        _write_atomically(data_path, lambda f: np.savez(f, **arrays))
+        meta = {**meta, "format": FORMAT_VERSION, "seq": seq, "created_at_ms": int(time.time() * 1000),
+                "data_file": data_path.name, "data_bytes": data_path.stat().st_size, "sha256": _sha256(data_path)}
+        _write_atomically(meta_path, lambda f: f.write(json.dumps(meta, indent=1, sort_keys=True).encode()))
+        _fsync_dir(self.directory)
+        for _, old_meta in existing[self.keep - 1:]:
+            self._remove(old_meta)
+        return meta_path
+
+    def _remove(self, meta_path: Path) -> None:
+        meta_path.unlink(missing_ok=True)
+        meta_path.with_suffix(".npz").unlink(missing_ok=True)
+
+    def load_latest(self) -> Checkpoint | None:
+        """The newest intact checkpoint, or None if there is none."""
+        for _, meta_path in self._existing():
+            try:
+                meta = json.loads(meta_path.read_text())
+                data_path = self.directory / meta["data_file"]
+                if data_path.stat().st_size != meta["data_bytes"] or _sha256(data_path) != meta["sha256"]:
+                    raise ValueError("checksum mismatch")
+                with np.load(data_path, allow_pickle=False) as npz:
+                    arrays = {name: npz[name] for name in npz.files}
+            except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+                log.error("checkpoint %s is damaged (%s); falling back to the previous one", meta_path.name, exc)
+                continue
+            return Checkpoint(arrays, meta, meta_path)
+        return None

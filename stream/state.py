@@ -1,0 +1,101 @@
+"""The service's learned state and where in the input it stands: applied, saved and restored as one.
+
+Live consumption (``RecStreamService``) and replay (``recstream replay``)
+both apply events through :meth:`RecState.apply`, so a log replayed from a
+file and the same events consumed from Kafka give the same state.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from recstream.embeddings.history import InteractionHistory
+from recstream.embeddings.model import MFConfig, OnlineMF
+from recstream.stream.checkpoint import Checkpoint, CheckpointStore, IncompatibleCheckpoint
+from recstream.stream.events import EventBatch
+
+log = logging.getLogger(__name__)
+
+# Changing any of these makes stored vectors meaningless or unloadable.
+_MUST_MATCH = ("dim", "negative_pool")
+
+
+class RecState:
+    """Model, interaction history, and per input partition: next offset and events applied.
+
+    Partitions are keyed ``"topic/partition"`` so the checkpoint metadata stays plain JSON.
+    """
+
+    def __init__(self, config: MFConfig, history_per_user: int = 500) -> None:
+        self.model = OnlineMF(config)
+        self.history = InteractionHistory(history_per_user)
+        self.positions: dict[str, int] = {}  # next offset to read
+        self.applied: dict[str, int] = {}  # valid events applied to the model
+        self.index_version = 0
+
+    def apply(self, batch: EventBatch, topic: str | None = None,
+              partition_of_event: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Learn from ``batch`` in order; ``partition_of_event`` (of ``topic``) feeds the per-partition counts."""
+        users = self.model.users.rows(batch.user_ids)
+        items = self.model.items.rows(batch.item_ids)
+        self.model.learn_rows(users, items, batch.ratings, batch.weights)
+        self.history.add(users, items)
+        if partition_of_event is not None:
+            counts = np.bincount(partition_of_event)
+            for partition in np.flatnonzero(counts).tolist():
+                key = f"{topic}/{partition}"
+                self.applied[key] = self.applied.get(key, 0) + int(counts[partition])
+        return users, items
+
+    def advance(self, positions: dict[str, int]) -> None:
+        self.positions.update(positions)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save(self, store: CheckpointStore, extra_meta: dict | None = None) -> Path:
+        arrays = {f"model.{k}": v for k, v in self.model.state_arrays().items()}
+        arrays.update({f"history.{k}": v for k, v in self.history.to_arrays().items()})
+        meta = {
+            "model_config": asdict(self.model.config),
+            "positions": self.positions,
+            "applied": self.applied,
+            "index_version": self.index_version,
+            "events_applied": self.model.events_applied,
+            **(extra_meta or {}),
+        }
+        return store.save(arrays, meta)
+
+    @classmethod
+    def restore(cls, checkpoint: Checkpoint, config: MFConfig, history_per_user: int = 500) -> RecState:
+        stored = checkpoint.meta.get("model_config", {})
+        differ = [f"model.{k}: config has {getattr(config, k)!r}, checkpoint has {stored.get(k)!r}"
+                  for k in _MUST_MATCH if stored.get(k) != getattr(config, k)]
+        if differ:
+            raise IncompatibleCheckpoint(
+                f"checkpoint {checkpoint.path} was made with another configuration: " + "; ".join(differ)
+                + " (use another state dir, or the checkpoint's settings)")
+        for key, value in stored.items():
+            if key not in _MUST_MATCH and getattr(config, key, value) != value:
+                log.warning("model.%s changed from %r (checkpoint) to %r", key, value, getattr(config, key))
+        state = cls(config, history_per_user)
+        arrays = checkpoint.arrays
+        state.model.load_state_arrays({k[6:]: v for k, v in arrays.items() if k.startswith("model.")})
+        state.history.load_arrays({k[8:]: v for k, v in arrays.items() if k.startswith("history.")})
+        state.positions = {k: int(v) for k, v in checkpoint.meta.get("positions", {}).items()}
+        state.applied = {k: int(v) for k, v in checkpoint.meta.get("applied", {}).items()}
+        state.index_version = int(checkpoint.meta.get("index_version", 0))
+        return state
+
+    @classmethod
+    def load_or_new(cls, store: CheckpointStore | None, config: MFConfig, history_per_user: int = 500) -> RecState:
+        checkpoint = store.load_latest() if store is not None else None
+        if checkpoint is None:
+            return cls(config, history_per_user)
+        state = cls.restore(checkpoint, config, history_per_user)
+        log.info("restored %s: %d users, %d items, %d events, positions %s", checkpoint.path.name,
+                 len(state.model.users), len(state.model.items), state.model.events_applied, state.positions)
+        return state
