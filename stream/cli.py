@@ -22,22 +22,26 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-def _run_config(args: argparse.Namespace) -> ServiceConfig:
+def _config(args: argparse.Namespace, flags: dict[str, object]) -> ServiceConfig:
     overrides: dict[str, object] = {}
     for key, value in args.set or []:
         overrides[key] = value
     for key, value in args.X or []:
         overrides[f"kafka.{key}"] = value
-    flags = {
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    return load_config(args.config, overrides)
+
+
+def _run_config(args: argparse.Namespace) -> ServiceConfig:
+    config = _config(args, {
         "kafka.bootstrap.servers": args.bootstrap_servers,
         "topics.input": args.input_topic,
         "topics.output": args.output_topic,
         "topics.dead_letter": args.dlq_topic,
         "topics.group_id": args.group_id,
+        "topics.start_from": args.start,
         "state_dir": args.state_dir,
-    }
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    config = load_config(args.config, overrides)
+    })
     if not config.bootstrap_servers:
         raise ConfigError("kafka.bootstrap.servers: required (--bootstrap-servers or the config file)")
     return config
@@ -73,6 +77,52 @@ def cmd_run(args: argparse.Namespace) -> int:
         last.update(t=now, events=s.events_applied)
 
     RecStreamService(config, stop=stop, on_flush=status).run()
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from recstream.stream.checkpoint import CheckpointStore
+    from recstream.stream.events import EventDecoder
+    from recstream.stream.replay import Progress, parse_columns, replay_file, replay_topic
+    from recstream.stream.state import RecState
+
+    config = _config(args, {"kafka.bootstrap.servers": args.bootstrap_servers, "state_dir": args.state_dir})
+    if bool(args.events) == bool(args.from_topic):
+        raise ConfigError("replay: give exactly one of --events PATH and --from-topic TOPIC")
+    for name in ("start", "end"):
+        value = getattr(args, name)
+        if value not in ("earliest", "latest") and not value.isdigit():
+            raise ConfigError(f"--{name}: expected earliest/latest or an epoch time in ms, got {value!r}")
+    store = CheckpointStore(f"{config.state_dir}/checkpoints", config.checkpoint.keep) if config.state_dir else None
+    state = RecState.load_or_new(store, config.model, config.output.history_per_user)
+    decoder = EventDecoder(config.events)
+    progress = Progress(enabled=not args.quiet)
+    if args.events:
+        try:
+            columns = parse_columns(args.columns) if args.columns else None
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        result = replay_file(state, decoder, args.events, args.epochs, columns, args.ts_unit, progress)
+    else:
+        if not config.bootstrap_servers:
+            raise ConfigError("kafka.bootstrap.servers: required with --from-topic")
+        result = replay_topic(state, decoder, config.kafka, args.from_topic, args.start, args.end, progress)
+    saved = state.save(store) if store is not None else None
+    print(f"replayed {result.events_applied:,} events ({result.rejected:,} rejected) in {result.seconds:.1f}s, "
+          f"{result.events_per_s:,.0f} events/s; {len(state.model.users):,} users, {len(state.model.items):,} items"
+          + (f"; checkpoint {saved}" if saved else ""))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from recstream.stream.replay import export_state
+
+    try:
+        sizes = export_state(args.state_dir, args.out)
+    except FileNotFoundError as exc:
+        print(f"recstream: {exc}", file=sys.stderr)
+        return 1
+    print(f"exported {sizes['users']:,} users, {sizes['items']:,} items ({sizes['events']:,} events) to {args.out}")
     return 0
 
 
@@ -138,11 +188,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-topic")
     run.add_argument("--dlq-topic", help="dead-letter topic (default: <input-topic>.dlq)")
     run.add_argument("--group-id")
-    run.add_argument("--state-dir")
+    run.add_argument("--state-dir", help="checkpoints and index files; makes state effectively-once")
+    run.add_argument("--start", help="partitions the checkpoint does not know: committed (default), "
+                                     "earliest, latest or an epoch time in ms")
     run.add_argument("--config", help="TOML config file (see README: Configuration)")
     run.add_argument("--set", action="append", type=_key_value, metavar="SECTION.KEY=VALUE",
                      help="override one config value, e.g. --set model.dim=64")
     run.set_defaults(func=cmd_run)
+
+    replay = sub.add_parser("replay", parents=[kafka], help="apply an event log (file or topic) at full speed")
+    replay.add_argument("--events", help="JSON lines or CSV event log (.gz accepted)")
+    replay.add_argument("--columns", help="CSV column mapping, e.g. user_id=userId,item_id=movieId,rating=rating,ts=timestamp")
+    replay.add_argument("--ts-unit", choices=("ms", "s"), default="ms", help="unit of the CSV ts column")
+    replay.add_argument("--epochs", type=int, default=1, help="passes over the file")
+    replay.add_argument("--from-topic", help="replay a topic instead (own group id, assign())")
+    replay.add_argument("--bootstrap-servers")
+    replay.add_argument("--start", default="earliest", help="earliest or epoch ms (record timestamps)")
+    replay.add_argument("--end", default="latest", help="latest or epoch ms (record timestamps)")
+    replay.add_argument("--state-dir", help="write the resulting checkpoint here (continues one if present)")
+    replay.add_argument("--config")
+    replay.add_argument("--set", action="append", type=_key_value, metavar="SECTION.KEY=VALUE")
+    replay.add_argument("--quiet", action="store_true", help="no progress line")
+    replay.set_defaults(func=cmd_replay)
+
+    export = sub.add_parser("export", help="the latest checkpoint's state as a .npz")
+    export.add_argument("--state-dir", required=True)
+    export.add_argument("--out", required=True)
+    export.set_defaults(func=cmd_export)
 
     topics = sub.add_parser("topics", parents=[kafka], help="create the input, output and dead-letter topics")
     topics.add_argument("--bootstrap-servers", required=True)

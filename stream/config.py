@@ -256,8 +256,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from exc
     for dotted, value in (overrides or {}).items():
         if dotted.startswith("kafka."):
-            # librdkafka keys contain dots themselves: "kafka.session.timeout.ms".
-            data.setdefault("kafka", {})[dotted[len("kafka."):]] = value
+            # librdkafka keys contain dots themselves: "kafka.session.timeout.ms",
+            # "kafka.producer.message.timeout.ms".
+            key = dotted[len("kafka."):]
+            for client in ("consumer", "producer"):
+                if key.startswith(client + "."):
+                    data.setdefault("kafka", {}).setdefault(client, {})[key[len(client) + 1:]] = value
+                    break
+            else:
+                data.setdefault("kafka", {})[key] = value
             continue
         head, _, key = dotted.partition(".")
         if key:

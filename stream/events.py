@@ -66,7 +66,8 @@ class EventDecoder:
         self.max_message_bytes = config.max_message_bytes
         self.max_id_length = config.max_id_length
 
-    def decode(self, values: Sequence[bytes | None]) -> tuple[EventBatch, list[tuple[int, str]]]:
+    def decode(self, values: Sequence[bytes | dict | None]) -> tuple[EventBatch, list[tuple[int, str]]]:
+        """Valid events of ``values`` (JSON bytes, or dicts already parsed, e.g. from CSV) and the reasons for the rest."""
         users: list[str] = []
         items: list[str] = []
         ratings: list[float] = []
@@ -82,14 +83,17 @@ class EventDecoder:
         nan = math.nan
         for n, value in enumerate(values):
             try:
-                if value is None:
-                    raise ValueError("empty message (null value)")
-                if len(value) > max_bytes:
-                    raise ValueError(f"message of {len(value)} bytes exceeds max_message_bytes={max_bytes}")
-                try:
-                    event = loads(value)
-                except orjson.JSONDecodeError as exc:
-                    raise ValueError(f"invalid JSON: {exc}") from None
+                if value.__class__ is dict:
+                    event = value
+                else:
+                    if value is None:
+                        raise ValueError("empty message (null value)")
+                    if len(value) > max_bytes:
+                        raise ValueError(f"message of {len(value)} bytes exceeds max_message_bytes={max_bytes}")
+                    try:
+                        event = loads(value)
+                    except orjson.JSONDecodeError as exc:
+                        raise ValueError(f"invalid JSON: {exc}") from None
                 if event.__class__ is not dict:
                     raise ValueError("not a JSON object")
                 # Fast path inline (a call per field per event costs more than the JSON parse);

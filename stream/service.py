@@ -54,6 +54,7 @@ from recstream.stream.state import RecState
 log = logging.getLogger(__name__)
 
 DLQ_REASON_HEADER = "recstream.error"
+DLQ_TRUNCATE_BYTES = 64 * 1024
 
 
 @dataclass
@@ -142,6 +143,8 @@ class RecStreamService:
             "compression.type": "lz4",
             # An output topic that vanished is an error to retry, not a topic to create.
             "allow.auto.create.topics": False,
+            # Dead letters carry the original bytes, which may be as large as the input topic allows.
+            "message.max.bytes": 16 * 1024 * 1024,
             **cfg.kafka,
             **cfg.kafka_producer,
         }
@@ -248,9 +251,16 @@ class RecStreamService:
                 self.producer.poll(0.05)
 
     def _delivered(self, err: KafkaError | None, message: Message) -> None:
-        if err is not None:
-            self.stats.delivery_failures += 1
-            self._failed.append((message.topic(), message.key(), message.value(), message.headers()))
+        if err is None:
+            return
+        self.stats.delivery_failures += 1
+        value, headers = message.value(), message.headers()
+        if err.code() == KafkaError.MSG_SIZE_TOO_LARGE and message.topic() == self.config.topics.dlq:
+            # The broker will never take it whole: keep the head and say how big it was,
+            # rather than retry forever and stall the partition.
+            headers = [*(headers or []), ("recstream.truncated_from", str(len(value)).encode())]
+            value = value[:DLQ_TRUNCATE_BYTES]
+        self._failed.append((message.topic(), message.key(), value, headers))
 
     # -- publishing, checkpointing and committing ----------------------------------------------
 
