@@ -246,10 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from recstream.stream.checkpoint import IncompatibleCheckpoint
+
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"recstream: config error: {exc}", file=sys.stderr)
+        return 2
+    except IncompatibleCheckpoint as exc:
+        print(f"recstream: {exc}", file=sys.stderr)
         return 2
 
 
