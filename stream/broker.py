@@ -35,12 +35,17 @@ class EmbeddedBroker:
     """A tansu broker in a child process on 127.0.0.1; memory storage only.
 
     ``with EmbeddedBroker() as bootstrap: ...`` starts it and stops it by PID.
-    ``restart()`` brings it back on the same port (its memory is lost).
+    ``restart()`` brings it back on the same port: with the default memory
+    storage everything is lost; with ``s3://`` storage (e.g. against a local
+    S3 emulator) topics, records and committed offsets survive.
     """
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, log_path: Path | None = None,
+                 storage_engine: str = "memory://tansu/", env: dict[str, str] | None = None) -> None:
         self.port = port or free_port()
         self.log_path = log_path
+        self.storage_engine = storage_engine  # e.g. s3://tansu/ with AWS_* settings in ``env``
+        self.env = env
         self.process: subprocess.Popen | None = None
 
     @property
@@ -51,7 +56,9 @@ class EmbeddedBroker:
         url = f"tcp://127.0.0.1:{self.port}"
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
-            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", self.storage_engine],
+            env={**os.environ, **self.env} if self.env else None,
             stdout=log,
             stderr=log,
             start_new_session=True,  # a Ctrl-C in the terminal reaches us, and we stop it in order

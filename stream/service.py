@@ -115,6 +115,8 @@ class RecStreamService:
         self._pending_users: dict[int, int] = {}  # user row -> last event ts, awaiting an update
         self._uncommitted: dict[tuple[str, int], int] = {}  # next offsets applied but not committed
         self._failed: list[tuple[str, bytes | None, bytes | None, list | None]] = []
+        self._producer_fatal = False
+        self._retrying_delivery = False
         self._next_flush = time.monotonic() + out.flush_interval_s
         self._next_checkpoint = time.monotonic() + config.checkpoint.interval_s
         self._state_changed = False  # anything applied or skipped since the last checkpoint
@@ -209,7 +211,6 @@ class RecStreamService:
                     log.warning("consumer error: %s", err)
         if not good:
             return
-        self.stats.messages += len(good)
         values = [m.value() for m in good]
         batch, bad = self.decoder.decode(values)
         for position, reason in bad:
@@ -233,6 +234,7 @@ class RecStreamService:
         self.state.advance({f"{topic}/{p}": o for p, o in next_offsets.items()})
         self._uncommitted.update({(topic, p): o for p, o in next_offsets.items()})
         self._state_changed = True
+        self.stats.messages += len(good)  # last: a reader seeing the count sees the batch applied
 
     def _dead_letter(self, message: Message, reason: str) -> None:
         headers = [
@@ -254,6 +256,8 @@ class RecStreamService:
         if err is None:
             return
         self.stats.delivery_failures += 1
+        if err.fatal() or err.code() == KafkaError.PRODUCER_FENCED:
+            self._producer_fatal = True
         value, headers = message.value(), message.headers()
         if err.code() == KafkaError.MSG_SIZE_TOO_LARGE and message.topic() == self.config.topics.dlq:
             # The broker will never take it whole: keep the head and say how big it was,
@@ -343,23 +347,57 @@ class RecStreamService:
     def _deliver_all(self) -> bool:
         """Wait until everything produced is delivered, re-producing failures with backoff.
 
+        While deliveries fail, consumption is paused but the consumer keeps
+        polling, so it stays in its group instead of being timed out of it.
         Returns False only if asked to stop while deliveries still fail.
         """
         backoff = 0.5
-        while True:
-            remaining = self.producer.flush(self.config.output.delivery_timeout_s)
-            if remaining == 0 and not self._failed:
-                return True
-            failed, self._failed = self._failed, []
-            if self.stop.is_set() and backoff > 0.5:
-                log.error("stopping with %d undelivered message(s); offsets not committed", remaining + len(failed))
-                return False
-            log.warning("%d message(s) undelivered, %d failed; retrying in %.1fs (offsets not committed)",
-                        remaining, len(failed), backoff)
-            self.stop.wait(backoff)
-            for topic, key, value, headers in failed:
-                self._produce(topic, key, value, headers)
-            backoff = min(backoff * 2, 30.0)
+        paused = False
+        try:
+            while True:
+                remaining = self.producer.flush(self.config.output.delivery_timeout_s)
+                if remaining == 0 and not self._failed:
+                    return True
+                failed, self._failed = self._failed, []
+                if self.stop.is_set() and backoff > 0.5:
+                    log.error("stopping with %d undelivered message(s); offsets not committed",
+                              remaining + len(failed))
+                    return False
+                log.warning("%d message(s) undelivered, %d failed; retrying in %.1fs (offsets not committed)",
+                            remaining, len(failed), backoff)
+                if self._producer_fatal:
+                    self._replace_producer()
+                if not paused and self.consumer is not None:
+                    self.consumer.pause(self.consumer.assignment())
+                    paused = True
+                self._wait_in_group(backoff)
+                for topic, key, value, headers in failed:
+                    self._produce(topic, key, value, headers)
+                backoff = min(backoff * 2, 30.0)
+        finally:
+            if paused:
+                self.consumer.resume(self.consumer.assignment())
+
+    def _wait_in_group(self, seconds: float) -> None:
+        self._retrying_delivery = True
+        try:
+            deadline = time.monotonic() + seconds
+            while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                if self.consumer is None:
+                    self.stop.wait(left)
+                    return
+                messages = self.consumer.consume(self.config.loop.batch_size, min(left, 0.5))
+                if messages:  # from partitions assigned meanwhile (paused ones deliver nothing)
+                    self._process(messages)
+        finally:
+            self._retrying_delivery = False
+
+    def _replace_producer(self) -> None:
+        # A fatal error (e.g. a fenced idempotent producer) ends a producer instance for good.
+        log.warning("producer hit a fatal error; starting a new one")
+        self.producer.purge()
+        self.producer = Producer(self._client_configs()[1])
+        self._producer_fatal = False
 
     # -- rebalance -----------------------------------------------------------------------------
 
@@ -401,7 +439,12 @@ class RecStreamService:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("revoked %s", [f"{p.topic}/{p.partition}" for p in partitions])
-        self.flush(checkpoint=True)
+        if self._retrying_delivery:
+            # Output is down: nothing past the last commit may be committed. The next owner
+            # reads these partitions from the committed offsets.
+            log.warning("revoked while output deliveries fail: leaving their offsets uncommitted")
+        else:
+            self.flush(checkpoint=True)
         gone = {(p.topic, p.partition) for p in partitions}
         for tp in gone:
             self._uncommitted.pop(tp, None)

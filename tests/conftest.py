@@ -10,11 +10,15 @@ Broker, in order of preference:
 from __future__ import annotations
 
 import os
+import socket
+import sys
+import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import orjson
 import pytest
@@ -66,12 +70,74 @@ def kafka_bootstrap(request: pytest.FixtureRequest) -> Iterator[str]:
 
 
 @pytest.fixture
-def embedded_broker() -> Iterator[EmbeddedBroker]:
-    """A broker of this test's own, for tests that stop or restart it."""
-    broker = EmbeddedBroker()
-    broker.start()
-    yield broker
-    broker.stop()
+def restartable_broker(tmp_path) -> Iterator[EmbeddedBroker]:
+    """A broker of this test's own whose storage survives restarts, for tests that stop it.
+
+    tansu keeps topics, records and committed offsets in S3; a local S3 emulator (moto) stands
+    in for S3, so a restart behaves like a Kafka broker restart.
+    """
+    import boto3
+
+    from recstream.stream.broker import free_port
+
+    s3_port = free_port()
+    moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-p", str(s3_port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _listening(s3_port), timeout_s=30, what="the S3 emulator")
+        credentials = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{s3_port}", aws_access_key_id="test",
+                     aws_secret_access_key="test", region_name="us-east-1").create_bucket(Bucket="tansu")
+        broker = EmbeddedBroker(storage_engine="s3://tansu/", log_path=tmp_path / "tansu.log", env={
+            **credentials, "AWS_ENDPOINT": f"http://127.0.0.1:{s3_port}", "AWS_ALLOW_HTTP": "true"})
+        broker.start()
+        yield broker
+        broker.stop()
+    finally:
+        moto.kill()
+        moto.wait()
+
+
+class KafkaProxy:
+    """tansu's Kafka-protocol proxy in front of a broker: stopping it cuts one client's path only."""
+
+    def __init__(self, origin: str) -> None:
+        from recstream.stream.broker import free_port, tansu_binary
+
+        self.origin, self.port, self.binary = origin, free_port(), tansu_binary()
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        url = f"tcp://{self.bootstrap_servers}"
+        self.process = subprocess.Popen([str(self.binary), "proxy", "--listener-url", url,
+                                         "--advertised-listener-url", url, "--origin-url", f"tcp://{self.origin}"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _listening(self.port), timeout_s=20, what="the proxy to listen")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def kafka_proxy(kafka_bootstrap: str) -> Iterator[KafkaProxy]:
+    proxy = KafkaProxy(kafka_bootstrap)
+    proxy.start()
+    yield proxy
+    proxy.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,296 @@
+"""Faults injected against a real broker: kill -9, rebalances, broker restarts, unwritable output,
+fuzzed input, SIGTERM under load. The state must be what an uninterrupted run would have learned."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import orjson
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from conftest import FAST_GROUP, read_all, running, service_config, wait_for
+from recstream.embeddings.model import MFConfig
+from recstream.stream.broker import create_topics
+from recstream.stream.config import EventsConfig
+from recstream.stream.events import EventDecoder
+from recstream.stream.replay import export_state
+from recstream.stream.service import DLQ_REASON_HEADER
+from recstream.stream.state import RecState
+from recstream.stream.synthetic import SyntheticClickstream
+
+DIM = 16
+
+
+def _topics(bootstrap: str, partitions: int) -> dict[str, str]:
+    tag = uuid.uuid4().hex[:10]
+    names = {"input": f"f-clicks-{tag}", "output": f"f-recs-{tag}", "dlq": f"f-clicks-{tag}.dlq"}
+    create_topics(bootstrap, {names["input"]: partitions, names["output"]: 2, names["dlq"]: 1})
+    return names
+
+
+def _start(bootstrap: str, topics: dict, group: str, state_dir: Path, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "recstream.stream.cli", "run", "--bootstrap-servers", bootstrap,
+            "--input-topic", topics["input"], "--output-topic", topics["output"], "--dlq-topic", topics["dlq"],
+            "--group-id", group, "--state-dir", str(state_dir), "--set", f"model.dim={DIM}",
+            "--set", "checkpoint.interval_s=0.5", "--set", "output.flush_interval_s=0.25", *extra]
+    for key, value in FAST_GROUP.items():
+        args += ["-X", f"{key}={value}"]
+    log = open(state_dir.parent / f"{state_dir.name}.log", "ab")
+    return subprocess.Popen(args, stdout=log, stderr=log)
+
+
+def _latest_meta(state_dir: Path) -> dict:
+    metas = sorted((state_dir / "checkpoints").glob("ckpt-*.json"))
+    for path in reversed(metas):
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+    return {}
+
+
+def _produce_partitioned(bootstrap: str, topic: str, values: list[bytes], partitions: int,
+                         rate: float | None = None) -> list[int]:
+    """Produce in order, event n to partition n % partitions, at ``rate`` events/s; returns counts."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
+    started = time.monotonic()
+    for n, value in enumerate(values):
+        while True:
+            try:
+                producer.produce(topic, value=value, partition=n % partitions)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        if rate and n % 1000 == 0:
+            producer.poll(0)
+            time.sleep(max(0.0, started + n / rate - time.monotonic()))
+    assert producer.flush(60) == 0
+    return [len(range(p, len(values), partitions)) for p in range(partitions)]
+
+
+def _kill_restart_until_done(bootstrap, topics, state_dir, total, kills, seed) -> None:
+    rng = random.Random(seed)
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    for _ in range(kills):
+        process = _start(bootstrap, topics, group, state_dir)
+        time.sleep(rng.uniform(2.0, 5.0))
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    process = _start(bootstrap, topics, group, state_dir)
+    try:
+        wait_for(lambda: sum(_latest_meta(state_dir).get("positions", {}).values()) >= total, timeout_s=120,
+                 what="the final run to checkpoint the end of the input")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_kill_9_on_one_partition_leaves_exactly_the_uninterrupted_state(kafka_bootstrap, tmp_path):
+    topics = _topics(kafka_bootstrap, 1)
+    values = [v for _, v in SyntheticClickstream(n_users=3000, n_items=1000, seed=5).events(200_000).messages()]
+    producer = threading.Thread(target=_produce_partitioned,
+                                args=(kafka_bootstrap, topics["input"], values, 1, 25_000))
+    producer.start()
+    _kill_restart_until_done(kafka_bootstrap, topics, tmp_path / "state", len(values), kills=3, seed=11)
+    producer.join()
+    export_state(tmp_path / "state", tmp_path / "out.npz")
+    got = np.load(tmp_path / "out.npz")
+
+    reference = RecState(MFConfig(dim=DIM))
+    decoder = EventDecoder(EventsConfig())
+    for start in range(0, len(values), 7919):  # other batch cuts than the service's: must not matter
+        reference.apply(decoder.decode(values[start:start + 7919])[0])
+    assert got["events_applied"].tolist() == [len(values)] and got["offsets"].tolist() == [len(values)]
+    assert int(got["events_applied_total"]) == len(values)
+    assert got["user_ids"].tolist() == reference.model.users.ids.ids
+    np.testing.assert_allclose(got["user_vectors"], reference.model.users.vectors, atol=1e-6)
+    np.testing.assert_allclose(got["item_vectors"], reference.model.items.vectors, atol=1e-6)
+    np.testing.assert_allclose(got["user_bias"], reference.model.users.biases, atol=1e-6)
+    np.testing.assert_allclose(got["item_bias"], reference.model.items.biases, atol=1e-6)
+    log = (tmp_path / "state.log").read_text()
+    assert log.count("restored ckpt-") >= 2  # restarts did resume from checkpoints
+
+
+def test_kill_9_on_many_partitions_applies_each_event_once(kafka_bootstrap, tmp_path):
+    topics = _topics(kafka_bootstrap, 3)
+    values = [v for _, v in SyntheticClickstream(n_users=3000, n_items=1000, seed=6).events(200_000).messages()]
+    counts = [len(range(p, len(values), 3)) for p in range(3)]
+    producer = threading.Thread(target=_produce_partitioned,
+                                args=(kafka_bootstrap, topics["input"], values, 3, 25_000))
+    producer.start()
+    _kill_restart_until_done(kafka_bootstrap, topics, tmp_path / "state", len(values), kills=3, seed=12)
+    producer.join()
+    export_state(tmp_path / "state", tmp_path / "out.npz")
+    got = np.load(tmp_path / "out.npz")
+    applied = dict(zip(got["partitions"].tolist(), got["events_applied"].tolist()))
+    assert applied == {f"{topics['input']}/{p}": counts[p] for p in range(3)}
+    assert int(got["events_applied_total"]) == len(values)
+
+
+def test_a_second_process_joins_and_leaves_without_loss_or_double_application(kafka_bootstrap, tmp_path):
+    topics = _topics(kafka_bootstrap, 4)
+    values = [orjson.dumps({"user_id": f"u{n % 500}", "item_id": f"i{n % 97}"}) for n in range(120_000)]
+    counts = [len(range(p, len(values), 4)) for p in range(4)]
+    producer = threading.Thread(target=_produce_partitioned,
+                                args=(kafka_bootstrap, topics["input"], values, 4, 12_000))
+    producer.start()
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    first = _start(kafka_bootstrap, topics, group, tmp_path / "a")
+    time.sleep(3)
+    second = _start(kafka_bootstrap, topics, group, tmp_path / "b")
+    wait_for(lambda: _latest_meta(tmp_path / "b").get("events_applied", 0) > 0, timeout_s=60,
+             what="the second process to take over partitions")
+    time.sleep(2)
+    second.send_signal(signal.SIGTERM)  # leaves the group: its partitions go back to the first
+    assert second.wait(timeout=60) == 0
+    producer.join()
+    wait_for(lambda: all(_latest_meta(tmp_path / "a").get("positions", {}).get(f"{topics['input']}/{p}", 0)
+                         >= counts[p] for p in range(4)), timeout_s=120, what="the first process to finish")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 0
+
+    applied_a = _latest_meta(tmp_path / "a")["applied"]
+    applied_b = _latest_meta(tmp_path / "b")["applied"]
+    assert applied_b, "the second process applied nothing: no rebalance happened"
+    for p in range(4):
+        key = f"{topics['input']}/{p}"
+        # Every event applied by exactly one process: together they cover each partition once.
+        assert applied_a.get(key, 0) + applied_b.get(key, 0) == counts[p], (p, applied_a, applied_b)
+
+
+def test_broker_outage_then_resume(restartable_broker, tmp_path):
+    bootstrap = restartable_broker.bootstrap_servers
+    topics = _topics(bootstrap, 2)
+    config = service_config(bootstrap, topics, **{"state_dir": str(tmp_path / "state"),
+                                                  "checkpoint.interval_s": 0.5})
+
+    def send(n: int, prefix: str) -> None:
+        _produce_partitioned(bootstrap, topics["input"],
+                             [orjson.dumps({"user_id": f"{prefix}{k % 50}", "item_id": f"i{k % 40}"})
+                              for k in range(n)], 2)
+
+    send(1000, "before")
+    with running(config) as service:
+        wait_for(lambda: service.stats.events_applied == 1000 and not service._uncommitted, what="first events")
+        restartable_broker.stop()
+        commits_at_outage = service.stats.commits
+        time.sleep(10)
+        assert service.stats.commits == commits_at_outage  # nothing committed while away
+        restartable_broker.start()  # same port, same storage: topics and offsets are still there
+        send(400, "after")
+        wait_for(lambda: service.stats.events_applied >= 1400 and not service._uncommitted, timeout_s=90,
+                 what="the events sent after the outage, committed")
+        time.sleep(1)
+        assert service.stats.events_applied == 1400  # resumed where it was: nothing lost, nothing twice
+        assert service.stats.commits > commits_at_outage
+    assert _latest_meta(tmp_path / "state")["applied"] == {f"{topics['input']}/{p}": 700 for p in range(2)}
+
+
+def test_unwritable_output_holds_commits_back_and_retries(kafka_bootstrap, kafka_proxy, caplog):
+    topics = _topics(kafka_bootstrap, 2)
+    # The producer reaches the broker through a proxy; cutting it makes every delivery fail
+    # while the consumer keeps reading.
+    config = service_config(kafka_bootstrap, topics, **{
+        "kafka.producer.bootstrap.servers": kafka_proxy.bootstrap_servers,
+        "kafka.producer.message.timeout.ms": "1500",
+    })
+    values = [orjson.dumps({"user_id": f"u{k % 30}", "item_id": f"i{k % 20}"}) for k in range(600)]
+    with running(config) as service:
+        _produce_partitioned(kafka_bootstrap, topics["input"], values[:300], 2)
+        wait_for(lambda: service.stats.events_applied == 300 and not service._uncommitted, what="first commit")
+        kafka_proxy.stop()
+        commits = service.stats.commits
+        _produce_partitioned(kafka_bootstrap, topics["input"], values[300:], 2)
+        wait_for(lambda: service.stats.delivery_failures > 0, timeout_s=30, what="delivery failures")
+        time.sleep(2)
+        assert service.stats.events_applied == 600
+        assert service.stats.commits == commits and service._uncommitted  # held back
+        kafka_proxy.start()
+        wait_for(lambda: service.stats.commits > commits and not service._uncommitted, timeout_s=60,
+                 what="commit after the output came back")
+    assert "undelivered" in caplog.text and "offsets not committed" in caplog.text
+    updates = read_all(kafka_bootstrap, topics["output"], expect=60, timeout_s=30)
+    assert {m.key() for m in updates} >= {f"u{k}".encode() for k in range(30)}
+
+
+def _fuzz(rng: random.Random, valid: list[bytes]) -> bytes | None:
+    kind = rng.randrange(9)
+    good = rng.choice(valid)
+    if kind == 0:
+        return rng.randbytes(rng.randrange(1, 200))
+    if kind == 1:
+        return good[: rng.randrange(1, len(good) - 1)]  # truncated JSON
+    if kind == 2:
+        return orjson.dumps({"user_id": rng.choice([1.5, True, [], {}, None]), "item_id": "x"})
+    if kind == 3:
+        return orjson.dumps({"user_id": "u" * rng.randrange(300, 5000), "item_id": "x"})  # huge id
+    if kind == 4:
+        return good.replace(b"}", b', "rating": NaN}')
+    if kind == 5:
+        return orjson.dumps({"item_id": "x"} if rng.random() < 0.5 else {"user_id": "x"})
+    if kind == 6:
+        return b'{"user_id": "a", "item_id": "b", "pad": "' + b"x" * (1 << 20) + b'"}'  # 1 MB value
+    if kind == 7:
+        return None
+    return orjson.dumps({"user_id": "a", "item_id": "b", "rating": "five", "ts": -3})
+
+
+def test_fuzzed_input_every_bad_message_in_the_dlq_every_good_one_applied(kafka_bootstrap):
+    topics = _topics(kafka_bootstrap, 3)
+    rng = random.Random(99)
+    valid = [v for _, v in SyntheticClickstream(n_users=400, n_items=100, seed=9).events(20_000).messages()]
+    stream, n_bad = [], 0
+    for value in valid:
+        stream.append(value)
+        if rng.random() < 0.1:
+            stream.append(_fuzz(rng, valid))
+            n_bad += 1
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "message.max.bytes": 4 << 20})
+    for n, value in enumerate(stream):
+        producer.produce(topics["input"], value=value, key=str(n).encode())
+        if n % 1000 == 0:
+            producer.poll(0)
+    assert producer.flush(60) == 0
+    config = service_config(kafka_bootstrap, topics)
+    with running(config) as service:
+        wait_for(lambda: service.stats.messages == len(stream) and not service._uncommitted, timeout_s=120,
+                 what="every message handled")
+        assert service.stats.events_applied == len(valid) and service.stats.dead_letters == n_bad
+    letters = read_all(kafka_bootstrap, topics["dlq"], expect=n_bad, timeout_s=60)
+    assert len(letters) == n_bad
+    assert all(dict(m.headers()).get(DLQ_REASON_HEADER) for m in letters)
+    originals = {str(n).encode(): v for n, v in enumerate(stream)}
+    assert all(m.value() == originals[m.key()] for m in letters)  # original bytes, 1 MB ones too
+
+
+def test_sigterm_under_load_checkpoints_commits_and_exits(kafka_bootstrap, tmp_path):
+    topics = _topics(kafka_bootstrap, 2)
+    values = [v for _, v in SyntheticClickstream(n_users=5000, n_items=2000, seed=4).events(150_000).messages()]
+    producer = threading.Thread(target=_produce_partitioned,
+                                args=(kafka_bootstrap, topics["input"], values, 2, 50_000))
+    producer.start()
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    process = _start(kafka_bootstrap, topics, group, tmp_path / "state", "--set", "checkpoint.interval_s=60")
+    wait_for(lambda: "assigned" in (tmp_path / "state.log").read_text(), timeout_s=60, what="assignment")
+    time.sleep(1.5)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0  # the bound: finish the batch, checkpoint, commit, exit
+    producer.join()
+    meta = _latest_meta(tmp_path / "state")
+    assert meta["events_applied"] > 0  # the shutdown checkpoint
+    consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group, **FAST_GROUP})
+    committed = consumer.committed([TopicPartition(topics["input"], p) for p in range(2)], timeout=10)
+    consumer.close()
+    assert {f"{tp.topic}/{tp.partition}": tp.offset for tp in committed} == meta["positions"]
