@@ -29,6 +29,7 @@ class IdMap:
     def __init__(self, ids: Iterable[str] = ()) -> None:
         self._row_of: dict[str, int] = {}
         self._ids: list[str] = []
+        self._encoded: tuple[bytes, np.ndarray] = (b"", np.zeros(0, dtype=np.int64))  # ids are append-only
         for key in ids:
             self._add(str(key))
 
@@ -67,10 +68,19 @@ class IdMap:
         return [ids[r] for r in rows]
 
     def to_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """The ids as (UTF-8 bytes, end offsets): compact, and loadable without pickle."""
-        encoded = [k.encode() for k in self._ids]
-        ends = np.cumsum(np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded)))
-        return np.frombuffer(b"".join(encoded), dtype=np.uint8), ends
+        """The ids as (UTF-8 bytes, end offsets): compact, and loadable without pickle.
+
+        Only ids added since the previous call are encoded: a checkpoint of a
+        million users does not re-encode them all every time.
+        """
+        blob, ends = self._encoded
+        new = [k.encode() for k in self._ids[len(ends):]]
+        if new:
+            base = int(ends[-1]) if len(ends) else 0
+            added = base + np.cumsum(np.fromiter(map(len, new), dtype=np.int64, count=len(new)))
+            blob, ends = blob + b"".join(new), np.concatenate([ends, added])
+            self._encoded = (blob, ends)
+        return np.frombuffer(blob, dtype=np.uint8), ends
 
     @classmethod
     def from_arrays(cls, blob: np.ndarray, ends: np.ndarray) -> IdMap:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -118,3 +119,41 @@ class CheckpointStore:
                 continue
             return Checkpoint(arrays, meta, meta_path)
         return None
+
+
+class BackgroundCheckpointWriter:
+    """Writes one checkpoint at a time on a thread of its own, so the consumer only pays for the
+    snapshot; the caller collects the outcome (and commits) when it is done."""
+
+    def __init__(self, store: CheckpointStore) -> None:
+        self.store = store
+        self._thread: threading.Thread | None = None
+        self._outcome: tuple[Any, Path | None, BaseException | None] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], payload: Any = None) -> None:
+        if self.busy:
+            raise RuntimeError("a checkpoint is already being written")
+
+        def write() -> None:
+            try:
+                self._outcome = (payload, self.store.save(arrays, meta), None)
+            except BaseException as exc:  # reported to the caller by take_outcome()
+                self._outcome = (payload, None, exc)
+
+        self._thread = threading.Thread(target=write, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def take_outcome(self) -> tuple[Any, Path | None, BaseException | None] | None:
+        """(payload, path, error) of a finished write, once; None while writing or idle."""
+        if self.busy or self._outcome is None:
+            return None
+        outcome, self._outcome = self._outcome, None
+        return outcome

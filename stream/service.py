@@ -46,7 +46,7 @@ from confluent_kafka import (
 
 from recstream.index.query import Recommender
 from recstream.index.refresh import IndexRefresher
-from recstream.stream.checkpoint import CheckpointStore
+from recstream.stream.checkpoint import BackgroundCheckpointWriter, CheckpointStore
 from recstream.stream.config import ConfigError, ServiceConfig
 from recstream.stream.events import EventDecoder
 from recstream.stream.state import RecState
@@ -99,6 +99,7 @@ class RecStreamService:
         if config.state_dir:
             state_dir = Path(config.state_dir)
             self.store: CheckpointStore | None = CheckpointStore(state_dir / "checkpoints", config.checkpoint.keep)
+            self.writer = BackgroundCheckpointWriter(self.store)
             index_dir = state_dir / "index"
         else:
             self.store = None
@@ -280,42 +281,69 @@ class RecStreamService:
         if not self._deliver_all():
             return  # stopping with undelivered output: leave the offsets uncommitted
         if self.store is not None:
+            self._collect_checkpoint()
             due = (time.monotonic() >= self._next_checkpoint
                    or self.model.events_applied - self._checkpointed_events >= self.config.checkpoint.events)
             if checkpoint or due:
-                self._checkpoint()
-                self._commit()
+                self._checkpoint(wait=checkpoint)
         else:
-            self._commit()
+            self._commit(dict(self._uncommitted))
         if self.on_flush is not None:
             self.on_flush(self)
 
-    def _checkpoint(self) -> None:
+    def _checkpoint(self, wait: bool) -> None:
+        """Snapshot the state and write it in the background (or now, if ``wait``); commit when written."""
+        if self.writer.busy:
+            if not wait:
+                return  # the previous one is still being written: try again at the next flush
+            self.writer.wait()
+            self._collect_checkpoint()
         self._next_checkpoint = time.monotonic() + self.config.checkpoint.interval_s
-        if not self._state_changed:
-            return
-        started = time.monotonic()
-        current = self.refresher.current
-        self.state.index_version = current.version if current else self.state.index_version
-        path = self.state.save(self.store)
-        self._checkpointed_events = self.model.events_applied
-        self._state_changed = False
-        self.stats.checkpoints += 1
-        self.stats.last_checkpoint_s = time.monotonic() - started
-        log.info("checkpoint %s: %d events, %.2fs", path.name, self.model.events_applied, self.stats.last_checkpoint_s)
+        if self._state_changed:
+            started = time.monotonic()
+            current = self.refresher.current
+            self.state.index_version = current.version if current else self.state.index_version
+            arrays, meta = self.state.snapshot()
+            # What the checkpoint covers, for the partitions this member may commit for.
+            covered = {tp: self.state.positions[f"{tp[0]}/{tp[1]}"] for tp in self.stats.assigned
+                       if f"{tp[0]}/{tp[1]}" in self.state.positions}
+            self.writer.start(arrays, meta, payload=(covered, self.model.events_applied))
+            self._state_changed = False
+            self.stats.last_checkpoint_s = time.monotonic() - started
+        if wait:
+            self.writer.wait()
+            self._collect_checkpoint()
 
-    def _commit(self) -> None:
-        if not self._uncommitted:
+    def _collect_checkpoint(self) -> None:
+        outcome = self.writer.take_outcome()
+        if outcome is None:
             return
-        offsets = [TopicPartition(t, p, o) for (t, p), o in self._uncommitted.items()]
+        (covered, events), path, error = outcome
+        if error is not None:
+            # The previous checkpoint stays the valid one; nothing is committed past it.
+            log.error("checkpoint failed (%s); offsets not committed, retrying at the next interval", error)
+            self._state_changed = True
+            return
+        self._checkpointed_events = events
+        self.stats.checkpoints += 1
+        log.info("checkpoint %s: %d events (snapshot %.2fs)", path.name, events, self.stats.last_checkpoint_s)
+        assigned = set(self.stats.assigned)
+        self._commit({tp: offset for tp, offset in covered.items() if tp in assigned})
+
+    def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
+        if not offsets:
+            return
         try:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+            self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                                 asynchronous=False)
         except KafkaException as exc:
             # E.g. the group rebalanced or the broker is away. With a state dir the checkpoint
             # already holds these offsets; without one the events will be read again.
             log.warning("commit failed (%s); will retry with the next flush", exc.args[0])
             return
-        self._uncommitted.clear()
+        for tp, offset in offsets.items():
+            if self._uncommitted.get(tp) == offset:
+                del self._uncommitted[tp]
         self.stats.commits += 1
 
     def _publish_updates(self) -> None:

@@ -56,18 +56,21 @@ class RecState:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def save(self, store: CheckpointStore, extra_meta: dict | None = None) -> Path:
-        arrays = {f"model.{k}": v for k, v in self.model.state_arrays().items()}
+    def snapshot(self) -> tuple[dict[str, np.ndarray], dict]:
+        """A consistent copy of the state (arrays and metadata), safe to write from another thread."""
+        arrays = {f"model.{k}": np.array(v, copy=True) for k, v in self.model.state_arrays().items()}
         arrays.update({f"history.{k}": v for k, v in self.history.to_arrays().items()})
         meta = {
             "model_config": asdict(self.model.config),
-            "positions": self.positions,
-            "applied": self.applied,
+            "positions": dict(self.positions),
+            "applied": dict(self.applied),
             "index_version": self.index_version,
             "events_applied": self.model.events_applied,
-            **(extra_meta or {}),
         }
-        return store.save(arrays, meta)
+        return arrays, meta
+
+    def save(self, store: CheckpointStore) -> Path:
+        return store.save(*self.snapshot())
 
     @classmethod
     def restore(cls, checkpoint: Checkpoint, config: MFConfig, history_per_user: int = 500) -> RecState:
