@@ -3,7 +3,8 @@
 (a) model update alone (id mapping + the batch SGD kernel), events/s;
 (b) end to end through the embedded broker: consume, decode, update, commit;
     events/s from the service's start to the commit of the last event (group
-    join included) and in steady state; (b+) the same, also publishing top-K
+    join included) and in steady state; the same with a state dir and a
+    checkpoint every second (30x the default rate); (b+) the same, also publishing top-K
     updates for every user touched in each 1 s flush interval;
 (c) river's ``reco.BiasedMF`` ``learn_one`` loop on the same events: the baseline.
 
@@ -19,6 +20,7 @@ import json
 import logging
 import platform
 import statistics
+import tempfile
 import threading
 import time
 import uuid
@@ -62,7 +64,7 @@ def river_baseline(user_ids, item_ids, weights) -> float:
     return len(user_ids) / (time.perf_counter() - started)
 
 
-def end_to_end(bootstrap: str, messages, dim: int, publish: bool) -> dict:
+def end_to_end(bootstrap: str, messages, dim: int, publish: bool, state_dir: str = "") -> dict:
     tag = uuid.uuid4().hex[:8]
     topics = {"input": f"bench-{tag}", "output": f"bench-recs-{tag}", "dlq": f"bench-{tag}.dlq"}
     create_topics(bootstrap, {topics["input"]: 4, topics["output"]: 4, topics["dlq"]: 1})
@@ -79,7 +81,7 @@ def end_to_end(bootstrap: str, messages, dim: int, publish: bool) -> dict:
         "kafka.bootstrap.servers": bootstrap, "kafka.session.timeout.ms": "2000",
         "kafka.heartbeat.interval.ms": "300", "topics.input": topics["input"], "topics.output": topics["output"],
         "topics.dead_letter": topics["dlq"], "topics.group_id": f"bench-{tag}", "model.dim": dim,
-        "output.publish": publish,
+        "output.publish": publish, "state_dir": state_dir, "checkpoint.interval_s": 1.0,
     })
     stop = threading.Event()
     marks: dict[str, float] = {}
@@ -102,7 +104,7 @@ def end_to_end(bootstrap: str, messages, dim: int, publish: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=500_000)
+    parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--out", default="bench/results/throughput.json")
@@ -115,12 +117,16 @@ def main() -> None:
     weights = np.array([WEIGHTS[t] for t in EVENT_TYPES], dtype=np.float32)[events.event_types]
     messages = events.messages()
 
-    runs: dict[str, list] = {"model_update": [], "end_to_end": [], "end_to_end_publishing": [], "river_biasedmf": []}
+    runs: dict[str, list] = {"model_update": [], "end_to_end": [], "end_to_end_checkpointing": [],
+                             "end_to_end_publishing": [], "river_biasedmf": []}
     with EmbeddedBroker() as bootstrap:
         for r in range(args.repeats):
             runs["model_update"].append(model_update(user_ids, item_ids, weights, args.dim))
             runs["river_biasedmf"].append(river_baseline(user_ids, item_ids, weights))
             runs["end_to_end"].append(end_to_end(bootstrap, messages, args.dim, publish=False))
+            with tempfile.TemporaryDirectory() as state_dir:
+                runs["end_to_end_checkpointing"].append(
+                    end_to_end(bootstrap, messages, args.dim, publish=False, state_dir=state_dir))
             runs["end_to_end_publishing"].append(end_to_end(bootstrap, messages, args.dim, publish=True))
             print(f"run {r + 1}/{args.repeats}: update {runs['model_update'][-1]:,.0f}/s, "
                   f"end to end {runs['end_to_end'][-1]['events_per_s']:,.0f}/s, "
@@ -132,6 +138,8 @@ def main() -> None:
         "(a) model update (id mapping + kernel)": statistics.median(runs["model_update"]),
         "(b) end to end, total (incl. group join)": statistics.median(r["events_per_s"] for r in runs["end_to_end"]),
         "(b) end to end, steady state": statistics.median(r["steady_events_per_s"] for r in runs["end_to_end"]),
+        "(b) with a state dir, checkpoint every 1 s, steady":
+            statistics.median(r["steady_events_per_s"] for r in runs["end_to_end_checkpointing"]),
         "(b+) end to end + top-10 updates published, total":
             statistics.median(r["events_per_s"] for r in runs["end_to_end_publishing"]),
         "(b+) end to end + top-10 updates published, steady":

@@ -282,7 +282,9 @@ def test_sigterm_under_load_checkpoints_commits_and_exits(kafka_bootstrap, tmp_p
                                 args=(kafka_bootstrap, topics["input"], values, 2, 50_000))
     producer.start()
     group = f"g-{uuid.uuid4().hex[:8]}"
-    process = _start(kafka_bootstrap, topics, group, tmp_path / "state", "--set", "checkpoint.interval_s=60")
+    secret = "hunter2-must-not-leak"
+    process = _start(kafka_bootstrap, topics, group, tmp_path / "state", "--set", "checkpoint.interval_s=60",
+                     "-X", "sasl.username=recstream", "-X", f"sasl.password={secret}")
     wait_for(lambda: "assigned" in (tmp_path / "state.log").read_text(), timeout_s=60, what="assignment")
     time.sleep(1.5)
     process.send_signal(signal.SIGTERM)
@@ -294,3 +296,8 @@ def test_sigterm_under_load_checkpoints_commits_and_exits(kafka_bootstrap, tmp_p
     committed = consumer.committed([TopicPartition(topics["input"], p) for p in range(2)], timeout=10)
     consumer.close()
     assert {f"{tp.topic}/{tp.partition}": tp.offset for tp in committed} == meta["positions"]
+    # Credentials passed to librdkafka appear in neither the log nor the checkpoints.
+    assert secret not in (tmp_path / "state.log").read_text()
+    for path in (tmp_path / "state").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
