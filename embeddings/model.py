@@ -82,11 +82,18 @@ class OnlineMF:
         )
 
     def learn_rows(
-        self, user_rows: np.ndarray, item_rows: np.ndarray, ratings: np.ndarray, weights: np.ndarray
+        self, user_rows: np.ndarray, item_rows: np.ndarray, ratings: np.ndarray, weights: np.ndarray,
+        predictions: np.ndarray | None = None,
     ) -> float:
-        """Apply events in order: NaN rating = implicit with that weight. Returns the batch loss."""
+        """Apply events in order: NaN rating = implicit with that weight. Returns the batch loss.
+
+        ``predictions`` (float64, one per event), if given, receives each event's prediction
+        made before learning from it.
+        """
         if len(user_rows) == 0:
             return 0.0
+        if predictions is None:
+            predictions = np.empty(len(user_rows), dtype=np.float64)
         n_items = len(self.items)
         if n_items > len(self._item_seq):
             self._item_seq = _grown(self._item_seq, n_items)
@@ -102,7 +109,7 @@ class OnlineMF:
             np.ascontiguousarray(weights, dtype=np.float32),
             self._implicit_count, self._mean_state, self._rng_state, self._negative_pool, self._negative_pool_state,
             np.float32(cfg.learning_rate), np.float32(cfg.regularization),
-            cfg.n_negatives, self.model_version,
+            cfg.n_negatives, self.model_version, predictions,
         )
         self.events_applied += len(user_rows)
         return float(loss)

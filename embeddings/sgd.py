@@ -86,7 +86,7 @@ def sgd_batch(
     P, Q, bu, bi, item_seq,
     users, items, ratings, weights,
     implicit_count, mean_state, rng_state, recent_items, recent_state,
-    lr, reg, n_negatives, seq,
+    lr, reg, n_negatives, seq, predictions,
 ):
     """Apply events ``0..n-1`` in order; returns the summed loss of the batch.
 
@@ -100,6 +100,9 @@ def sgd_batch(
     index rescore "changed since the last build" items exactly.
 
     ``item_seq[i]`` is set to ``seq`` for every item whose row moved.
+    ``predictions[e]`` receives the model's output for event e *before* learning
+    from it (the rating estimate, or the implicit score): prequential evaluation
+    reads it.
     Negatives drawn in proportion to popularity make the score learn
     ``log P(i|u) - log P(i)`` (a PMI, as in word2vec), so ranking adds the
     popularity back: ``implicit_count[i]`` counts each item's implicit events
@@ -115,12 +118,13 @@ def sgd_batch(
         r = ratings[e]
         item_seq[i] = seq
         if not np.isnan(r):
+            dot = 0.0
+            for f in range(dim):
+                dot += P[u, f] * Q[i, f]
+            predictions[e] = mean_state[0] + bu[u] + bi[i] + dot
             mean_state[1] += 1.0
             mean_state[0] += (r - mean_state[0]) / mean_state[1]
-            pred = mean_state[0] + bu[u] + bi[i]
-            for f in range(dim):
-                pred += P[u, f] * Q[i, f]
-            err = r - pred
+            err = r - (mean_state[0] + bu[u] + bi[i] + dot)
             loss += err * err
             bu[u] += lr * (err - reg * bu[u])
             bi[i] += lr * (err - reg * bi[i])
@@ -134,6 +138,7 @@ def sgd_batch(
         x = bi[i]
         for f in range(dim):
             x += P[u, f] * Q[i, f]
+        predictions[e] = x
         loss += w * np.log1p(np.exp(-x)) if x > -30.0 else w * -x
         _logistic_step(P, Q, bi, u, i, 1.0, w, lr, reg)
         implicit_count[i] += 1

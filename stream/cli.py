@@ -114,6 +114,115 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_interactions(args: argparse.Namespace, config: ServiceConfig):
+    import numpy as np
+
+    from recstream.embeddings.evaluate import Interactions
+    from recstream.stream.events import EventDecoder
+    from recstream.stream.replay import parse_columns, read_event_log
+
+    try:
+        columns = parse_columns(args.columns) if args.columns else None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    decoder = EventDecoder(config.events)
+    users, items, ratings, weights, rejected = [], [], [], [], 0
+    delimiter = "\t" if args.delimiter in ("tab", "\\t") else args.delimiter
+    for events, _ in read_event_log(args.events, columns, args.ts_unit, delimiter=delimiter):
+        batch, bad = decoder.decode(events)
+        rejected += len(bad)
+        users += batch.user_ids
+        items += batch.item_ids
+        ratings.append(batch.ratings)
+        if columns and "weight" in columns:
+            good = [events[p] for p in batch.positions]
+            weights.append(np.array([float(e.get("weight", 1.0)) for e in good], dtype=np.float32))
+        else:
+            weights.append(batch.weights)
+    data = Interactions(users, items, np.concatenate(ratings), np.concatenate(weights))
+    if args.weight_transform == "log1p":
+        data.weights = np.log1p(data.weights).astype(np.float32)
+    if args.mode == "implicit":
+        data.ratings = np.full(len(data), np.nan, dtype=np.float32)  # every event is an interaction
+    elif np.isnan(data.ratings).all():
+        raise ConfigError("--mode explicit: the log has no ratings (map a rating column with --columns)")
+    return data, rejected
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from recstream.embeddings import evaluate as ev
+
+    config = _config(args, {})
+    data, rejected = _load_interactions(args, config)
+    results: dict[str, ev.EvalResult] = {}
+    if args.protocol == "split":
+        train, held = ev.user_split(data, args.test_fraction, seed=args.seed)
+        results["recstream"] = ev.split_model(train, held, config.model, args.epochs)
+        if args.baseline != "none":
+            try:
+                results["baseline"] = ev.split_als(train, held)
+                baseline_name = "implicit ALS (64 factors, reg 30, alpha 1, 15 iterations)"
+            except ImportError:
+                baseline_name = "none (pip install implicit for the ALS baseline)"
+    elif args.mode == "explicit":
+        results["recstream"] = ev.prequential_explicit(data, config.model)
+        if args.baseline != "none":
+            results["baseline"] = ev.river_biasedmf(data)
+            baseline_name = "river reco.BiasedMF (documented MovieLens set-up)"
+    else:
+        results["recstream"] = ev.prequential_implicit(data, config.model, "model")
+        if args.baseline != "none":
+            results["baseline"] = ev.prequential_implicit(data, config.model, "popularity")
+            baseline_name = "popularity so far (river has no implicit recommender)"
+    if args.baseline == "none":
+        baseline_name = "none"
+    out = {**results["recstream"].as_dict(), "mode": args.mode, "protocol": args.protocol,
+           "epochs": args.epochs if args.protocol == "split" else 1, "rejected": rejected,
+           "events_file": str(args.events), "model_config": vars(config.model) if hasattr(config.model, "__dict__")
+           else {}, "baseline_name": baseline_name}
+    if "baseline" in results:
+        out["baseline"] = results["baseline"].as_dict()
+    keys = [k for k in ("mae", "rmse", "hit_rate@10", "ndcg@10", "recall@10", "events", "events_per_s")
+            if k in results["recstream"].metrics]
+    print(f"{'metric':<14} {'recstream':>12} {'baseline':>12}   ({baseline_name})")
+    for key in keys:
+        mine = results["recstream"].metrics[key]
+        theirs = results["baseline"].metrics.get(key) if "baseline" in results else None
+        fmt = (lambda v: f"{v:12,.0f}") if key in ("events", "events_per_s") else (lambda v: f"{v:12.4f}")
+        print(f"{key:<14} {fmt(mine)} {fmt(theirs) if theirs is not None else '':>12}")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(out, f, indent=2, default=str)
+    if args.plot:
+        _plot(results, args)
+    return 0
+
+
+def _plot(results: dict, args: argparse.Namespace) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ConfigError("--plot needs matplotlib (pip install 'recstream[eval]')") from exc
+    from recstream.embeddings.evaluate import rolling_mean
+
+    window = 5000
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for name, result in results.items():
+        if len(result.curve):
+            ax.plot(rolling_mean(result.curve, window), label=name)
+    ax.set_xlabel("event")
+    ax.set_ylabel(("absolute error" if args.mode == "explicit" else "hit@10") + f" (rolling mean of {window})")
+    ax.set_title(f"prequential {args.mode}: {args.events}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=110)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from recstream.stream.replay import export_state
 
@@ -210,6 +319,28 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--set", action="append", type=_key_value, metavar="SECTION.KEY=VALUE")
     replay.add_argument("--quiet", action="store_true", help="no progress line")
     replay.set_defaults(func=cmd_replay)
+
+    evaluate = sub.add_parser("eval", help="learning quality on an event log, beside a baseline")
+    evaluate.add_argument("--events", required=True, help="JSON lines or CSV/TSV event log (.gz accepted)")
+    evaluate.add_argument("--columns", help="column mapping, e.g. user_id=userId,item_id=movieId,rating=rating; "
+                                            "weight=COLUMN gives implicit weights")
+    evaluate.add_argument("--delimiter", default=",", help="CSV delimiter ('tab' for TSV)")
+    evaluate.add_argument("--ts-unit", choices=("ms", "s"), default="ms")
+    evaluate.add_argument("--mode", choices=("explicit", "implicit"), default="explicit")
+    evaluate.add_argument("--protocol", choices=("prequential", "split"), default="prequential",
+                          help="prequential: predict/rank then learn, in log order; split: per-user seeded "
+                               "held-out fraction, learned for --epochs")
+    evaluate.add_argument("--epochs", type=int, default=10)
+    evaluate.add_argument("--test-fraction", type=float, default=0.2)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--weight-transform", choices=("none", "log1p"), default="none")
+    evaluate.add_argument("--baseline", choices=("default", "none"), default="default")
+    evaluate.add_argument("--json-out")
+    evaluate.add_argument("--plot", help="PNG of the metric over the stream (needs matplotlib)")
+    evaluate.add_argument("--config")
+    evaluate.add_argument("--set", action="append", type=_key_value, metavar="SECTION.KEY=VALUE")
+    evaluate.add_argument("-X", action="append", type=_key_value, help=argparse.SUPPRESS)
+    evaluate.set_defaults(func=cmd_eval)
 
     export = sub.add_parser("export", help="the latest checkpoint's state as a .npz")
     export.add_argument("--state-dir", required=True)

@@ -84,15 +84,15 @@ def parse_columns(spec: str | None) -> dict[str, str]:
     mapping = {}
     for part in spec.split(","):
         field, sep, column = part.partition("=")
-        if not sep or field.strip() not in ("user_id", "item_id", "event_type", "rating", "ts"):
+        if not sep or field.strip() not in ("user_id", "item_id", "event_type", "rating", "ts", "weight"):
             raise ValueError(f"--columns: expected FIELD=COLUMN with FIELD one of user_id, item_id, "
-                             f"event_type, rating, ts; got {part!r}")
+                             f"event_type, rating, ts, weight; got {part!r}")
         mapping[field.strip()] = column.strip()
     return mapping
 
 
 def read_event_log(path: str | Path, columns: dict[str, str] | None = None, ts_unit: str = "ms",
-                   chunk: int = CHUNK) -> Iterator[tuple[list, float]]:
+                   chunk: int = CHUNK, delimiter: str = ",") -> Iterator[tuple[list, float]]:
     """Chunks of events (JSON bytes, or dicts from CSV) with the fraction of the file read so far."""
     path = Path(path)
     size = max(path.stat().st_size, 1)
@@ -112,7 +112,7 @@ def read_event_log(path: str | Path, columns: dict[str, str] | None = None, ts_u
                 yield lines, 1.0
             return
         text = io.TextIOWrapper(reader, encoding="utf-8", newline="")
-        rows = csv.DictReader(text)
+        rows = csv.DictReader(text, delimiter=delimiter)
         mapping = columns or {f: f for f in ("user_id", "item_id", "event_type", "rating", "ts")}
         missing = [c for f, c in mapping.items() if f in ("user_id", "item_id") and c not in (rows.fieldnames or [])]
         if missing:
@@ -125,7 +125,7 @@ def read_event_log(path: str | Path, columns: dict[str, str] | None = None, ts_u
                 value = row.get(column)
                 if value is None or value == "":
                     continue
-                if field == "rating":
+                if field in ("rating", "weight"):
                     try:
                         value = float(value)
                     except ValueError:

@@ -1,0 +1,256 @@
+"""Learning quality, measured the way a stream is served: prequentially, and on a held-out split.
+
+- Explicit, prequential: every rating is predicted by the state before it
+  (the kernel reports that prediction), then learned. MAE and RMSE, with
+  predictions clipped to the data's rating range.
+- Implicit, prequential: for every event, is the item in the user's top-10
+  among the items they have not interacted with yet? Events are ranked in
+  mini-batches with the state before the mini-batch, as the service ranks at
+  each flush; then the mini-batch is learned. HR@10, NDCG@10, recall@10 (one
+  relevant item per event, so recall@10 = HR@10).
+- Implicit, split (backfill): learn a per-user seeded 80% of the
+  interactions for some epochs, then rank all items for each user against
+  the held-out 20%. NDCG@10, recall@10, HR@10.
+
+Baselines run in the same invocation on the same events: river's
+``reco.BiasedMF`` (explicit), popularity-so-far (implicit; river has no
+implicit recommender), and ``implicit``'s ALS (split, when installed).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from recstream.embeddings.history import InteractionHistory
+from recstream.embeddings.model import MFConfig, OnlineMF
+
+K = 10
+
+
+@dataclass
+class Interactions:
+    """An event log as arrays, in log order."""
+
+    user_ids: list[str]
+    item_ids: list[str]
+    ratings: np.ndarray  # float32, NaN = implicit
+    weights: np.ndarray  # float32
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    curve: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per-event loss or hit, for plots
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.metrics)
+
+
+def _rows(ids: list[str]) -> tuple[np.ndarray, int]:
+    """Dense rows in order of first appearance (the same rows the model assigns)."""
+    row_of: dict[str, int] = {}
+    rows = np.fromiter((row_of.setdefault(x, len(row_of)) for x in ids), dtype=np.int64, count=len(ids))
+    return rows, len(row_of)
+
+
+# -- explicit -----------------------------------------------------------------------------------
+
+def prequential_explicit(data: Interactions, config: MFConfig, batch: int = 10_000) -> EvalResult:
+    """MAE/RMSE of predict-then-learn over the log, through ``OnlineMF.learn_rows``."""
+    low, high = float(np.nanmin(data.ratings)), float(np.nanmax(data.ratings))
+    model = OnlineMF(config)
+    predictions = np.empty(len(data), dtype=np.float64)
+    started = time.perf_counter()
+    for s in range(0, len(data), batch):
+        e = min(s + batch, len(data))
+        users = model.users.rows(data.user_ids[s:e])
+        items = model.items.rows(data.item_ids[s:e])
+        model.learn_rows(users, items, data.ratings[s:e], data.weights[s:e], predictions[s:e])
+    seconds = time.perf_counter() - started
+    errors = np.clip(predictions, low, high) - data.ratings
+    return EvalResult({"events": len(data), "events_per_s": len(data) / seconds,
+                       "mae": float(np.abs(errors).mean()), "rmse": float(np.sqrt((errors ** 2).mean()))},
+                      np.abs(errors))
+
+
+def river_biasedmf(data: Interactions) -> EvalResult:
+    """river's documented MovieLens set-up, prequential, with the same clipping."""
+    from river import optim, reco
+
+    model = reco.BiasedMF(n_factors=10, bias_optimizer=optim.SGD(0.025), latent_optimizer=optim.SGD(0.05),
+                          weight_initializer=optim.initializers.Zeros(),
+                          latent_initializer=optim.initializers.Normal(mu=0.0, sigma=0.1, seed=73),
+                          l2_bias=0.0, l2_latent=0.0)
+    low, high = float(np.nanmin(data.ratings)), float(np.nanmax(data.ratings))
+    predictions = np.empty(len(data))
+    ratings = data.ratings.tolist()
+    started = time.perf_counter()
+    for n, (u, i, y) in enumerate(zip(data.user_ids, data.item_ids, ratings)):
+        predictions[n] = model.predict_one(u, i)
+        model.learn_one(u, i, y)
+    seconds = time.perf_counter() - started
+    errors = np.clip(predictions, low, high) - data.ratings
+    return EvalResult({"events": len(data), "events_per_s": len(data) / seconds,
+                       "mae": float(np.abs(errors).mean()), "rmse": float(np.sqrt((errors ** 2).mean()))},
+                      np.abs(errors))
+
+
+# -- implicit, prequential ----------------------------------------------------------------------
+
+def _rank_of_targets(scores: np.ndarray, targets: np.ndarray, seen: list[np.ndarray]) -> np.ndarray:
+    """Rank (0 = best) of each row's target among the columns not in that row's ``seen``."""
+    rows = np.arange(len(targets))
+    target_scores = scores[rows, targets]
+    ranks = (scores > target_scores[:, None]).sum(axis=1)
+    for r, items in enumerate(seen):
+        if len(items):
+            ranks[r] -= int((scores[r, items] > target_scores[r]).sum())
+    return ranks
+
+
+def prequential_implicit(data: Interactions, config: MFConfig, ranker: str = "model", minibatch: int = 64
+                         ) -> EvalResult:
+    """HR@10 / NDCG@10 of rank-then-learn; ``ranker`` is "model" or "popularity" (popularity so far)."""
+    users, _ = _rows(data.user_ids)
+    items, n_items = _rows(data.item_ids)
+    history = InteractionHistory(max_per_user=1_000_000)
+    model = OnlineMF(config) if ranker == "model" else None
+    counts = np.zeros(n_items, dtype=np.float64)
+    hits = np.zeros(len(data), dtype=np.float64)
+    gains = np.zeros(len(data), dtype=np.float64)
+    evaluated = np.zeros(len(data), dtype=bool)
+    started = time.perf_counter()
+    known_items = 0
+    for s in range(0, len(data), minibatch):
+        e = min(s + minibatch, len(data))
+        u, it = users[s:e], items[s:e]
+        # Rankable: the item existed before this mini-batch, and the user has not had it yet.
+        seen = [np.fromiter(history.items_of(int(x)), dtype=np.int64) for x in u.tolist()]
+        fresh = np.array([int(i) not in history.items_of(int(x)) for x, i in zip(u.tolist(), it.tolist())])
+        ok = (it < known_items) & fresh
+        if ok.any() and known_items > K:
+            idx = np.flatnonzero(ok)
+            if model is not None:
+                vectors = np.zeros((len(idx), model.config.dim), dtype=np.float32)
+                known_users = u[idx] < len(model.users)
+                vectors[known_users] = model.users.vectors[u[idx][known_users]]
+                scores = vectors @ model.items.vectors[:known_items].T + model.ranking_biases()[:known_items]
+            else:
+                scores = np.broadcast_to(counts[:known_items], (len(idx), known_items))
+            ranks = _rank_of_targets(scores, it[idx], [seen[j] for j in idx])
+            hits[s + idx] = ranks < K
+            gains[s + idx] = np.where(ranks < K, 1.0 / np.log2(ranks + 2.0), 0.0)
+            evaluated[s + idx] = True
+        evaluated[s:e] |= ~fresh  # repeats cannot be hits when seen items are excluded: they count as misses
+        if model is not None:
+            model.learn_rows(model.users.rows(data.user_ids[s:e]), model.items.rows(data.item_ids[s:e]),
+                             data.ratings[s:e], data.weights[s:e])
+        np.add.at(counts, it, 1.0)
+        history.add(u, it)
+        known_items = max(known_items, int(it.max()) + 1)
+    seconds = time.perf_counter() - started
+    n = max(int(evaluated.sum()), 1)
+    hit_rate = float(hits[evaluated].sum() / n)
+    return EvalResult({"events": len(data), "events_evaluated": int(evaluated.sum()),
+                       "events_per_s": len(data) / seconds, "hit_rate@10": hit_rate,
+                       "ndcg@10": float(gains[evaluated].sum() / n), "recall@10": hit_rate},
+                      hits[evaluated])
+
+
+# -- implicit, split ----------------------------------------------------------------------------
+
+def user_split(data: Interactions, test_fraction: float = 0.2, seed: int = 0
+               ) -> tuple[Interactions, dict[str, set[str]]]:
+    """Per user, a seeded random ``test_fraction`` of their interactions held out; the rest shuffled."""
+    rng = np.random.default_rng(seed)
+    users, _ = _rows(data.user_ids)
+    order = rng.permutation(len(data))
+    test = np.zeros(len(data), dtype=bool)
+    by_user: dict[int, list[int]] = {}
+    for n in order.tolist():
+        by_user.setdefault(int(users[n]), []).append(n)
+    for rows in by_user.values():
+        n_test = int(round(len(rows) * test_fraction))
+        test[rows[:n_test]] = True
+    train = order[~test[order]]
+    held: dict[str, set[str]] = {}
+    for n in np.flatnonzero(test).tolist():
+        held.setdefault(data.user_ids[n], set()).add(data.item_ids[n])
+    pick = train.tolist()
+    return Interactions([data.user_ids[n] for n in pick], [data.item_ids[n] for n in pick],
+                        data.ratings[train], data.weights[train]), held
+
+
+def _ranking_metrics(top: dict[str, list[str]], held: dict[str, set[str]]) -> dict[str, float]:
+    ndcg, recall, hit = [], [], []
+    for user, relevant in held.items():
+        ranked = top.get(user, [])
+        gains = [1.0 / np.log2(r + 2.0) for r, item in enumerate(ranked[:K]) if item in relevant]
+        ideal = sum(1.0 / np.log2(r + 2.0) for r in range(min(K, len(relevant))))
+        ndcg.append(sum(gains) / ideal)
+        recall.append(len(gains) / min(K, len(relevant)))
+        hit.append(float(bool(gains)))
+    return {"ndcg@10": float(np.mean(ndcg)), "recall@10": float(np.mean(recall)), "hit_rate@10": float(np.mean(hit)),
+            "users": len(held)}
+
+
+def split_model(train: Interactions, held: dict[str, set[str]], config: MFConfig, epochs: int) -> EvalResult:
+    model = OnlineMF(config)
+    started = time.perf_counter()
+    for _ in range(epochs):
+        for s in range(0, len(train), 10_000):
+            e = min(s + 10_000, len(train))
+            model.learn_rows(model.users.rows(train.user_ids[s:e]), model.items.rows(train.item_ids[s:e]),
+                             train.ratings[s:e], train.weights[s:e])
+    seconds = time.perf_counter() - started
+    history = InteractionHistory(max_per_user=1_000_000)
+    history.add(model.users.rows(train.user_ids), model.items.rows(train.item_ids))
+    from recstream.index.query import Recommender
+
+    users = [u for u in held if model.users.ids.get(u) is not None]
+    rows = np.array([model.users.ids.get(u) for u in users], dtype=np.int64)
+    recs = Recommender(model, history, K).recommend(rows, None)
+    top = {u: model.items.ids.ids_of(r.item_rows.tolist()) for u, r in zip(users, recs)}
+    metrics = _ranking_metrics(top, held)
+    metrics.update(events=len(train) * epochs, events_per_s=len(train) * epochs / seconds)
+    return EvalResult(metrics)
+
+
+def split_als(train: Interactions, held: dict[str, set[str]], factors: int = 64, regularization: float = 30.0,
+              alpha: float = 1.0, iterations: int = 15) -> EvalResult:
+    """``implicit``'s ALS on the same split (raises ImportError without the package)."""
+    import scipy.sparse as sp
+    from implicit.als import AlternatingLeastSquares
+
+    users, n_users = _rows(train.user_ids)
+    items, n_items = _rows(train.item_ids)
+    user_names = list(dict.fromkeys(train.user_ids))
+    item_names = list(dict.fromkeys(train.item_ids))
+    matrix = sp.csr_matrix((train.weights.astype(np.float32) * alpha, (users, items)), shape=(n_users, n_items))
+    model = AlternatingLeastSquares(factors=factors, regularization=regularization, iterations=iterations,
+                                    random_state=0)
+    started = time.perf_counter()
+    model.fit(matrix, show_progress=False)
+    seconds = time.perf_counter() - started
+    row_of = {u: r for r, u in enumerate(user_names)}
+    eval_users = [u for u in held if u in row_of]
+    ids, _ = model.recommend(np.array([row_of[u] for u in eval_users]), matrix[[row_of[u] for u in eval_users]],
+                             N=K, filter_already_liked_items=True)
+    top = {u: [item_names[i] for i in row if i >= 0] for u, row in zip(eval_users, ids)}
+    metrics = _ranking_metrics(top, held)
+    metrics.update(events=len(train), seconds=seconds)
+    return EvalResult(metrics)
+
+
+def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
+    if len(values) < window:
+        window = max(1, len(values))
+    cumulative = np.cumsum(np.insert(values.astype(np.float64), 0, 0.0))
+    return (cumulative[window:] - cumulative[:-window]) / window
+
