@@ -4,10 +4,11 @@
   (the kernel reports that prediction), then learned. MAE and RMSE, with
   predictions clipped to the data's rating range.
 - Implicit, prequential: for every event, is the item in the user's top-10
-  among the items they have not interacted with yet? Events are ranked in
-  mini-batches with the state before the mini-batch, as the service ranks at
-  each flush; then the mini-batch is learned. HR@10, NDCG@10, recall@10 (one
-  relevant item per event, so recall@10 = HR@10).
+  among the items they have not interacted with yet? Ranked with the state
+  before the event, then learned, one event at a time (ranking a mini-batch
+  with stale state misses a session's burst of clicks badly: on MovieLens,
+  64-event mini-batches cut popularity's HR@10 from 0.13 to 0.08). HR@10,
+  NDCG@10, recall@10 (one relevant item per event, so recall@10 = HR@10).
 - Implicit, split (backfill): learn a per-user seeded 80% of the
   interactions for some epochs, then rank all items for each user against
   the held-out 20%. NDCG@10, recall@10, HR@10.
@@ -103,63 +104,69 @@ def river_biasedmf(data: Interactions) -> EvalResult:
 
 # -- implicit, prequential ----------------------------------------------------------------------
 
-def _rank_of_targets(scores: np.ndarray, targets: np.ndarray, seen: list[np.ndarray]) -> np.ndarray:
-    """Rank (0 = best) of each row's target among the columns not in that row's ``seen``."""
-    rows = np.arange(len(targets))
-    target_scores = scores[rows, targets]
-    ranks = (scores > target_scores[:, None]).sum(axis=1)
-    for r, items in enumerate(seen):
-        if len(items):
-            ranks[r] -= int((scores[r, items] > target_scores[r]).sum())
-    return ranks
+def _hit_and_gain(scores: np.ndarray, target: int, seen: np.ndarray) -> tuple[float, float]:
+    """Expected hit@10 and NDCG@10 of ``target`` among the columns not in ``seen``.
+
+    Ties are broken at random (in expectation): with ``g`` items scoring higher and
+    ``t`` others tied, the target is equally likely at any rank in ``g..g+t``.
+    Popularity counts tie a lot; counting ties as wins would flatter it.
+    """
+    t_score = scores[target]
+    greater = int((scores > t_score).sum())
+    ties = int((scores == t_score).sum()) - 1
+    if len(seen):
+        seen_scores = scores[seen]
+        greater -= int((seen_scores > t_score).sum())
+        ties -= int((seen_scores == t_score).sum())
+    if greater >= K:
+        return 0.0, 0.0
+    ranks = np.arange(greater, min(greater + ties, K - 1) + 1)
+    share = 1.0 / (ties + 1)
+    return len(ranks) * share, float((1.0 / np.log2(ranks + 2.0)).sum() * share)
 
 
-def prequential_implicit(data: Interactions, config: MFConfig, ranker: str = "model", minibatch: int = 64
-                         ) -> EvalResult:
-    """HR@10 / NDCG@10 of rank-then-learn; ``ranker`` is "model" or "popularity" (popularity so far)."""
+def prequential_implicit(data: Interactions, config: MFConfig, ranker: str = "model") -> EvalResult:
+    """HR@10 / NDCG@10 of rank-then-learn, event by event; ``ranker``: "model" or "popularity" (so far).
+
+    An event is ranked among the items seen before it that the user has not had yet;
+    an event on a brand-new item cannot be ranked and is left out (for both rankers).
+    """
     users, _ = _rows(data.user_ids)
     items, n_items = _rows(data.item_ids)
-    history = InteractionHistory(max_per_user=1_000_000)
+    seen: dict[int, list[int]] = {}
     model = OnlineMF(config) if ranker == "model" else None
     counts = np.zeros(n_items, dtype=np.float64)
     hits = np.zeros(len(data), dtype=np.float64)
     gains = np.zeros(len(data), dtype=np.float64)
     evaluated = np.zeros(len(data), dtype=bool)
-    started = time.perf_counter()
     known_items = 0
-    for s in range(0, len(data), minibatch):
-        e = min(s + minibatch, len(data))
-        u, it = users[s:e], items[s:e]
-        # Rankable: the item existed before this mini-batch, and the user has not had it yet.
-        seen = [np.fromiter(history.items_of(int(x)), dtype=np.int64) for x in u.tolist()]
-        fresh = np.array([int(i) not in history.items_of(int(x)) for x, i in zip(u.tolist(), it.tolist())])
-        ok = (it < known_items) & fresh
-        if ok.any() and known_items > K:
-            idx = np.flatnonzero(ok)
-            if model is not None:
-                vectors = np.zeros((len(idx), model.config.dim), dtype=np.float32)
-                known_users = u[idx] < len(model.users)
-                vectors[known_users] = model.users.vectors[u[idx][known_users]]
-                scores = vectors @ model.items.vectors[:known_items].T + model.ranking_biases()[:known_items]
-            else:
-                scores = np.broadcast_to(counts[:known_items], (len(idx), known_items))
-            ranks = _rank_of_targets(scores, it[idx], [seen[j] for j in idx])
-            hits[s + idx] = ranks < K
-            gains[s + idx] = np.where(ranks < K, 1.0 / np.log2(ranks + 2.0), 0.0)
-            evaluated[s + idx] = True
-        evaluated[s:e] |= ~fresh  # repeats cannot be hits when seen items are excluded: they count as misses
+    no_rating = np.full(1, np.nan, dtype=np.float32)
+    started = time.perf_counter()
+    for n, (u, i) in enumerate(zip(users.tolist(), items.tolist())):
+        history = seen.setdefault(u, [])
+        if i < known_items:
+            evaluated[n] = True
+            if i not in history:  # a repeat can never be a hit once seen items are excluded
+                if model is not None:
+                    row = model.users.ids.get(data.user_ids[n])
+                    vector = model.users.vectors[row] if row is not None else np.zeros(model.config.dim, np.float32)
+                    scores = model.items.vectors[:known_items] @ vector + model.ranking_biases()[:known_items]
+                else:
+                    scores = counts[:known_items]
+                hits[n], gains[n] = _hit_and_gain(scores, i, np.asarray(history, dtype=np.int64))
         if model is not None:
-            model.learn_rows(model.users.rows(data.user_ids[s:e]), model.items.rows(data.item_ids[s:e]),
-                             data.ratings[s:e], data.weights[s:e])
-        np.add.at(counts, it, 1.0)
-        history.add(u, it)
-        known_items = max(known_items, int(it.max()) + 1)
+            model.learn_rows(model.users.rows(data.user_ids[n:n + 1]), model.items.rows(data.item_ids[n:n + 1]),
+                             no_rating, data.weights[n:n + 1])
+        counts[i] += 1.0
+        if i not in history:
+            history.append(i)
+        known_items = max(known_items, i + 1)
     seconds = time.perf_counter() - started
-    n = max(int(evaluated.sum()), 1)
-    hit_rate = float(hits[evaluated].sum() / n)
+    count = max(int(evaluated.sum()), 1)
+    hit_rate = float(hits[evaluated].sum() / count)
     return EvalResult({"events": len(data), "events_evaluated": int(evaluated.sum()),
                        "events_per_s": len(data) / seconds, "hit_rate@10": hit_rate,
-                       "ndcg@10": float(gains[evaluated].sum() / n), "recall@10": hit_rate},
+                       "ndcg@10": float(gains[evaluated].sum() / count), "recall@10": hit_rate},
                       hits[evaluated])
 
 

@@ -67,18 +67,17 @@ def _sigmoid(x):
 
 
 @njit(cache=True, inline="always")
-def _logistic_step(P, Q, bi, u, j, label, weight, lr, reg):
+def _step(P, Q, bu, bi, u, j, g, lr, reg, user_bias):
+    """One SGD step moving the score of (u, j) along ``g`` (the loss gradient, sign flipped)."""
     dim = P.shape[1]
-    x = bi[j]
-    for f in range(dim):
-        x += P[u, f] * Q[j, f]
-    g = weight * (label - _sigmoid(x))
-    bi[j] += lr * (g - reg * bi[j])
     for f in range(dim):
         pu = P[u, f]
         qj = Q[j, f]
-        P[u, f] += lr * (g * qj - reg * pu)
-        Q[j, f] += lr * (g * pu - reg * qj)
+        P[u, f] = pu + lr * (g * qj - reg * pu)
+        Q[j, f] = qj + lr * (g * pu - reg * qj)
+    bi[j] += lr * (g - reg * bi[j])
+    if user_bias:
+        bu[u] += lr * (g - reg * bu[u])
 
 
 @njit(cache=True, nogil=True)
@@ -98,16 +97,16 @@ def sgd_batch(
     popularity. Drawing negatives from recently active items (not uniformly)
     keeps the set of items an update moves small, which is what lets the
     index rescore "changed since the last build" items exactly.
-
-    ``item_seq[i]`` is set to ``seq`` for every item whose row moved.
-    ``predictions[e]`` receives the model's output for event e *before* learning
-    from it (the rating estimate, or the implicit score): prequential evaluation
-    reads it.
     Negatives drawn in proportion to popularity make the score learn
     ``log P(i|u) - log P(i)`` (a PMI, as in word2vec), so ranking adds the
     popularity back: ``implicit_count[i]`` counts each item's implicit events
     (see ``OnlineMF.ranking_biases``). ``recent_state`` holds [next write
     position, number filled] of the ring buffer.
+
+    ``item_seq[i]`` is set to ``seq`` for every item whose row moved.
+    ``predictions[e]`` receives the model's output for event e *before* learning
+    from it (the rating estimate, or the implicit score): prequential evaluation
+    reads it.
     """
     dim = P.shape[1]
     cap = recent_items.shape[0]
@@ -117,37 +116,32 @@ def sgd_batch(
         i = items[e]
         r = ratings[e]
         item_seq[i] = seq
+        dot = 0.0
+        for f in range(dim):
+            dot += P[u, f] * Q[i, f]
         if not np.isnan(r):
-            dot = 0.0
-            for f in range(dim):
-                dot += P[u, f] * Q[i, f]
             predictions[e] = mean_state[0] + bu[u] + bi[i] + dot
             mean_state[1] += 1.0
             mean_state[0] += (r - mean_state[0]) / mean_state[1]
             err = r - (mean_state[0] + bu[u] + bi[i] + dot)
             loss += err * err
-            bu[u] += lr * (err - reg * bu[u])
-            bi[i] += lr * (err - reg * bi[i])
-            for f in range(dim):
-                pu = P[u, f]
-                qi = Q[i, f]
-                P[u, f] += lr * (err * qi - reg * pu)
-                Q[i, f] += lr * (err * pu - reg * qi)
+            _step(P, Q, bu, bi, u, i, err, lr, reg, True)
             continue
         w = weights[e]
-        x = bi[i]
-        for f in range(dim):
-            x += P[u, f] * Q[i, f]
+        x = bi[i] + dot
         predictions[e] = x
         loss += w * np.log1p(np.exp(-x)) if x > -30.0 else w * -x
-        _logistic_step(P, Q, bi, u, i, 1.0, w, lr, reg)
+        _step(P, Q, bu, bi, u, i, w * (1.0 - _sigmoid(x)), lr, reg, False)
         implicit_count[i] += 1
         filled = recent_state[1]
         for _ in range(n_negatives if filled > 0 else 0):
             j = recent_items[np.int64(_next_u64(rng_state) % np.uint64(filled))]
             if j == i:
                 continue
-            _logistic_step(P, Q, bi, u, j, 0.0, 1.0, lr, reg)
+            xj = bi[j]
+            for f in range(dim):
+                xj += P[u, f] * Q[j, f]
+            _step(P, Q, bu, bi, u, j, -_sigmoid(xj), lr, reg, False)
             item_seq[j] = seq
         pos = recent_state[0]
         recent_items[pos] = i

@@ -126,7 +126,7 @@ def _load_interactions(args: argparse.Namespace, config: ServiceConfig):
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     decoder = EventDecoder(config.events)
-    users, items, ratings, weights, rejected = [], [], [], [], 0
+    users, items, ratings, weights, stamps, rejected = [], [], [], [], [], 0
     delimiter = "\t" if args.delimiter in ("tab", "\\t") else args.delimiter
     for events, _ in read_event_log(args.events, columns, args.ts_unit, delimiter=delimiter):
         batch, bad = decoder.decode(events)
@@ -134,12 +134,17 @@ def _load_interactions(args: argparse.Namespace, config: ServiceConfig):
         users += batch.user_ids
         items += batch.item_ids
         ratings.append(batch.ratings)
+        stamps.append(batch.timestamps)
         if columns and "weight" in columns:
             good = [events[p] for p in batch.positions]
             weights.append(np.array([float(e.get("weight", 1.0)) for e in good], dtype=np.float32))
         else:
             weights.append(batch.weights)
     data = Interactions(users, items, np.concatenate(ratings), np.concatenate(weights))
+    if args.order == "time":
+        order = np.argsort(np.concatenate(stamps), kind="stable")  # ties keep file order
+        data = Interactions([users[n] for n in order.tolist()], [items[n] for n in order.tolist()],
+                            data.ratings[order], data.weights[order])
     if args.weight_transform == "log1p":
         data.weights = np.log1p(data.weights).astype(np.float32)
     if args.mode == "implicit":
@@ -327,6 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--delimiter", default=",", help="CSV delimiter ('tab' for TSV)")
     evaluate.add_argument("--ts-unit", choices=("ms", "s"), default="ms")
     evaluate.add_argument("--mode", choices=("explicit", "implicit"), default="explicit")
+    evaluate.add_argument("--order", choices=("file", "time"), default="file",
+                          help="stream the log in file order, or stably sorted by ts")
     evaluate.add_argument("--protocol", choices=("prequential", "split"), default="prequential",
                           help="prequential: predict/rank then learn, in log order; split: per-user seeded "
                                "held-out fraction, learned for --epochs")
