@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 from annoy import AnnoyIndex
 
+from recstream.embeddings.drift import mean_cosine_drift
 from recstream.embeddings.model import OnlineMF
 from recstream.index.build import build_in_subprocess, mips_item_vectors
 
@@ -71,6 +72,8 @@ class IndexRefresher:
         self.next_version = first_version  # continues across restarts: versions only grow
         self.builds = 0
         self.failures = 0
+        self.item_drift = 0.0  # mean cosine distance of item vectors between the last two builds
+        self._previous_vectors: np.ndarray | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -126,6 +129,9 @@ class IndexRefresher:
             model_version = self.model.model_version
             vectors = self.model.items.vectors.copy()
             biases = self.model.ranking_biases()
+        if self._previous_vectors is not None:
+            self.item_drift = mean_cosine_drift(self._previous_vectors, vectors)
+        self._previous_vectors = vectors
         points = mips_item_vectors(vectors, biases)
         version = self.next_version
         self.next_version += 1
@@ -139,5 +145,6 @@ class IndexRefresher:
         if previous is not None:
             # Unlinking a mapped file is safe on POSIX: readers holding ``previous`` keep their map.
             previous.path.unlink(missing_ok=True)
-        log.info("index v%d: %d items, built in %.2fs", version, len(points), built.build_seconds)
+        log.info("index v%d: %d items, built in %.2fs, item drift since the last build %.3f",
+                 version, len(points), built.build_seconds, self.item_drift)
         return built

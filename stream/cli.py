@@ -57,11 +57,11 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    stop = threading.Event()
+    _install_stop_handlers(stop)  # first: a signal during start-up must stop cleanly too
     from recstream.stream.service import RecStreamService
 
     config = _run_config(args)
-    stop = threading.Event()
-    _install_stop_handlers(stop)
     last = {"t": time.monotonic(), "events": 0}
 
     def status(service: RecStreamService) -> None:

@@ -71,6 +71,14 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """When to say "retrain/reindex recommended"."""
+
+    adwin_delta: float = 0.002  # ADWIN confidence on the batch-mean prequential loss
+    item_drift_threshold: float = 0.3  # mean cosine distance of item vectors between index builds
+
+
+@dataclass(frozen=True)
 class LoopConfig:
     batch_size: int = 10_000
     poll_timeout_s: float = 0.2
@@ -88,6 +96,7 @@ class ServiceConfig:
     index: IndexConfig = IndexConfig()
     output: OutputConfig = OutputConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    monitor: MonitorConfig = MonitorConfig()
     loop: LoopConfig = LoopConfig()
     state_dir: str = ""
 
@@ -103,6 +112,7 @@ _SECTIONS = {
     "index": IndexConfig,
     "output": OutputConfig,
     "checkpoint": CheckpointConfig,
+    "monitor": MonitorConfig,
     "loop": LoopConfig,
 }
 
@@ -140,6 +150,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "output.flush_interval_s": (lambda v: v > 0, "a positive number of seconds"),
     "output.max_pending_users": (lambda v: v >= 1, "a positive integer"),
     "output.delivery_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
+    "monitor.adwin_delta": (lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "monitor.item_drift_threshold": (lambda v: 0 < v <= 2, "a cosine distance in (0, 2]"),
     "loop.batch_size": (lambda v: 1 <= v <= 1_000_000, "an integer from 1 to 1000000"),
     "loop.poll_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
     "loop.status_interval_s": (lambda v: v > 0, "a positive number of seconds"),

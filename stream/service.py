@@ -44,6 +44,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 
+from recstream.embeddings.drift import LossDriftDetector
 from recstream.index.query import Recommender
 from recstream.index.refresh import IndexRefresher
 from recstream.stream.checkpoint import BackgroundCheckpointWriter, CheckpointStore
@@ -70,6 +71,9 @@ class ServiceStats:
     last_checkpoint_s: float = 0.0
     delivery_failures: int = 0
     last_event_ts: int = 0
+    loss_mean: float = 0.0  # ADWIN's estimate of the prequential loss per event
+    loss_drifts: int = 0  # times the loss rose significantly: retrain recommended
+    item_drift: float = 0.0  # mean cosine distance of item vectors between the last two index builds
     assigned: list[tuple[str, int]] = field(default_factory=list)
     started_at: float = field(default_factory=time.monotonic)
 
@@ -111,6 +115,8 @@ class RecStreamService:
         self.recommender = Recommender(self.model, self.state.history if out.exclude_seen else None,
                                        out.top_k, config.index.search_k)
         self.decoder = EventDecoder(config.events)
+        self.loss_drift = LossDriftDetector(config.monitor.adwin_delta)
+        self._reported_index_version = 0
         self.refresher = IndexRefresher(self.model, self.model_lock, index_dir, config.index,
                                         first_version=self.state.index_version + 1)
         self._pending_users: dict[int, int] = {}  # user row -> last event ts, awaiting an update
@@ -225,7 +231,13 @@ class RecStreamService:
                 stamps[n] = good[batch.positions[n]].timestamp()[1]
             partitions = np.fromiter((m.partition() for m in good), dtype=np.int64, count=len(good))
             with self.model_lock:
-                user_rows, _ = self.state.apply(batch, topic, partitions[batch.positions])
+                user_rows, _, loss = self.state.apply(batch, topic, partitions[batch.positions])
+            if self.loss_drift.update(loss):
+                before, after = self.loss_drift.last_change
+                self.stats.loss_drifts += 1
+                log.warning("drift: prequential loss rose from %.4f to %.4f per event (ADWIN); "
+                            "retrain/reindex recommended", before, after)
+            self.stats.loss_mean = self.loss_drift.mean
             if self.config.output.publish:
                 # Latest timestamp per user: a dict built from pairs keeps the last write per key.
                 self._pending_users.update(zip(user_rows.tolist(), stamps.tolist()))
@@ -288,8 +300,20 @@ class RecStreamService:
                 self._checkpoint(wait=checkpoint)
         else:
             self._commit(dict(self._uncommitted))
+        self._report_item_drift()
         if self.on_flush is not None:
             self.on_flush(self)
+
+    def _report_item_drift(self) -> None:
+        current = self.refresher.current
+        if current is None or current.version == self._reported_index_version:
+            return
+        self._reported_index_version = current.version
+        self.stats.item_drift = self.refresher.item_drift
+        if self.stats.item_drift > self.config.monitor.item_drift_threshold:
+            log.warning("drift: item vectors moved by a mean cosine distance of %.3f between index builds "
+                        "(threshold %.3f); retrain/reindex recommended",
+                        self.stats.item_drift, self.config.monitor.item_drift_threshold)
 
     def _checkpoint(self, wait: bool) -> None:
         """Snapshot the state and write it in the background (or now, if ``wait``); commit when written."""

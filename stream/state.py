@@ -38,18 +38,25 @@ class RecState:
         self.index_version = 0
 
     def apply(self, batch: EventBatch, topic: str | None = None,
-              partition_of_event: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Learn from ``batch`` in order; ``partition_of_event`` (of ``topic``) feeds the per-partition counts."""
+              partition_of_event: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Learn from ``batch`` in order; ``partition_of_event`` (of ``topic``) feeds the per-partition counts.
+
+        Returns the user and item rows of the events and each event's prequential loss
+        (squared error of a rating; logistic loss of an implicit positive).
+        """
         users = self.model.users.rows(batch.user_ids)
         items = self.model.items.rows(batch.item_ids)
-        self.model.learn_rows(users, items, batch.ratings, batch.weights)
+        predictions = np.empty(len(users), dtype=np.float64)
+        self.model.learn_rows(users, items, batch.ratings, batch.weights, predictions)
         self.history.add(users, items)
         if partition_of_event is not None:
             counts = np.bincount(partition_of_event)
             for partition in np.flatnonzero(counts).tolist():
                 key = f"{topic}/{partition}"
                 self.applied[key] = self.applied.get(key, 0) + int(counts[partition])
-        return users, items
+        explicit = ~np.isnan(batch.ratings)
+        losses = np.where(explicit, (batch.ratings - predictions) ** 2, np.logaddexp(0.0, -predictions))
+        return users, items, losses
 
     def advance(self, positions: dict[str, int]) -> None:
         self.positions.update(positions)

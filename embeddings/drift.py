@@ -1,0 +1,71 @@
+"""Telling when the model no longer fits the stream: loss drift and item-vector drift."""
+
+from __future__ import annotations
+
+import numpy as np
+from river.drift import ADWIN
+
+
+class LossDriftDetector:
+    """ADWIN over the prequential loss; reports only changes for the worse.
+
+    Fed the mean loss of every ``group`` events (before learning from them):
+    enough observations for ADWIN to see a change within a few thousand events,
+    few enough to cost nothing per event. ADWIN flags any change in the mean,
+    including the fall (and the small wobbles) of the loss while a model warms
+    up; a signal is raised only when, at a change ADWIN found, the latest
+    observations sit at least ``min_rise`` (relative) above the mean before it.
+
+    >>> detector = LossDriftDetector(group=1)
+    >>> detector.update(np.full(2000, 0.3))
+    False
+    >>> detector.update(np.full(500, 0.9))
+    True
+    >>> round(detector.last_change[1], 1)
+    0.9
+    """
+
+    def __init__(self, delta: float = 0.002, group: int = 100, min_rise: float = 0.1, recent: int = 10) -> None:
+        self.adwin = ADWIN(delta=delta, clock=1)
+        self.group = group
+        self.min_rise = min_rise
+        self._recent: list[float] = []
+        self._recent_size = recent
+        self.detections = 0
+        self.last_change: tuple[float, float] | None = None  # (mean before, mean after)
+
+    @property
+    def mean(self) -> float:
+        return float(self.adwin.estimation)
+
+    def update(self, losses: np.ndarray) -> bool:
+        """Add a batch of per-event losses; True when the loss rose significantly."""
+        rose = False
+        n = len(losses) // self.group * self.group
+        for value in losses[:n].reshape(-1, self.group).mean(axis=1).tolist() if n else losses.mean(keepdims=True):
+            before = self.adwin.estimation
+            self.adwin.update(value)
+            self._recent = [*self._recent[1 - self._recent_size:], value]
+            latest = float(np.mean(self._recent))
+            if self.adwin.drift_detected and latest > (1.0 + self.min_rise) * before:
+                self.detections += 1
+                self.last_change = (float(before), latest)
+                rose = True
+        return rose
+
+
+def mean_cosine_drift(previous: np.ndarray, current: np.ndarray) -> float:
+    """Mean cosine distance between the rows two snapshots share (new rows are ignored).
+
+    >>> a = np.array([[1.0, 0.0], [0.0, 1.0]])
+    >>> mean_cosine_drift(a, np.array([[1.0, 0.0], [1.0, 0.0], [5.0, 5.0]]))
+    0.5
+    """
+    n = min(len(previous), len(current))
+    if n == 0:
+        return 0.0
+    a, b = previous[:n].astype(np.float64), current[:n].astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    ok = norms > 0
+    cosine = np.einsum("ij,ij->i", a[ok], b[ok]) / norms[ok]
+    return float(np.mean(1.0 - cosine)) if ok.any() else 0.0
