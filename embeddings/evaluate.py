@@ -39,6 +39,11 @@ class Interactions:
     item_ids: list[str]
     ratings: np.ndarray  # float32, NaN = implicit
     weights: np.ndarray  # float32
+    timestamps: np.ndarray | None = None  # int64 epoch ms, if the log has them
+
+    def __post_init__(self) -> None:
+        if self.timestamps is None:
+            self.timestamps = np.zeros(len(self.user_ids), dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -72,7 +77,7 @@ def prequential_explicit(data: Interactions, config: MFConfig, batch: int = 10_0
         e = min(s + batch, len(data))
         users = model.users.rows(data.user_ids[s:e])
         items = model.items.rows(data.item_ids[s:e])
-        model.learn_rows(users, items, data.ratings[s:e], data.weights[s:e], predictions[s:e])
+        model.learn_rows(users, items, data.ratings[s:e], data.weights[s:e], predictions[s:e], data.timestamps[s:e])
     seconds = time.perf_counter() - started
     errors = np.clip(predictions, low, high) - data.ratings
     return EvalResult({"events": len(data), "events_per_s": len(data) / seconds,
@@ -149,14 +154,15 @@ def prequential_implicit(data: Interactions, config: MFConfig, ranker: str = "mo
             if i not in history:  # a repeat can never be a hit once seen items are excluded
                 if model is not None:
                     row = model.users.ids.get(data.user_ids[n])
-                    vector = model.users.vectors[row] if row is not None else np.zeros(model.config.dim, np.float32)
+                    vector = (model.query_vectors(np.array([row]), int(data.timestamps[n]))[0] if row is not None
+                              else np.zeros(model.config.dim, np.float32))
                     scores = model.items.vectors[:known_items] @ vector + model.ranking_biases()[:known_items]
                 else:
                     scores = counts[:known_items]
                 hits[n], gains[n] = _hit_and_gain(scores, i, np.asarray(history, dtype=np.int64))
         if model is not None:
             model.learn_rows(model.users.rows(data.user_ids[n:n + 1]), model.items.rows(data.item_ids[n:n + 1]),
-                             no_rating, data.weights[n:n + 1])
+                             no_rating, data.weights[n:n + 1], None, data.timestamps[n:n + 1])
         counts[i] += 1.0
         if i not in history:
             history.append(i)
@@ -191,7 +197,7 @@ def user_split(data: Interactions, test_fraction: float = 0.2, seed: int = 0
         held.setdefault(data.user_ids[n], set()).add(data.item_ids[n])
     pick = train.tolist()
     return Interactions([data.user_ids[n] for n in pick], [data.item_ids[n] for n in pick],
-                        data.ratings[train], data.weights[train]), held
+                        data.ratings[train], data.weights[train], data.timestamps[train]), held
 
 
 def _ranking_metrics(top: dict[str, list[str]], held: dict[str, set[str]]) -> dict[str, float]:

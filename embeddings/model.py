@@ -12,7 +12,7 @@ from recstream.embeddings.table import EmbeddingTable
 
 
 def _grown(array: np.ndarray, needed: int) -> np.ndarray:
-    grown = np.zeros(max(needed, 2 * len(array)), dtype=array.dtype)
+    grown = np.zeros((max(needed, 2 * len(array)), *array.shape[1:]), dtype=array.dtype)
     grown[: len(array)] = array
     return grown
 
@@ -28,6 +28,11 @@ class MFConfig:
     init_std: float = 0.1
     seed: int = 42
     negative_pool: int = 4096
+    # Short-term interest (implicit events): weight of the recent-items vector when ranking
+    # (0 turns it off), how fast it fades in event time, and how much of it each event keeps.
+    short_term_weight: float = 3.0
+    short_term_half_life_s: float = 1800.0
+    short_term_keep: float = 0.8
 
 
 class OnlineMF:
@@ -58,6 +63,8 @@ class OnlineMF:
         self._negative_pool_state = np.zeros(2, dtype=np.int64)  # write position, filled
         self._item_seq = np.zeros(1024, dtype=np.int64)  # model version of each item's last change
         self._implicit_count = np.zeros(1024, dtype=np.int64)  # implicit events per item
+        self._short = np.zeros((1024, config.dim), dtype=np.float32)  # per user: recent-items vector
+        self._short_ts = np.zeros(1024, dtype=np.int64)  # per user: event time of that vector
         self.model_version = 0
         self.events_applied = 0
 
@@ -83,17 +90,24 @@ class OnlineMF:
 
     def learn_rows(
         self, user_rows: np.ndarray, item_rows: np.ndarray, ratings: np.ndarray, weights: np.ndarray,
-        predictions: np.ndarray | None = None,
+        predictions: np.ndarray | None = None, timestamps: np.ndarray | None = None,
     ) -> float:
         """Apply events in order: NaN rating = implicit with that weight. Returns the batch loss.
 
         ``predictions`` (float64, one per event), if given, receives each event's prediction
-        made before learning from it.
+        made before learning from it. ``timestamps`` (epoch ms) drive the fading of short-term
+        interest; without them events are taken as simultaneous.
         """
         if len(user_rows) == 0:
             return 0.0
         if predictions is None:
             predictions = np.empty(len(user_rows), dtype=np.float64)
+        if timestamps is None:
+            timestamps = np.zeros(len(user_rows), dtype=np.int64)
+        n_users = len(self.users)
+        if n_users > len(self._short_ts):
+            self._short = _grown(self._short, n_users)
+            self._short_ts = _grown(self._short_ts, n_users)
         n_items = len(self.items)
         if n_items > len(self._item_seq):
             self._item_seq = _grown(self._item_seq, n_items)
@@ -110,6 +124,8 @@ class OnlineMF:
             self._implicit_count, self._mean_state, self._rng_state, self._negative_pool, self._negative_pool_state,
             np.float32(cfg.learning_rate), np.float32(cfg.regularization),
             cfg.n_negatives, self.model_version, predictions,
+            np.ascontiguousarray(timestamps, dtype=np.int64), self._short, self._short_ts,
+            cfg.short_term_keep, cfg.short_term_half_life_s * 1000.0,
         )
         self.events_applied += len(user_rows)
         return float(loss)
@@ -128,6 +144,8 @@ class OnlineMF:
             "negative_pool_state": self._negative_pool_state,
             "item_seq": self._item_seq[:n_items],
             "implicit_count": self._implicit_count[:n_items],
+            "short_vectors": self._short[: len(self.users)],
+            "short_ts": self._short_ts[: len(self.users)],
             "counters": np.array([self.model_version, self.events_applied], dtype=np.int64),
         })
         return out
@@ -146,11 +164,32 @@ class OnlineMF:
         n_items = len(self.items)
         self._item_seq = _grown(np.array(arrays["item_seq"], dtype=np.int64), max(n_items, 1024))
         self._implicit_count = _grown(np.array(arrays["implicit_count"], dtype=np.int64), max(n_items, 1024))
+        n_users = len(self.users)
+        self._short = _grown(np.array(arrays["short_vectors"], dtype=np.float32).reshape(-1, self.config.dim),
+                             max(n_users, 1024))
+        self._short_ts = _grown(np.array(arrays["short_ts"], dtype=np.int64), max(n_users, 1024))
         self.model_version, self.events_applied = (int(x) for x in arrays["counters"])
 
     def items_changed_since(self, model_version: int) -> np.ndarray:
         """Rows of items whose vector or bias moved after ``model_version``."""
         return np.flatnonzero(self._item_seq[: len(self.items)] > model_version)
+
+    def query_vectors(self, user_rows: np.ndarray, now_ms: int | np.ndarray = 0) -> np.ndarray:
+        """The vectors to rank items with: long-term plus faded short-term interest.
+
+        ``now_ms`` (one time, or one per user) is the event time to fade to; 0 means
+        "at each user's last event", with no fading.
+        """
+        vectors = self.users.vectors[user_rows]
+        weight = self.config.short_term_weight
+        if weight == 0:
+            return vectors
+        short_ts = self._short_ts[user_rows]
+        elapsed = np.maximum(np.asarray(now_ms, dtype=np.int64) - short_ts, 0) if np.any(now_ms) else 0
+        half_life_ms = self.config.short_term_half_life_s * 1000.0
+        fade = np.exp2(-elapsed / half_life_ms) if half_life_ms > 0 else np.ones(len(user_rows))
+        return vectors + (weight * np.broadcast_to(fade, (len(user_rows),)))[:, None].astype(np.float32) \
+            * self._short[user_rows]
 
     def ranking_biases(self, rows: np.ndarray | None = None) -> np.ndarray:
         """Per-item term of the ranking score ``b_i + log1p(implicit events of i) + p_u . q_i``.

@@ -86,6 +86,7 @@ def sgd_batch(
     users, items, ratings, weights,
     implicit_count, mean_state, rng_state, recent_items, recent_state,
     lr, reg, n_negatives, seq, predictions,
+    timestamps, short, short_ts, short_keep, short_half_life_ms,
 ):
     """Apply events ``0..n-1`` in order; returns the summed loss of the batch.
 
@@ -107,6 +108,13 @@ def sgd_batch(
     ``predictions[e]`` receives the model's output for event e *before* learning
     from it (the rating estimate, or the implicit score): prequential evaluation
     reads it.
+
+    Short-term interest: after an implicit event, ``short[u]`` moves toward the
+    item's vector (``short <- keep * fade * short + (1 - keep) * q_i``), where
+    ``fade`` halves every ``short_half_life_ms`` of event time since the user's
+    previous event (``short_ts[u]``); a burst of clicks pulls it along, a pause
+    lets it fade back to nothing. ``OnlineMF.query_vectors`` adds it to the
+    long-term vector when ranking.
     """
     dim = P.shape[1]
     cap = recent_items.shape[0]
@@ -133,6 +141,11 @@ def sgd_batch(
         loss += w * np.log1p(np.exp(-x)) if x > -30.0 else w * -x
         _step(P, Q, bu, bi, u, i, w * (1.0 - _sigmoid(x)), lr, reg, False)
         implicit_count[i] += 1
+        elapsed = max(timestamps[e] - short_ts[u], 0)
+        fade = 2.0 ** (-elapsed / short_half_life_ms) if short_half_life_ms > 0 else 1.0
+        for f in range(dim):
+            short[u, f] = short_keep * fade * short[u, f] + (1.0 - short_keep) * Q[i, f]
+        short_ts[u] = timestamps[e]
         filled = recent_state[1]
         for _ in range(n_negatives if filled > 0 else 0):
             j = recent_items[np.int64(_next_u64(rng_state) % np.uint64(filled))]

@@ -77,11 +77,12 @@ class Recommender:
         self.search_k = search_k
         self.max_index_fetch = max_index_fetch
 
-    def recommend(self, user_rows: np.ndarray, index: BuiltIndex | None) -> list[Recommendations]:
+    def recommend(self, user_rows: np.ndarray, index: BuiltIndex | None, now_ms: int = 0) -> list[Recommendations]:
+        """Top-k for each user; ``now_ms`` (event time) fades short-term interest (0: no fading)."""
         n_items = len(self.model.items)
         if len(user_rows) == 0 or n_items == 0:
             return []
-        users = self.model.users.vectors[user_rows]
+        users = self.model.query_vectors(user_rows, now_ms)
         Q = self.model.items.vectors
         biases = self.model.ranking_biases()
         changed = None if index is None else self.model.items_changed_since(index.model_version)

@@ -140,11 +140,12 @@ def _load_interactions(args: argparse.Namespace, config: ServiceConfig):
             weights.append(np.array([float(e.get("weight", 1.0)) for e in good], dtype=np.float32))
         else:
             weights.append(batch.weights)
-    data = Interactions(users, items, np.concatenate(ratings), np.concatenate(weights))
+    data = Interactions(users, items, np.concatenate(ratings), np.concatenate(weights),
+                        np.maximum(np.concatenate(stamps), 0))
     if args.order == "time":
-        order = np.argsort(np.concatenate(stamps), kind="stable")  # ties keep file order
+        order = np.argsort(data.timestamps, kind="stable")  # ties keep file order
         data = Interactions([users[n] for n in order.tolist()], [items[n] for n in order.tolist()],
-                            data.ratings[order], data.weights[order])
+                            data.ratings[order], data.weights[order], data.timestamps[order])
     if args.weight_transform == "log1p":
         data.weights = np.log1p(data.weights).astype(np.float32)
     if args.mode == "implicit":

@@ -375,7 +375,7 @@ class RecStreamService:
         user_rows = np.fromiter(pending.keys(), dtype=np.int64, count=len(pending))
         index = self.refresher.current
         with self.model_lock:
-            recommendations = self.recommender.recommend(user_rows, index)
+            recommendations = self.recommender.recommend(user_rows, index, self.stats.last_event_ts)
             model_version = self.model.model_version
         user_ids = self.model.users.ids.ids
         item_ids = self.model.items.ids.ids

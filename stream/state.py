@@ -47,7 +47,8 @@ class RecState:
         users = self.model.users.rows(batch.user_ids)
         items = self.model.items.rows(batch.item_ids)
         predictions = np.empty(len(users), dtype=np.float64)
-        self.model.learn_rows(users, items, batch.ratings, batch.weights, predictions)
+        self.model.learn_rows(users, items, batch.ratings, batch.weights, predictions,
+                              np.maximum(batch.timestamps, 0))
         self.history.add(users, items)
         if partition_of_event is not None:
             counts = np.bincount(partition_of_event)

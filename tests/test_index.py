@@ -88,14 +88,15 @@ def test_items_changed_after_the_build_are_ranked_exactly(tmp_path):
     mf.learn(["u1"], ["i300"])  # records that i300 changed since the build
     mf.learn(["other"], ["brand-new"])
     target, fresh = mf.items.ids.get("i300"), mf.items.ids.get("brand-new")
-    direction = mf.users.vectors[user] / np.linalg.norm(mf.users.vectors[user])
+    query = mf.query_vectors(np.array([user]))[0]  # long-term plus short-term interest
+    direction = query / np.linalg.norm(query)
     mf.items.vectors[target] = 50 * direction
     mf.items.vectors[fresh] = 40 * direction
     mf.items.biases[[target, fresh]] = 0.0
 
     recs = Recommender(mf, None, k=5).recommend(np.array([user]), index)[0]
     assert recs.item_rows[0] == target and fresh in recs.item_rows[:2]
-    exact = mf.items.vectors @ mf.users.vectors[user] + mf.ranking_biases()
+    exact = mf.items.vectors @ query + mf.ranking_biases()
     np.testing.assert_allclose(recs.scores, exact[recs.item_rows], rtol=1e-5)
 
 
