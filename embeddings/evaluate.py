@@ -130,49 +130,76 @@ def _hit_and_gain(scores: np.ndarray, target: int, seen: np.ndarray) -> tuple[fl
     return len(ranks) * share, float((1.0 / np.log2(ranks + 2.0)).sum() * share)
 
 
-def prequential_implicit(data: Interactions, config: MFConfig, ranker: str = "model") -> EvalResult:
+def prequential_implicit(data: Interactions, config: MFConfig, ranker: str = "model",
+                         item_metadata: dict[str, tuple[dict | None, str | None]] | None = None,
+                         refresh_every: int = 5000, cold_count: int = 5) -> EvalResult:
     """HR@10 / NDCG@10 of rank-then-learn, event by event; ``ranker``: "model" or "popularity" (so far).
 
-    An event is ranked among the items seen before it that the user has not had yet;
-    an event on a brand-new item cannot be ranked and is left out (for both rankers).
+    An event is ranked among the items that exist before it (seen in an earlier
+    event, or, with ``item_metadata``, described by metadata) that the user has
+    not had yet. An event on an item that does not exist yet cannot be ranked
+    and is left out of the main metrics. ``hit_rate@10_cold`` covers the events
+    on items with fewer than ``cold_count`` earlier events, counting unrankable
+    ones as misses, so runs with and without metadata compare on the same events.
+    With metadata, cold items get content vectors every ``refresh_every`` events.
     """
-    users, _ = _rows(data.user_ids)
-    items, n_items = _rows(data.item_ids)
-    seen: dict[int, list[int]] = {}
-    model = OnlineMF(config) if ranker == "model" else None
+    from recstream.stream.state import RecState  # the service's state: same learning and content code
+
+    _, n_items = _rows(data.item_ids)
+    item_index, _ = _rows(data.item_ids)
+    state = RecState(config, history_per_user=1_000_000) if ranker == "model" else None
+    if state is not None and item_metadata:
+        ids = list(item_metadata)
+        state.set_item_metadata(ids, [item_metadata[i][0] for i in ids], [item_metadata[i][1] for i in ids])
     counts = np.zeros(n_items, dtype=np.float64)
+    seen: dict[str, list[int]] = {}
     hits = np.zeros(len(data), dtype=np.float64)
     gains = np.zeros(len(data), dtype=np.float64)
     evaluated = np.zeros(len(data), dtype=bool)
+    cold = np.zeros(len(data), dtype=bool)
     known_items = 0
     no_rating = np.full(1, np.nan, dtype=np.float32)
     started = time.perf_counter()
-    for n, (u, i) in enumerate(zip(users.tolist(), items.tolist())):
-        history = seen.setdefault(u, [])
-        if i < known_items:
-            evaluated[n] = True
-            if i not in history:  # a repeat can never be a hit once seen items are excluded
-                if model is not None:
-                    row = model.users.ids.get(data.user_ids[n])
-                    vector = (model.query_vectors(np.array([row]), int(data.timestamps[n]))[0] if row is not None
-                              else np.zeros(model.config.dim, np.float32))
-                    scores = model.items.vectors[:known_items] @ vector + model.ranking_biases()[:known_items]
-                else:
-                    scores = counts[:known_items]
-                hits[n], gains[n] = _hit_and_gain(scores, i, np.asarray(history, dtype=np.int64))
-        if model is not None:
-            model.learn_rows(model.users.rows(data.user_ids[n:n + 1]), model.items.rows(data.item_ids[n:n + 1]),
-                             no_rating, data.weights[n:n + 1], None, data.timestamps[n:n + 1])
-        counts[i] += 1.0
-        if i not in history:
-            history.append(i)
-        known_items = max(known_items, i + 1)
+    for n in range(len(data)):
+        user, item, index = data.user_ids[n], data.item_ids[n], int(item_index[n])
+        history = seen.setdefault(user, [])
+        cold[n] = counts[index] < cold_count
+        if state is not None:
+            model = state.model
+            row = model.items.ids.get(item)
+            if row is not None and len(model.items) > K:
+                evaluated[n] = True
+                if row not in history:  # a repeat can never be a hit once seen items are excluded
+                    user_row = model.users.ids.get(user)
+                    vector = (model.query_vectors(np.array([user_row]), int(data.timestamps[n]))[0]
+                              if user_row is not None else np.zeros(model.config.dim, np.float32))
+                    scores = model.items.vectors @ vector + model.ranking_biases()
+                    hits[n], gains[n] = _hit_and_gain(scores, row, np.asarray(history, dtype=np.int64))
+            batch_users = model.users.rows(data.user_ids[n:n + 1])
+            batch_items = model.items.rows(data.item_ids[n:n + 1])
+            model.learn_rows(batch_users, batch_items, no_rating, data.weights[n:n + 1], None,
+                             data.timestamps[n:n + 1])
+            row = int(batch_items[0])
+            if item_metadata and (n + 1) % refresh_every == 0:
+                state.refresh_cold_items(cold_count)
+        else:
+            row = index
+            if index < known_items:
+                evaluated[n] = True
+                if index not in history:
+                    hits[n], gains[n] = _hit_and_gain(counts[:known_items], index, np.asarray(history, dtype=np.int64))
+            known_items = max(known_items, index + 1)
+        counts[index] += 1.0
+        if row not in history:
+            history.append(row)
     seconds = time.perf_counter() - started
     count = max(int(evaluated.sum()), 1)
     hit_rate = float(hits[evaluated].sum() / count)
     return EvalResult({"events": len(data), "events_evaluated": int(evaluated.sum()),
                        "events_per_s": len(data) / seconds, "hit_rate@10": hit_rate,
-                       "ndcg@10": float(gains[evaluated].sum() / count), "recall@10": hit_rate},
+                       "ndcg@10": float(gains[evaluated].sum() / count), "recall@10": hit_rate,
+                       "cold_events": int(cold.sum()),
+                       "hit_rate@10_cold": float(hits[cold].sum() / max(int(cold.sum()), 1))},
                       hits[evaluated])
 
 

@@ -63,6 +63,7 @@ class OnlineMF:
         self._negative_pool_state = np.zeros(2, dtype=np.int64)  # write position, filled
         self._item_seq = np.zeros(1024, dtype=np.int64)  # model version of each item's last change
         self._implicit_count = np.zeros(1024, dtype=np.int64)  # implicit events per item
+        self._item_events = np.zeros(1024, dtype=np.int64)  # events of any kind per item
         self._short = np.zeros((1024, config.dim), dtype=np.float32)  # per user: recent-items vector
         self._short_ts = np.zeros(1024, dtype=np.int64)  # per user: event time of that vector
         self.model_version = 0
@@ -108,16 +109,13 @@ class OnlineMF:
         if n_users > len(self._short_ts):
             self._short = _grown(self._short, n_users)
             self._short_ts = _grown(self._short_ts, n_users)
-        n_items = len(self.items)
-        if n_items > len(self._item_seq):
-            self._item_seq = _grown(self._item_seq, n_items)
-            self._implicit_count = _grown(self._implicit_count, n_items)
+        self._fit_item_arrays()
         self.model_version += 1
         P, bu = self.users.storage
         Q, bi = self.items.storage
         cfg = self.config
         loss = sgd_batch(
-            P, Q, bu, bi, self._item_seq,
+            P, Q, bu, bi, self._item_seq, self._item_events,
             user_rows, item_rows,
             np.ascontiguousarray(ratings, dtype=np.float32),
             np.ascontiguousarray(weights, dtype=np.float32),
@@ -129,6 +127,27 @@ class OnlineMF:
         )
         self.events_applied += len(user_rows)
         return float(loss)
+
+    def _fit_item_arrays(self) -> None:
+        n_items = len(self.items)
+        if n_items > len(self._item_seq):
+            self._item_seq = _grown(self._item_seq, n_items)
+            self._implicit_count = _grown(self._implicit_count, n_items)
+            self._item_events = _grown(self._item_events, n_items)
+
+    def interaction_counts(self, item_rows: np.ndarray) -> np.ndarray:
+        """Events (of any kind) learned so far on each of ``item_rows``."""
+        self._fit_item_arrays()
+        return self._item_events[item_rows]
+
+    def set_item_rows(self, item_rows: np.ndarray, vectors: np.ndarray, biases: np.ndarray) -> None:
+        """Overwrite items' vectors and biases (e.g. from content); they count as changed."""
+        self._fit_item_arrays()
+        self.model_version += 1
+        Q, bi = self.items.storage
+        Q[item_rows] = vectors
+        bi[item_rows] = biases
+        self._item_seq[item_rows] = self.model_version
 
     # -- state ------------------------------------------------------------------------------
 
@@ -144,6 +163,7 @@ class OnlineMF:
             "negative_pool_state": self._negative_pool_state,
             "item_seq": self._item_seq[:n_items],
             "implicit_count": self._implicit_count[:n_items],
+            "item_events": self._item_events[:n_items],
             "short_vectors": self._short[: len(self.users)],
             "short_ts": self._short_ts[: len(self.users)],
             "counters": np.array([self.model_version, self.events_applied], dtype=np.int64),
@@ -164,6 +184,7 @@ class OnlineMF:
         n_items = len(self.items)
         self._item_seq = _grown(np.array(arrays["item_seq"], dtype=np.int64), max(n_items, 1024))
         self._implicit_count = _grown(np.array(arrays["implicit_count"], dtype=np.int64), max(n_items, 1024))
+        self._item_events = _grown(np.array(arrays["item_events"], dtype=np.int64), max(n_items, 1024))
         n_users = len(self.users)
         self._short = _grown(np.array(arrays["short_vectors"], dtype=np.float32).reshape(-1, self.config.dim),
                              max(n_users, 1024))
@@ -172,6 +193,7 @@ class OnlineMF:
 
     def items_changed_since(self, model_version: int) -> np.ndarray:
         """Rows of items whose vector or bias moved after ``model_version``."""
+        self._fit_item_arrays()
         return np.flatnonzero(self._item_seq[: len(self.items)] > model_version)
 
     def query_vectors(self, user_rows: np.ndarray, now_ms: int | np.ndarray = 0) -> np.ndarray:
@@ -199,6 +221,7 @@ class OnlineMF:
         index built with it is stale exactly for the items that changed.
         """
         n = len(self.items)
+        self._fit_item_arrays()
         counts = self._implicit_count[:n] if rows is None else self._implicit_count[rows]
         biases = self.items.biases if rows is None else self.items.biases[rows]
         return biases + np.log1p(counts).astype(np.float32)

@@ -82,7 +82,7 @@ def _step(P, Q, bu, bi, u, j, g, lr, reg, user_bias):
 
 @njit(cache=True, nogil=True)
 def sgd_batch(
-    P, Q, bu, bi, item_seq,
+    P, Q, bu, bi, item_seq, item_events,
     users, items, ratings, weights,
     implicit_count, mean_state, rng_state, recent_items, recent_state,
     lr, reg, n_negatives, seq, predictions,
@@ -104,7 +104,8 @@ def sgd_batch(
     (see ``OnlineMF.ranking_biases``). ``recent_state`` holds [next write
     position, number filled] of the ring buffer.
 
-    ``item_seq[i]`` is set to ``seq`` for every item whose row moved.
+    ``item_seq[i]`` is set to ``seq`` for every item whose row moved;
+    ``item_events[i]`` counts the events of any kind on item i.
     ``predictions[e]`` receives the model's output for event e *before* learning
     from it (the rating estimate, or the implicit score): prequential evaluation
     reads it.
@@ -124,6 +125,7 @@ def sgd_batch(
         i = items[e]
         r = ratings[e]
         item_seq[i] = seq
+        item_events[i] += 1
         dot = 0.0
         for f in range(dim):
             dot += P[u, f] * Q[i, f]

@@ -155,6 +155,23 @@ def _load_interactions(args: argparse.Namespace, config: ServiceConfig):
     return data, rejected
 
 
+def _read_item_metadata(path: str) -> dict[str, tuple[dict | None, str | None]]:
+    """``{"item_id", "features", "text"}`` JSON lines (the item-metadata topic's format)."""
+    import orjson
+
+    out: dict[str, tuple[dict | None, str | None]] = {}
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = orjson.loads(line)
+                out[str(item["item_id"])] = (item.get("features"), item.get("text"))
+            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                raise ConfigError(f"--item-metadata: {path} line {n}: {exc}") from exc
+    return out
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -162,6 +179,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     config = _config(args, {})
     data, rejected = _load_interactions(args, config)
+    metadata = _read_item_metadata(args.item_metadata) if args.item_metadata else None
     results: dict[str, ev.EvalResult] = {}
     if args.protocol == "split":
         train, held = ev.user_split(data, args.test_fraction, seed=args.seed)
@@ -178,8 +196,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             results["baseline"] = ev.river_biasedmf(data)
             baseline_name = "river reco.BiasedMF (documented MovieLens set-up)"
     else:
-        results["recstream"] = ev.prequential_implicit(data, config.model, "model")
-        if args.baseline != "none":
+        results["recstream"] = ev.prequential_implicit(data, config.model, "model", metadata)
+        if metadata is not None and args.baseline != "none":
+            results["baseline"] = ev.prequential_implicit(data, config.model, "model")
+            baseline_name = "the same model without item metadata"
+        elif args.baseline != "none":
             results["baseline"] = ev.prequential_implicit(data, config.model, "popularity")
             baseline_name = "popularity so far (river has no implicit recommender)"
     if args.baseline == "none":
@@ -190,14 +211,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
            else {}, "baseline_name": baseline_name}
     if "baseline" in results:
         out["baseline"] = results["baseline"].as_dict()
-    keys = [k for k in ("mae", "rmse", "hit_rate@10", "ndcg@10", "recall@10", "events", "events_per_s")
+    keys = [k for k in ("mae", "rmse", "hit_rate@10", "ndcg@10", "recall@10", "hit_rate@10_cold", "events",
+                        "events_per_s")
             if k in results["recstream"].metrics]
-    print(f"{'metric':<14} {'recstream':>12} {'baseline':>12}   ({baseline_name})")
+    print(f"{'metric':<17} {'recstream':>12} {'baseline':>12}   ({baseline_name})")
     for key in keys:
         mine = results["recstream"].metrics[key]
         theirs = results["baseline"].metrics.get(key) if "baseline" in results else None
         fmt = (lambda v: f"{v:12,.0f}") if key in ("events", "events_per_s") else (lambda v: f"{v:12.4f}")
-        print(f"{key:<14} {fmt(mine)} {fmt(theirs) if theirs is not None else '':>12}")
+        print(f"{key:<17} {fmt(mine)} {fmt(theirs) if theirs is not None else '':>12}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(out, f, indent=2, default=str)
@@ -342,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--test-fraction", type=float, default=0.2)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--weight-transform", choices=("none", "log1p"), default="none")
+    evaluate.add_argument("--item-metadata", help="item metadata JSON lines ({item_id, features, text}): content "
+                                                  "vectors for cold items; the baseline is then the model without it")
     evaluate.add_argument("--baseline", choices=("default", "none"), default="default")
     evaluate.add_argument("--json-out")
     evaluate.add_argument("--plot", help="PNG of the metric over the stream (needs matplotlib)")

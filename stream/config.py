@@ -31,6 +31,8 @@ class TopicsConfig:
     # Where to start reading a partition the checkpoint knows nothing of:
     # "committed" (the group's offset, else auto.offset.reset), "earliest", "latest", or epoch ms.
     start_from: str = "committed"
+    # Optional topic of item metadata ({"item_id", "features", "text"}): content vectors for cold items.
+    item_metadata: str = ""
 
     @property
     def dlq(self) -> str:
@@ -71,6 +73,14 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class ContentConfig:
+    """Cold-start items from their metadata (used when topics.item_metadata is set)."""
+
+    refresh_interval_s: float = 60.0  # refit features -> vectors and refresh cold items this often
+    cold_count: int = 5  # items with fewer events than this take their content vector
+
+
+@dataclass(frozen=True)
 class MonitorConfig:
     """When to say "retrain/reindex recommended"."""
 
@@ -97,6 +107,7 @@ class ServiceConfig:
     output: OutputConfig = OutputConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     monitor: MonitorConfig = MonitorConfig()
+    content: ContentConfig = ContentConfig()
     loop: LoopConfig = LoopConfig()
     state_dir: str = ""
 
@@ -113,6 +124,7 @@ _SECTIONS = {
     "output": OutputConfig,
     "checkpoint": CheckpointConfig,
     "monitor": MonitorConfig,
+    "content": ContentConfig,
     "loop": LoopConfig,
 }
 
@@ -150,6 +162,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "output.flush_interval_s": (lambda v: v > 0, "a positive number of seconds"),
     "output.max_pending_users": (lambda v: v >= 1, "a positive integer"),
     "output.delivery_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
+    "content.refresh_interval_s": (lambda v: v > 0, "a positive number of seconds"),
+    "content.cold_count": (lambda v: v >= 1, "a positive integer"),
     "monitor.adwin_delta": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "monitor.item_drift_threshold": (lambda v: 0 < v <= 2, "a cosine distance in (0, 2]"),
     "loop.batch_size": (lambda v: 1 <= v <= 1_000_000, "an integer from 1 to 1000000"),

@@ -74,6 +74,8 @@ class ServiceStats:
     loss_mean: float = 0.0  # ADWIN's estimate of the prequential loss per event
     loss_drifts: int = 0  # times the loss rose significantly: retrain recommended
     item_drift: float = 0.0  # mean cosine distance of item vectors between the last two index builds
+    item_metadata: int = 0  # item metadata messages applied
+    cold_items_refreshed: int = 0  # cold items given content vectors (all refreshes)
     assigned: list[tuple[str, int]] = field(default_factory=list)
     started_at: float = field(default_factory=time.monotonic)
 
@@ -126,6 +128,7 @@ class RecStreamService:
         self._retrying_delivery = False
         self._next_flush = time.monotonic() + out.flush_interval_s
         self._next_checkpoint = time.monotonic() + config.checkpoint.interval_s
+        self._next_content_refresh = 0.0
         self._state_changed = False  # anything applied or skipped since the last checkpoint
         self._checkpointed_events = self.model.events_applied
         self.consumer: Consumer | None = None
@@ -163,8 +166,8 @@ class RecStreamService:
         topics = self.config.topics
         metadata = self.producer.list_topics(timeout=30)
         for field_name, topic in (("topics.input", topics.input), ("topics.output", topics.output),
-                                  ("topics.dead_letter", topics.dlq)):
-            if topic not in metadata.topics:
+                                  ("topics.dead_letter", topics.dlq), ("topics.item_metadata", topics.item_metadata)):
+            if topic and topic not in metadata.topics:
                 raise ConfigError(f"{field_name}: topic {topic!r} does not exist on "
                                   f"{self.config.bootstrap_servers} (create it, e.g. `recstream topics`)")
 
@@ -179,8 +182,9 @@ class RecStreamService:
         self.producer = Producer(producer_cfg)
         self._check_topics()
         self.consumer = Consumer(consumer_cfg)
+        topics = [self.config.topics.input] + [t for t in [self.config.topics.item_metadata] if t]
         self.consumer.subscribe(
-            [self.config.topics.input], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+            topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
         self.refresher.start()
         loop = self.config.loop
@@ -216,6 +220,12 @@ class RecStreamService:
                     if err.fatal():
                         raise KafkaException(err)
                     log.warning("consumer error: %s", err)
+        metadata_topic = self.config.topics.item_metadata
+        if metadata_topic and good:
+            metadata = [m for m in good if m.topic() == metadata_topic]
+            if metadata:
+                good = [m for m in good if m.topic() != metadata_topic]
+                self._apply_metadata(metadata)
         if not good:
             return
         values = [m.value() for m in good]
@@ -231,8 +241,8 @@ class RecStreamService:
                 stamps[n] = good[batch.positions[n]].timestamp()[1]
             partitions = np.fromiter((m.partition() for m in good), dtype=np.int64, count=len(good))
             with self.model_lock:
-                user_rows, _, loss = self.state.apply(batch, topic, partitions[batch.positions])
-            if self.loss_drift.update(loss):
+                user_rows, _, losses = self.state.apply(batch, topic, partitions[batch.positions])
+            if self.loss_drift.update(losses):
                 before, after = self.loss_drift.last_change
                 self.stats.loss_drifts += 1
                 log.warning("drift: prequential loss rose from %.4f to %.4f per event (ADWIN); "
@@ -244,10 +254,41 @@ class RecStreamService:
             self.stats.events_applied += len(batch)
             self.stats.last_event_ts = max(self.stats.last_event_ts, int(stamps.max()))
             self.refresher.poke()
-        self.state.advance({f"{topic}/{p}": o for p, o in next_offsets.items()})
-        self._uncommitted.update({(topic, p): o for p, o in next_offsets.items()})
-        self._state_changed = True
+        self._advance({(topic, p): o for p, o in next_offsets.items()})
         self.stats.messages += len(good)  # last: a reader seeing the count sees the batch applied
+
+    def _advance(self, next_offsets: dict[tuple[str, int], int]) -> None:
+        self.state.advance({f"{t}/{p}": o for (t, p), o in next_offsets.items()})
+        self._uncommitted.update(next_offsets)
+        self._state_changed = True
+
+    def _apply_metadata(self, messages: list[Message]) -> None:
+        """Item metadata (``{"item_id", "features", "text"}``) from the metadata topic; bad ones to the DLQ."""
+        ids, features, texts = [], [], []
+        for m in messages:
+            try:
+                item = orjson.loads(m.value()) if m.value() is not None else None
+                if item.__class__ is not dict:
+                    raise ValueError("not a JSON object")
+                item_id = item.get("item_id")
+                if item_id.__class__ not in (str, int) or item_id == "" or isinstance(item_id, bool):
+                    raise ValueError("item_id must be a non-empty string or an integer")
+                if item.get("features") is not None and item["features"].__class__ is not dict:
+                    raise ValueError("features must be an object")
+                if item.get("text") is not None and item["text"].__class__ is not str:
+                    raise ValueError("text must be a string")
+            except (ValueError, AttributeError, orjson.JSONDecodeError) as exc:
+                self._dead_letter(m, f"bad item metadata: {exc}")
+                continue
+            ids.append(str(item_id))
+            features.append(item.get("features"))
+            texts.append(item.get("text"))
+        if ids:
+            with self.model_lock:
+                self.state.set_item_metadata(ids, features, texts)
+            self.stats.item_metadata += len(ids)
+        self._advance({(m.topic(), m.partition()): m.offset() + 1 for m in messages})
+        self.stats.messages += len(messages)
 
     def _dead_letter(self, message: Message, reason: str) -> None:
         headers = [
@@ -301,8 +342,20 @@ class RecStreamService:
         else:
             self._commit(dict(self._uncommitted))
         self._report_item_drift()
+        self._refresh_content()
         if self.on_flush is not None:
             self.on_flush(self)
+
+    def _refresh_content(self) -> None:
+        if not self.config.topics.item_metadata or time.monotonic() < self._next_content_refresh:
+            return
+        self._next_content_refresh = time.monotonic() + self.config.content.refresh_interval_s
+        with self.model_lock:
+            refreshed = self.state.refresh_cold_items(self.config.content.cold_count)
+        if refreshed:
+            self.stats.cold_items_refreshed += refreshed
+            self._state_changed = True
+            log.info("content vectors for %d cold item(s)", refreshed)
 
     def _report_item_drift(self) -> None:
         current = self.refresher.current

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recstream.embeddings.content import ContentProjector, ItemContent, metadata_features, refresh_cold_items
 from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import MFConfig, OnlineMF
 from recstream.stream.checkpoint import Checkpoint, CheckpointStore, IncompatibleCheckpoint
@@ -33,6 +34,8 @@ class RecState:
     def __init__(self, config: MFConfig, history_per_user: int = 500) -> None:
         self.model = OnlineMF(config)
         self.history = InteractionHistory(history_per_user)
+        self.content = ItemContent()
+        self.projector = ContentProjector()
         self.positions: dict[str, int] = {}  # next offset to read
         self.applied: dict[str, int] = {}  # valid events applied to the model
         self.index_version = 0
@@ -59,6 +62,18 @@ class RecState:
         losses = np.where(explicit, (batch.ratings - predictions) ** 2, np.logaddexp(0.0, -predictions))
         return users, items, losses
 
+    def set_item_metadata(self, item_ids: list[str], features: list[dict | None], texts: list[str | None]) -> None:
+        """Record items' content features (items are created if new)."""
+        rows = self.model.items.rows(item_ids)
+        for row, feats, text in zip(rows.tolist(), features, texts):
+            self.content.set(row, metadata_features(feats, text))
+
+    def refresh_cold_items(self, min_count: int = 5) -> int:
+        """Content vectors for items with fewer than ``min_count`` events (see embeddings.content)."""
+        if not len(self.content):
+            return 0
+        return refresh_cold_items(self.model, self.content, self.projector, min_count)
+
     def advance(self, positions: dict[str, int]) -> None:
         self.positions.update(positions)
 
@@ -68,6 +83,7 @@ class RecState:
         """A consistent copy of the state (arrays and metadata), safe to write from another thread."""
         arrays = {f"model.{k}": np.array(v, copy=True) for k, v in self.model.state_arrays().items()}
         arrays.update({f"history.{k}": v for k, v in self.history.to_arrays().items()})
+        arrays.update({f"content.{k}": v for k, v in self.content.to_arrays().items()})
         meta = {
             "model_config": asdict(self.model.config),
             "positions": dict(self.positions),
@@ -96,6 +112,8 @@ class RecState:
         arrays = checkpoint.arrays
         state.model.load_state_arrays({k[6:]: v for k, v in arrays.items() if k.startswith("model.")})
         state.history.load_arrays({k[8:]: v for k, v in arrays.items() if k.startswith("history.")})
+        if "content.items" in arrays:
+            state.content.load_arrays({k[8:]: v for k, v in arrays.items() if k.startswith("content.")})
         state.positions = {k: int(v) for k, v in checkpoint.meta.get("positions", {}).items()}
         state.applied = {k: int(v) for k, v in checkpoint.meta.get("applied", {}).items()}
         state.index_version = int(checkpoint.meta.get("index_version", 0))
