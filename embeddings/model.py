@@ -22,7 +22,7 @@ class MFConfig:
     """Hyper-parameters of :class:`OnlineMF` (the ``[model]`` config section)."""
 
     dim: int = 32
-    learning_rate: float = 0.05
+    learning_rate: float = 0.08
     regularization: float = 0.002
     n_negatives: int = 4
     init_std: float = 0.1

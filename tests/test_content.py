@@ -95,7 +95,8 @@ def test_metadata_topic_feeds_cold_items_in_the_service(kafka_bootstrap, topics)
 
     metadata_topic = topics["input"] + "-items"
     create_topics(kafka_bootstrap, {metadata_topic: 1})
-    events = [event(f"u{n % 40}", f"i{n % 30}") for n in range(3000)]
+    # Two groups of users with different tastes: u0-u19 click genre g0 items, u20-u39 genre g1 items.
+    events = [event(f"u{n % 20 + 20 * (n % 2)}", f"i{3 * ((n // 2) % 10) + n % 2}") for n in range(3000)]
     produce(kafka_bootstrap, topics["input"], events)
     items = [(f"i{n}".encode(), orjson.dumps({"item_id": f"i{n}", "features": {"genres": [f"g{n % 3}"]}}))
              for n in range(30)]
