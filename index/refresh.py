@@ -69,7 +69,13 @@ class IndexRefresher:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.config = config
         self.current: BuiltIndex | None = None
-        self.next_version = first_version  # continues across restarts: versions only grow
+        # Versions only grow, across restarts too: past the checkpoint's and any file left behind.
+        leftovers = list(self.directory.glob("items-v*"))
+        built = [int(p.name[len("items-v"):].split(".")[0]) for p in leftovers
+                 if p.name[len("items-v"):].split(".")[0].isdigit()]
+        self.next_version = max([first_version, *(v + 1 for v in built)])
+        for path in leftovers:  # an earlier run's indexes: nobody maps them any more
+            path.unlink(missing_ok=True)
         self.builds = 0
         self.failures = 0
         self.item_drift = 0.0  # mean cosine distance of item vectors between the last two builds
@@ -104,7 +110,8 @@ class IndexRefresher:
             return current.model_version < self.model.model_version
         if age < self.config.min_rebuild_interval_s:
             return False
-        changed = len(self.model.items_changed_since(current.model_version))
+        with self.model_lock:  # the consumer may be growing the arrays this reads
+            changed = len(self.model.items_changed_since(current.model_version))
         return changed > self.config.rebuild_changed_fraction * n_items
 
     def _run(self) -> None:

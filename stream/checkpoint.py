@@ -100,6 +100,22 @@ class CheckpointStore:
             self._remove(old_meta)
         return meta_path
 
+    def record_commit(self, offsets: dict[str, int]) -> None:
+        """Remember the offsets this state dir committed to its group (merged with earlier ones).
+
+        On assign a group offset equal to ours is known to be ours, not another
+        member's progress: after falling back to an older checkpoint, the events
+        since it are then read again instead of skipped.
+        """
+        merged = {**self.last_commits(), **offsets}
+        _write_atomically(self.directory / "commits.json", lambda f: f.write(json.dumps(merged).encode()))
+
+    def last_commits(self) -> dict[str, int]:
+        try:
+            return {k: int(v) for k, v in json.loads((self.directory / "commits.json").read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            return {}
+
     def _remove(self, meta_path: Path) -> None:
         meta_path.unlink(missing_ok=True)
         meta_path.with_suffix(".npz").unlink(missing_ok=True)

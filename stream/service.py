@@ -129,6 +129,7 @@ class RecStreamService:
         self._next_flush = time.monotonic() + out.flush_interval_s
         self._next_checkpoint = time.monotonic() + config.checkpoint.interval_s
         self._next_content_refresh = 0.0
+        self._commit_floor: dict[tuple[str, int], int] = {}  # where each partition resumed at assign
         self._state_changed = False  # anything applied or skipped since the last checkpoint
         self._checkpointed_events = self.model.events_applied
         self.consumer: Consumer | None = None
@@ -186,7 +187,8 @@ class RecStreamService:
         self.consumer.subscribe(
             topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
-        self.refresher.start()
+        if self.config.output.publish:  # learn-only runs (backfills) query no index: do not build one
+            self.refresher.start()
         loop = self.config.loop
         log.info("consuming %s as group %s", self.config.topics.input, self.config.topics.group_id)
         try:
@@ -322,17 +324,22 @@ class RecStreamService:
 
     # -- publishing, checkpointing and committing ----------------------------------------------
 
-    def flush(self, checkpoint: bool = False) -> None:
+    def flush(self, checkpoint: bool = False, patient: bool = True) -> bool:
         """Publish updates for the users touched since the last flush, deliver, then commit.
 
         With a state dir, offsets are committed only together with a checkpoint
-        (when one is due, or ``checkpoint`` is set).
+        (when one is due, or ``checkpoint`` is set). ``patient=False`` (inside a
+        rebalance callback) tries delivery once instead of retrying. Returns
+        False if output was left undelivered, and so nothing was committed.
         """
         self._next_flush = time.monotonic() + self.config.output.flush_interval_s
-        if self._pending_users:
+        # Events applied while deliveries were retried add users to publish: loop until none are left.
+        while self._pending_users:
             self._publish_updates()
-        if not self._deliver_all():
-            return  # stopping with undelivered output: leave the offsets uncommitted
+            if not self._deliver_all(patient):
+                return False  # leave the offsets uncommitted
+        if not self._deliver_all(patient):
+            return False
         if self.store is not None:
             self._collect_checkpoint()
             due = (time.monotonic() >= self._next_checkpoint
@@ -345,6 +352,7 @@ class RecStreamService:
         self._refresh_content()
         if self.on_flush is not None:
             self.on_flush(self)
+        return True
 
     def _refresh_content(self) -> None:
         if not self.config.topics.item_metadata or time.monotonic() < self._next_content_refresh:
@@ -405,7 +413,9 @@ class RecStreamService:
         self.stats.checkpoints += 1
         log.info("checkpoint %s: %d events (snapshot %.2fs)", path.name, events, self.stats.last_checkpoint_s)
         assigned = set(self.stats.assigned)
-        self._commit({tp: offset for tp, offset in covered.items() if tp in assigned})
+        # Only for partitions still ours, and never behind where they resumed since the snapshot.
+        self._commit({tp: offset for tp, offset in covered.items()
+                      if tp in assigned and offset >= self._commit_floor.get(tp, 0)})
 
     def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
         if not offsets:
@@ -418,6 +428,8 @@ class RecStreamService:
             # already holds these offsets; without one the events will be read again.
             log.warning("commit failed (%s); will retry with the next flush", exc.args[0])
             return
+        if self.store is not None:
+            self.store.record_commit({f"{t}/{p}": o for (t, p), o in offsets.items()})
         for tp, offset in offsets.items():
             if self._uncommitted.get(tp) == offset:
                 del self._uncommitted[tp]
@@ -449,12 +461,14 @@ class RecStreamService:
             self._produce(topic, user_id.encode(), value)
         self.stats.updates_published += len(recommendations)
 
-    def _deliver_all(self) -> bool:
+    def _deliver_all(self, patient: bool = True) -> bool:
         """Wait until everything produced is delivered, re-producing failures with backoff.
 
         While deliveries fail, consumption is paused but the consumer keeps
         polling, so it stays in its group instead of being timed out of it.
-        Returns False only if asked to stop while deliveries still fail.
+        Returns False if asked to stop while deliveries still fail, or at the
+        first failure when not ``patient``: failed messages stay queued for the
+        next flush.
         """
         backoff = 0.5
         paused = False
@@ -463,6 +477,10 @@ class RecStreamService:
                 remaining = self.producer.flush(self.config.output.delivery_timeout_s)
                 if remaining == 0 and not self._failed:
                     return True
+                if not patient:
+                    log.warning("%d message(s) undelivered, %d failed; offsets not committed",
+                                remaining, len(self._failed))
+                    return False
                 failed, self._failed = self._failed, []
                 if self.stop.is_set() and backoff > 0.5:
                     log.error("stopping with %d undelivered message(s); offsets not committed",
@@ -500,7 +518,9 @@ class RecStreamService:
     def _replace_producer(self) -> None:
         # A fatal error (e.g. a fenced idempotent producer) ends a producer instance for good.
         log.warning("producer hit a fatal error; starting a new one")
-        self.producer.purge()
+        old = self.producer
+        old.purge()
+        old.flush(0)  # serves the purged messages' delivery reports: they join _failed and are re-sent
         self.producer = Producer(self._client_configs()[1])
         self._producer_fatal = False
 
@@ -508,17 +528,20 @@ class RecStreamService:
 
     def _start_offsets(self, partitions: list[TopicPartition]) -> None:
         """Set where each newly assigned partition resumes (in place)."""
-        committed = {(tp.topic, tp.partition): tp.offset
-                     for tp in self.consumer.committed(partitions, timeout=30)}
+        committed = {(tp.topic, tp.partition): tp.offset for tp in self.consumer.committed(partitions, timeout=30)}
+        our_commits = self.store.last_commits() if self.store is not None else {}
         start = self.config.topics.start_from
         unknown = []
         for tp in partitions:
-            position = self.state.positions.get(f"{tp.topic}/{tp.partition}")
+            key = f"{tp.topic}/{tp.partition}"
+            position = self.state.positions.get(key)
             group_offset = committed.get((tp.topic, tp.partition), -1)
+            ours = our_commits.get(key) == group_offset
             if position is not None:
-                # Another member may have gone further while it owned the partition: its events
-                # are in its own state, not to be applied here again.
-                tp.offset = max(position, group_offset)
+                # Our own commit never outranks our state (after falling back to an older
+                # checkpoint, the events since it must be read again). Another member's may:
+                # it went further while it owned the partition, and those events are in its state.
+                tp.offset = position if ours else max(position, group_offset)
             elif start == "earliest":
                 tp.offset = OFFSET_BEGINNING
             elif start == "latest":
@@ -531,6 +554,11 @@ class RecStreamService:
             by_key = {(tp.topic, tp.partition): tp.offset for tp in found}
             for tp in unknown:
                 tp.offset = by_key[(tp.topic, tp.partition)]
+        for tp in partitions:
+            if tp.offset >= 0:
+                # The state continues from here: checkpoints and commits must not go back before it.
+                self.state.positions[f"{tp.topic}/{tp.partition}"] = tp.offset
+                self._commit_floor[(tp.topic, tp.partition)] = tp.offset
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._start_offsets(partitions)
@@ -539,6 +567,9 @@ class RecStreamService:
             consumer.incremental_assign(partitions)
         else:
             consumer.assign(partitions)
+        if self._retrying_delivery:
+            # Output is down: read nothing new until it is back (resumed in _deliver_all).
+            consumer.pause(partitions)
         self.stats.assigned = sorted(set(self.stats.assigned) | {(p.topic, p.partition) for p in partitions})
         log.info("assigned %s", [f"{p.topic}/{p.partition}@{p.offset}" for p in partitions])
 
@@ -548,8 +579,8 @@ class RecStreamService:
             # Output is down: nothing past the last commit may be committed. The next owner
             # reads these partitions from the committed offsets.
             log.warning("revoked while output deliveries fail: leaving their offsets uncommitted")
-        else:
-            self.flush(checkpoint=True)
+        elif not self.flush(checkpoint=True, patient=False):
+            log.warning("revoked with output undelivered: leaving their offsets uncommitted")
         gone = {(p.topic, p.partition) for p in partitions}
         for tp in gone:
             self._uncommitted.pop(tp, None)

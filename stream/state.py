@@ -110,7 +110,11 @@ class RecState:
                 log.warning("model.%s changed from %r (checkpoint) to %r", key, value, getattr(config, key))
         state = cls(config, history_per_user)
         arrays = checkpoint.arrays
-        state.model.load_state_arrays({k[6:]: v for k, v in arrays.items() if k.startswith("model.")})
+        try:
+            state.model.load_state_arrays({k[6:]: v for k, v in arrays.items() if k.startswith("model.")})
+        except KeyError as exc:
+            raise IncompatibleCheckpoint(f"checkpoint {checkpoint.path} lacks {exc.args[0]!r}: it was written by an "
+                                         "older version of recstream (use a new state dir)") from exc
         state.history.load_arrays({k[8:]: v for k, v in arrays.items() if k.startswith("history.")})
         if "content.items" in arrays:
             state.content.load_arrays({k[8:]: v for k, v in arrays.items() if k.startswith("content.")})

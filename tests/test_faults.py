@@ -308,3 +308,26 @@ def test_sigterm_under_load_checkpoints_commits_and_exits(kafka_bootstrap, tmp_p
     for path in (tmp_path / "state").rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_falling_back_to_an_older_checkpoint_reads_the_lost_events_again(kafka_bootstrap, tmp_path):
+    topics = _topics(kafka_bootstrap, 1)
+    values = [v for _, v in SyntheticClickstream(n_users=300, n_items=100, seed=3).events(5000).messages()]
+    config = service_config(kafka_bootstrap, topics, **{"state_dir": str(tmp_path / "state"), "model.dim": DIM})
+    _produce_partitioned(kafka_bootstrap, topics["input"], values[:3000], 1)
+    with running(config) as service:
+        wait_for(lambda: service.stats.events_applied == 3000, what="first part")
+    _produce_partitioned(kafka_bootstrap, topics["input"], values[3000:], 1)
+    with running(config) as service:
+        wait_for(lambda: service.stats.events_applied == 2000, what="second part")
+    # The newest checkpoint (and the commit that followed it) covers 5000 events; damage it.
+    newest = sorted((tmp_path / "state" / "checkpoints").glob("ckpt-*.npz"))[-1]
+    newest.write_bytes(newest.read_bytes()[:100])
+    with running(config) as service:  # restores the older checkpoint (3000) and reads 3000.. again
+        wait_for(lambda: service.stats.events_applied == 2000, what="the lost events, again")
+    export_state(tmp_path / "state", tmp_path / "out.npz")
+    got = np.load(tmp_path / "out.npz")
+    assert got["events_applied"].tolist() == [5000] and got["offsets"].tolist() == [5000]
+    reference = RecState(MFConfig(dim=DIM))
+    reference.apply(EventDecoder(EventsConfig()).decode(values)[0])
+    np.testing.assert_array_equal(got["user_vectors"], reference.model.users.vectors)
