@@ -6,12 +6,12 @@ import numpy as np
 
 
 class InteractionHistory:
-    """The last ``max_per_user`` distinct items of each user, most recent last.
+    """The last ``max_per_user`` distinct items of each user, in order of first interaction.
 
     >>> h = InteractionHistory(max_per_user=2)
     >>> h.add(np.array([0, 0, 0, 0]), np.array([5, 6, 5, 7]))
     >>> list(h.items_of(0)), list(h.items_of(1))
-    ([5, 7], [])
+    ([6, 7], [])
     """
 
     def __init__(self, max_per_user: int = 500) -> None:
@@ -20,17 +20,16 @@ class InteractionHistory:
 
     def add(self, user_rows: np.ndarray, item_rows: np.ndarray) -> None:
         items = self._items
+        get = items.get
         limit = self.max_per_user
         for u, i in zip(user_rows.tolist(), item_rows.tolist()):
-            recent = items.get(u)
+            recent = get(u)
             if recent is None:
                 items[u] = {i: None}
-                continue
-            # Re-inserting moves the item to the end, so eviction drops the oldest.
-            recent.pop(i, None)
-            recent[i] = None
-            if len(recent) > limit:
-                del recent[next(iter(recent))]
+            elif i not in recent:
+                recent[i] = None
+                if len(recent) > limit:  # forget the item first interacted with longest ago
+                    del recent[next(iter(recent))]
 
     def items_of(self, user_row: int) -> dict[int, None]:
         """The user's recent items (a dict used as an ordered set)."""

@@ -42,8 +42,7 @@ def test_valid_events_become_arrays():
     (b'{"user_id": 1.5, "item_id": "b"}', "user_id must be a string or an integer, got float"),
     (b'{"user_id": {"x": 1}, "item_id": "b"}', "user_id must be a string or an integer, got dict"),
     (b'{"user_id": "aaaaaaaaaaaaaaaaaaaaaaaaa", "item_id": "b"}', "user_id longer than 20"),
-    # orjson reads integers beyond 64 bits as floats, so a huge numeric id is a type error
-    (b'{"user_id": 123456789012345678901234567890, "item_id": "b"}', "user_id must be a string or an integer, got float"),
+    (b'{"user_id": 123456789012345678901234567890, "item_id": "b"}', "user_id longer than 20"),
     (b'{"user_id": "a", "item_id": "b", "event_type": "teleport"}', "unknown event_type 'teleport'"),
     (b'{"user_id": "a", "item_id": "b", "event_type": 3}', "unknown event_type 3"),
     (b'{"user_id": "a", "item_id": "b", "rating": "5"}', "rating must be a number"),
