@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from recstream.embeddings.model import MFConfig
 from recstream.stream.checkpoint import CheckpointStore
 from recstream.stream.config import CheckpointConfig

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import numpy as np
 from confluent_kafka import Producer
-
 from recstream.embeddings.model import MFConfig, OnlineMF
 from recstream.stream.broker import EmbeddedBroker, create_topics
 from recstream.stream.config import load_config

@@ -16,7 +16,6 @@ import zlib
 from collections.abc import Iterable, Mapping
 
 import numpy as np
-
 from recstream.embeddings.ids import IdMap
 from recstream.embeddings.model import OnlineMF
 

@@ -54,12 +54,18 @@ class LossDriftDetector:
         return rose
 
 
-def mean_cosine_drift(previous: np.ndarray, current: np.ndarray) -> float:
+def mean_cosine_drift(previous: np.ndarray, current: np.ndarray, rows: np.ndarray | None = None) -> float:
     """Mean cosine distance between the rows two snapshots share (new rows are ignored).
+
+    ``rows`` (indices) limits it to those rows, e.g. the items that
+    had enough events to have left their random start: a young item's vector moves
+    a lot and says nothing about drift.
 
     >>> a = np.array([[1.0, 0.0], [0.0, 1.0]])
     >>> mean_cosine_drift(a, np.array([[1.0, 0.0], [1.0, 0.0], [5.0, 5.0]]))
     0.5
+    >>> mean_cosine_drift(a, np.array([[1.0, 0.0], [1.0, 0.0]]), rows=np.array([0]))
+    0.0
     """
     n = min(len(previous), len(current))
     if n == 0:
@@ -67,5 +73,9 @@ def mean_cosine_drift(previous: np.ndarray, current: np.ndarray) -> float:
     a, b = previous[:n].astype(np.float64), current[:n].astype(np.float64)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     ok = norms > 0
+    if rows is not None:
+        chosen = np.zeros(n, dtype=bool)
+        chosen[rows[rows < n]] = True
+        ok &= chosen
     cosine = np.einsum("ij,ij->i", a[ok], b[ok]) / norms[ok]
     return float(np.mean(1.0 - cosine)) if ok.any() else 0.0

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from recstream.embeddings.sgd import sgd_batch
 from recstream.embeddings.table import EmbeddingTable
 

@@ -6,7 +6,6 @@ import hashlib
 from collections.abc import Sequence
 
 import numpy as np
-
 from recstream.embeddings.ids import IdMap
 from recstream.embeddings.sgd import init_rows
 

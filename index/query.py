@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
-
 from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import OnlineMF
 from recstream.index.build import mips_query

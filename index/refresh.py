@@ -10,12 +10,15 @@ from pathlib import Path
 
 import numpy as np
 from annoy import AnnoyIndex
-
 from recstream.embeddings.drift import mean_cosine_drift
 from recstream.embeddings.model import OnlineMF
 from recstream.index.build import build_in_subprocess, mips_item_vectors
 
 log = logging.getLogger(__name__)
+
+# Item drift is measured on items with at least this many events: younger ones are still
+# leaving their random start, and their moves are learning, not drift.
+SETTLED_EVENTS = 50
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,9 @@ class IndexRefresher:
             model_version = self.model.model_version
             vectors = self.model.items.vectors.copy()
             biases = self.model.ranking_biases()
+            settled = np.flatnonzero(self.model.interaction_counts(np.arange(len(vectors))) >= SETTLED_EVENTS)
         if self._previous_vectors is not None:
-            self.item_drift = mean_cosine_drift(self._previous_vectors, vectors)
+            self.item_drift = mean_cosine_drift(self._previous_vectors, vectors, settled)
         self._previous_vectors = vectors
         points = mips_item_vectors(vectors, biases)
         version = self.next_version

@@ -116,7 +116,6 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def _load_interactions(args: argparse.Namespace, config: ServiceConfig):
     import numpy as np
-
     from recstream.embeddings.evaluate import Interactions
     from recstream.stream.events import EventDecoder
     from recstream.stream.replay import parse_columns, read_event_log
@@ -278,7 +277,6 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from confluent_kafka import Producer
-
     from recstream.stream.synthetic import SyntheticClickstream
 
     producer = Producer({"bootstrap.servers": args.bootstrap_servers, "linger.ms": 20, **dict(args.X or [])})

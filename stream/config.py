@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from recstream.embeddings.model import MFConfig
 from recstream.index.refresh import IndexConfig
 

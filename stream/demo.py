@@ -15,7 +15,6 @@ import time
 import numpy as np
 import orjson
 from confluent_kafka import Consumer, Producer
-
 from recstream.stream.broker import EmbeddedBroker, create_topics
 from recstream.stream.config import load_config
 from recstream.stream.service import RecStreamService

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 import orjson
-
 from recstream.stream.config import EventsConfig
 
 # Ratings are learned in float32; a bound far beyond any rating scale keeps every update finite.

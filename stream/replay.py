@@ -28,7 +28,6 @@ from typing import IO
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
-
 from recstream.stream.checkpoint import CheckpointStore
 from recstream.stream.events import EventDecoder
 from recstream.stream.state import RecState

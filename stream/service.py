@@ -43,7 +43,6 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-
 from recstream.embeddings.drift import LossDriftDetector
 from recstream.index.query import Recommender
 from recstream.index.refresh import IndexRefresher

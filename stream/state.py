@@ -12,7 +12,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-
 from recstream.embeddings.content import ContentProjector, ItemContent, metadata_features, refresh_cold_items
 from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import MFConfig, OnlineMF

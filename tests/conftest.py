@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -22,8 +22,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, Producer
-
+from confluent_kafka import Consumer, Producer, TopicPartition
 from recstream.stream.broker import EmbeddedBroker, create_topics
 from recstream.stream.config import ServiceConfig, load_config
 from recstream.stream.service import RecStreamService
@@ -77,7 +76,6 @@ def restartable_broker(tmp_path) -> Iterator[EmbeddedBroker]:
     in for S3, so a restart behaves like a Kafka broker restart.
     """
     import boto3
-
     from recstream.stream.broker import free_port
 
     s3_port = free_port()
@@ -201,6 +199,26 @@ def read_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 60.0) -
     finally:
         consumer.close()
     return out
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    """The group's committed offset per partition (-1001 where none)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, **FAST_GROUP})
+    try:
+        return {tp.partition: tp.offset for tp in
+                consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)}
+    finally:
+        consumer.close()
+
+
+def cli_run_args(bootstrap: str, topics: dict[str, str], group: str, *extra: str) -> list[str]:
+    """``recstream run`` as a user would start it, with the fast group settings of the tests."""
+    args = [sys.executable, "-m", "recstream.stream.cli", "run", "--bootstrap-servers", bootstrap,
+            "--input-topic", topics["input"], "--output-topic", topics["output"], "--dlq-topic", topics["dlq"],
+            "--group-id", group, *extra]
+    for key, value in FAST_GROUP.items():
+        args += ["-X", f"{key}={value}"]
+    return args
 
 
 def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition") -> None:

@@ -4,7 +4,6 @@ import logging
 
 import numpy as np
 import pytest
-
 from recstream.embeddings.model import MFConfig
 from recstream.stream.checkpoint import CheckpointStore, IncompatibleCheckpoint
 from recstream.stream.config import EventsConfig

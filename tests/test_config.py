@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-
 from recstream.stream.config import ConfigError, load_config
 
 

@@ -1,7 +1,6 @@
 """Content features: parsing, the feature-to-vector regression, and refreshing only cold items."""
 
 import numpy as np
-
 from recstream.embeddings.content import ContentProjector, ItemContent, metadata_features, refresh_cold_items
 from recstream.embeddings.model import MFConfig, OnlineMF
 from recstream.stream.checkpoint import CheckpointStore
@@ -88,7 +87,6 @@ def test_a_new_item_is_recommended_to_the_users_who_like_its_genres():
 
 def test_metadata_topic_feeds_cold_items_in_the_service(kafka_bootstrap, topics):
     import orjson
-
     from conftest import event, produce, read_all, running, service_config, wait_for
     from recstream.stream.broker import create_topics
     from recstream.stream.service import DLQ_REASON_HEADER

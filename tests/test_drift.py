@@ -2,14 +2,12 @@
 
 import logging
 
-import numpy as np
-
 from conftest import produce, running, service_config, wait_for
 from recstream.embeddings.drift import LossDriftDetector
+from recstream.embeddings.model import MFConfig
 from recstream.stream.config import EventsConfig
 from recstream.stream.events import EventDecoder
 from recstream.stream.state import RecState
-from recstream.embeddings.model import MFConfig
 from recstream.stream.synthetic import SyntheticClickstream
 
 

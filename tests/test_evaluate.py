@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from recstream.embeddings import evaluate as ev
 from recstream.embeddings.model import MFConfig
 

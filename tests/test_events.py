@@ -2,7 +2,6 @@
 
 import orjson
 import pytest
-
 from recstream.stream.config import EventsConfig
 from recstream.stream.events import EventDecoder
 

@@ -4,11 +4,9 @@ fuzzed input, SIGTERM under load. The state must be what an uninterrupted run wo
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -16,9 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-from confluent_kafka import Consumer, Producer, TopicPartition
-
-from conftest import FAST_GROUP, read_all, running, service_config, wait_for
+from confluent_kafka import Producer
+from conftest import cli_run_args, committed_offsets, read_all, running, service_config, wait_for
 from recstream.embeddings.model import MFConfig
 from recstream.stream.broker import create_topics
 from recstream.stream.config import EventsConfig
@@ -39,12 +36,8 @@ def _topics(bootstrap: str, partitions: int) -> dict[str, str]:
 
 
 def _start(bootstrap: str, topics: dict, group: str, state_dir: Path, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "recstream.stream.cli", "run", "--bootstrap-servers", bootstrap,
-            "--input-topic", topics["input"], "--output-topic", topics["output"], "--dlq-topic", topics["dlq"],
-            "--group-id", group, "--state-dir", str(state_dir), "--set", f"model.dim={DIM}",
-            "--set", "checkpoint.interval_s=0.5", "--set", "output.flush_interval_s=0.25", *extra]
-    for key, value in FAST_GROUP.items():
-        args += ["-X", f"{key}={value}"]
+    args = cli_run_args(bootstrap, topics, group, "--state-dir", str(state_dir), "--set", f"model.dim={DIM}",
+                        "--set", "checkpoint.interval_s=0.5", "--set", "output.flush_interval_s=0.25", *extra)
     log = open(state_dir.parent / f"{state_dir.name}.log", "ab")
     return subprocess.Popen(args, stdout=log, stderr=log)
 
@@ -101,16 +94,21 @@ def _kill_restart_until_done(bootstrap, topics, state_dir, total, kills, seed) -
             process.kill()
 
 
-def test_kill_9_on_one_partition_leaves_exactly_the_uninterrupted_state(kafka_bootstrap, tmp_path):
-    topics = _topics(kafka_bootstrap, 1)
-    values = [v for _, v in SyntheticClickstream(n_users=3000, n_items=1000, seed=5).events(200_000).messages()]
+def _stream_with_kills(bootstrap, tmp_path, partitions: int, seed: int) -> tuple[dict, list[bytes], np.lib.npyio.NpzFile]:
+    """200k events produced live while the consumer is killed 3 times; returns topics, events, export."""
+    topics = _topics(bootstrap, partitions)
+    values = [v for _, v in SyntheticClickstream(n_users=3000, n_items=1000, seed=seed).events(200_000).messages()]
     producer = threading.Thread(target=_produce_partitioned,
-                                args=(kafka_bootstrap, topics["input"], values, 1, 25_000))
+                                args=(bootstrap, topics["input"], values, partitions, 25_000))
     producer.start()
-    _kill_restart_until_done(kafka_bootstrap, topics, tmp_path / "state", len(values), kills=3, seed=11)
+    _kill_restart_until_done(bootstrap, topics, tmp_path / "state", len(values), kills=3, seed=seed + 6)
     producer.join()
     export_state(tmp_path / "state", tmp_path / "out.npz")
-    got = np.load(tmp_path / "out.npz")
+    return topics, values, np.load(tmp_path / "out.npz")
+
+
+def test_kill_9_on_one_partition_leaves_exactly_the_uninterrupted_state(kafka_bootstrap, tmp_path):
+    _, values, got = _stream_with_kills(kafka_bootstrap, tmp_path, partitions=1, seed=5)
 
     reference = RecState(MFConfig(dim=DIM))
     decoder = EventDecoder(EventsConfig())
@@ -131,16 +129,8 @@ def test_kill_9_on_one_partition_leaves_exactly_the_uninterrupted_state(kafka_bo
 
 
 def test_kill_9_on_many_partitions_applies_each_event_once(kafka_bootstrap, tmp_path):
-    topics = _topics(kafka_bootstrap, 3)
-    values = [v for _, v in SyntheticClickstream(n_users=3000, n_items=1000, seed=6).events(200_000).messages()]
+    topics, values, got = _stream_with_kills(kafka_bootstrap, tmp_path, partitions=3, seed=6)
     counts = [len(range(p, len(values), 3)) for p in range(3)]
-    producer = threading.Thread(target=_produce_partitioned,
-                                args=(kafka_bootstrap, topics["input"], values, 3, 25_000))
-    producer.start()
-    _kill_restart_until_done(kafka_bootstrap, topics, tmp_path / "state", len(values), kills=3, seed=12)
-    producer.join()
-    export_state(tmp_path / "state", tmp_path / "out.npz")
-    got = np.load(tmp_path / "out.npz")
     applied = dict(zip(got["partitions"].tolist(), got["events_applied"].tolist()))
     assert applied == {f"{topics['input']}/{p}": counts[p] for p in range(3)}
     assert int(got["events_applied_total"]) == len(values)
@@ -299,10 +289,8 @@ def test_sigterm_under_load_checkpoints_commits_and_exits(kafka_bootstrap, tmp_p
     producer.join()
     meta = _latest_meta(tmp_path / "state")
     assert meta["events_applied"] > 0  # the shutdown checkpoint
-    consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group, **FAST_GROUP})
-    committed = consumer.committed([TopicPartition(topics["input"], p) for p in range(2)], timeout=10)
-    consumer.close()
-    assert {f"{tp.topic}/{tp.partition}": tp.offset for tp in committed} == meta["positions"]
+    committed = committed_offsets(kafka_bootstrap, group, topics["input"], 2)
+    assert {f"{topics['input']}/{p}": o for p, o in committed.items()} == meta["positions"]
     # Credentials passed to librdkafka appear in neither the log nor the checkpoints.
     assert secret not in (tmp_path / "state.log").read_text()
     for path in (tmp_path / "state").rglob("*"):

@@ -4,7 +4,6 @@ import threading
 
 import numpy as np
 from annoy import AnnoyIndex
-
 from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import MFConfig, OnlineMF
 from recstream.index.build import build_in_subprocess, mips_item_vectors, mips_query

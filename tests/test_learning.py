@@ -1,7 +1,6 @@
 """Learning: on a stream with planted tastes the model must beat popularity by far."""
 
 import numpy as np
-
 from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import MFConfig, OnlineMF
 from recstream.index.query import Recommender

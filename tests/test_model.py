@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-
 from recstream.embeddings.ids import IdMap
 from recstream.embeddings.model import MFConfig, OnlineMF
 from recstream.embeddings.table import EmbeddingTable

@@ -3,14 +3,11 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
 import orjson
-from confluent_kafka import Consumer, TopicPartition
-
-from conftest import FAST_GROUP, event, produce, read_all, running, service_config, wait_for
+from conftest import cli_run_args, committed_offsets, event, produce, read_all, running, service_config, wait_for
 from recstream.stream.service import DLQ_REASON_HEADER
 from recstream.stream.synthetic import SyntheticClickstream
 
@@ -82,13 +79,8 @@ def test_bad_messages_go_to_the_dead_letter_topic(kafka_bootstrap, topics):
     assert "exceeds max_message_bytes" in reasons[b"k7"]
 
 
-def _committed(bootstrap, group, topic, partitions=3):
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, **FAST_GROUP})
-    try:
-        return {tp.partition: tp.offset for tp in
-                consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)}
-    finally:
-        consumer.close()
+def _committed(bootstrap, group, topic):
+    return committed_offsets(bootstrap, group, topic, 3)
 
 
 def test_offsets_follow_processing_and_a_restart_resumes_without_loss(kafka_bootstrap, topics):
@@ -115,11 +107,8 @@ def test_offsets_follow_processing_and_a_restart_resumes_without_loss(kafka_boot
 def test_cli_run_processes_and_stops_cleanly_on_sigterm(kafka_bootstrap, topics):
     produce(kafka_bootstrap, topics["input"], [event(f"u{n % 10}", f"i{n % 25}") for n in range(500)])
     group = f"cli-{uuid.uuid4().hex[:8]}"
-    args = [sys.executable, "-m", "recstream.stream.cli", "run", "--bootstrap-servers", kafka_bootstrap,
-            "--input-topic", topics["input"], "--output-topic", topics["output"], "--dlq-topic", topics["dlq"],
-            "--group-id", group, "--set", "output.flush_interval_s=0.3", "--set", "loop.status_interval_s=0.5"]
-    for key, value in FAST_GROUP.items():
-        args += ["-X", f"{key}={value}"]
+    args = cli_run_args(kafka_bootstrap, topics, group,
+                        "--set", "output.flush_interval_s=0.3", "--set", "loop.status_interval_s=0.5")
     process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         updates = read_all(kafka_bootstrap, topics["output"], expect=10, timeout_s=60)

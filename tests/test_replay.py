@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-
 from conftest import FAST_GROUP, produce, running, service_config, wait_for
 from recstream.embeddings.model import MFConfig
 from recstream.stream.broker import create_topics
