@@ -87,8 +87,9 @@ class Recommender:
         changed = None if index is None else self.model.items_changed_since(index.model_version)
         if changed is None or len(changed) >= _EXACT_ALL_FRACTION * n_items:
             rows, scores = self._exact_top(users, user_rows, np.arange(n_items), Q, biases)
-            return [Recommendations(int(u), r[np.isfinite(s)], s[np.isfinite(s)])
-                    for u, r, s in zip(user_rows.tolist(), rows, scores)]
+            short = ~np.isfinite(scores).all(axis=1)  # users who have seen nearly everything
+            return [Recommendations(u, r[np.isfinite(s)], s[np.isfinite(s)]) if cut else Recommendations(u, r, s)
+                    for u, r, s, cut in zip(user_rows.tolist(), rows, scores, short.tolist())]
         rows, scores = self._exact_top(users, user_rows, changed, Q, biases)
         is_changed = np.zeros(n_items, dtype=bool)
         is_changed[changed] = True
