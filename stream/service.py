@@ -272,7 +272,7 @@ class RecStreamService:
                 if item.__class__ is not dict:
                     raise ValueError("not a JSON object")
                 item_id = item.get("item_id")
-                if item_id.__class__ not in (str, int) or item_id == "" or isinstance(item_id, bool):
+                if item_id.__class__ not in (str, int) or item_id == "":  # (bool is not int here)
                     raise ValueError("item_id must be a non-empty string or an integer")
                 if item.get("features") is not None and item["features"].__class__ is not dict:
                     raise ValueError("features must be an object")
