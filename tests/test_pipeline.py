@@ -3,6 +3,7 @@
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 
@@ -122,3 +123,20 @@ def test_cli_run_processes_and_stops_cleanly_on_sigterm(kafka_bootstrap, topics)
             process.kill()
     log = process.stderr.read()
     assert "events=500" in log and "SIGTERM: finishing the batch in hand" in log
+
+
+def test_cli_topics_and_generate_set_up_a_stream(kafka_bootstrap):
+    tag = uuid.uuid4().hex[:8]
+    cli = [sys.executable, "-m", "recstream.stream.cli"]
+    made = subprocess.run(cli + ["topics", "--bootstrap-servers", kafka_bootstrap, "--input-topic", f"c-{tag}",
+                                 "--output-topic", f"r-{tag}", "--partitions", "2"],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    sent = subprocess.run(cli + ["generate", "--bootstrap-servers", kafka_bootstrap, "--topic", f"c-{tag}",
+                                 "--events", "1500", "--users", "50", "--items", "20"],
+                          capture_output=True, text=True, timeout=120)
+    assert sent.returncode == 0 and "produced 1500 events" in sent.stdout, sent.stderr
+    messages = read_all(kafka_bootstrap, f"c-{tag}", expect=1500)
+    assert len(messages) == 1500
+    first = orjson.loads(messages[0].value())
+    assert set(first) == {"user_id", "item_id", "event_type", "ts"} and messages[0].key().decode() == first["user_id"]
