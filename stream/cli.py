@@ -71,9 +71,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         s = service.stats
         rate = (s.events_applied - last["events"]) / (now - last["t"])
         index = service.refresher.current
-        log.info("events=%d (%.0f/s) users=%d items=%d index=v%s dead_letters=%d updates=%d",
+        log.info("events=%d (%.0f/s) users=%d items=%d index=v%s dead_letters=%d updates=%d checkpoints=%d "
+                 "loss=%.4f loss_drifts=%d item_drift=%.3f",
                  s.events_applied, rate, len(service.model.users), len(service.model.items),
-                 index.version if index else 0, s.dead_letters, s.updates_published)
+                 index.version if index else 0, s.dead_letters, s.updates_published, s.checkpoints,
+                 s.loss_mean, s.loss_drifts, s.item_drift)
         last.update(t=now, events=s.events_applied)
 
     RecStreamService(config, stop=stop, on_flush=status).run()
