@@ -35,9 +35,9 @@ class EmbeddedBroker:
     """A tansu broker in a child process on 127.0.0.1; memory storage only.
 
     ``with EmbeddedBroker() as bootstrap: ...`` starts it and stops it by PID.
-    ``restart()`` brings it back on the same port: with the default memory
-    storage everything is lost; with ``s3://`` storage (e.g. against a local
-    S3 emulator) topics, records and committed offsets survive.
+    ``stop()`` then ``start()`` brings it back on the same port: with the default
+    memory storage everything is lost; with ``s3://`` storage (e.g. against a
+    local S3 emulator) topics, records and committed offsets survive.
     """
 
     def __init__(self, port: int | None = None, log_path: Path | None = None,
@@ -84,10 +84,6 @@ class EmbeddedBroker:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-
-    def restart(self) -> str:
-        self.stop()
-        return self.start()
 
     def __enter__(self) -> str:
         return self.start()

@@ -76,7 +76,6 @@ class ServiceStats:
     item_metadata: int = 0  # item metadata messages applied
     cold_items_refreshed: int = 0  # cold items given content vectors (all refreshes)
     assigned: list[tuple[str, int]] = field(default_factory=list)
-    started_at: float = field(default_factory=time.monotonic)
 
 
 def _now_ms() -> int:
