@@ -99,6 +99,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     state = RecState.load_or_new(store, config.model, config.output.history_per_user)
     decoder = EventDecoder(config.events)
     progress = Progress(enabled=not args.quiet)
+    if args.item_metadata:
+        metadata = _read_item_metadata(args.item_metadata)
+        ids = list(metadata)
+        state.set_item_metadata(ids, [metadata[i][0] for i in ids], [metadata[i][1] for i in ids])
     if args.events:
         try:
             columns = parse_columns(args.columns) if args.columns else None
@@ -109,9 +113,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if not config.bootstrap_servers:
             raise ConfigError("kafka.bootstrap.servers: required with --from-topic")
         result = replay_topic(state, decoder, config.kafka, args.from_topic, args.start, args.end, progress)
+    cold = state.refresh_cold_items(config.content.cold_count) if args.item_metadata else 0
     saved = state.save(store) if store is not None else None
     print(f"replayed {result.events_applied:,} events ({result.rejected:,} rejected) in {result.seconds:.1f}s, "
           f"{result.events_per_s:,.0f} events/s; {len(state.model.users):,} users, {len(state.model.items):,} items"
+          + (f"; content vectors for {cold:,} cold items" if args.item_metadata else "")
           + (f"; checkpoint {saved}" if saved else ""))
     return 0
 
@@ -342,6 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--bootstrap-servers")
     replay.add_argument("--start", default="earliest", help="earliest or epoch ms (record timestamps)")
     replay.add_argument("--end", default="latest", help="latest or epoch ms (record timestamps)")
+    replay.add_argument("--item-metadata", help="item metadata JSON lines ({item_id, features, text}) for cold items")
     replay.add_argument("--state-dir", help="write the resulting checkpoint here (continues one if present)")
     replay.add_argument("--config")
     replay.add_argument("--set", action="append", type=_key_value, metavar="SECTION.KEY=VALUE")

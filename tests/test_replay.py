@@ -130,3 +130,19 @@ def test_topic_replay_filters_by_record_timestamp(kafka_bootstrap, topics):
                           topics["input"], start=str(now - 200_000), end=str(now - 100_000))
     assert result.events_applied == 10
     assert state.model.users.ids.ids == [f"u{n}" for n in range(10, 20)]
+
+
+def test_cli_replay_with_item_metadata_gives_cold_items_content_vectors(tmp_path):
+    log = tmp_path / "events.jsonl"
+    log.write_bytes(b"\n".join(v for _, v in _messages(3000)))
+    items = tmp_path / "items.jsonl"
+    items.write_bytes(b"\n".join(orjson.dumps({"item_id": f"i{n}", "features": {"genre": f"g{n % 4}"}})
+                                 for n in range(150)) + b"\n" +
+                      orjson.dumps({"item_id": "unseen", "features": {"genre": "g1"}, "text": "brand new"}))
+    result = subprocess.run([sys.executable, "-m", "recstream.stream.cli", "replay", "--events", str(log), "--quiet",
+                             "--item-metadata", str(items), "--state-dir", str(tmp_path / "state")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "content vectors for" in result.stdout
+    export_state(tmp_path / "state", tmp_path / "out.npz")
+    assert "unseen" in np.load(tmp_path / "out.npz")["item_ids"].tolist()
