@@ -65,6 +65,8 @@ class OnlineMF:
         self._item_events = np.zeros(1024, dtype=np.int64)  # events of any kind per item
         self._short = np.zeros((1024, config.dim), dtype=np.float32)  # per user: recent-items vector
         self._short_ts = np.zeros(1024, dtype=np.int64)  # per user: event time of that vector
+        self._transition = np.zeros((1024, config.dim), dtype=np.float32)  # per item: where users go next
+        self._last_item = np.full(1024, -1, dtype=np.int64)  # per user: last implicit item
         self.model_version = 0
         self.events_applied = 0
 
@@ -108,6 +110,10 @@ class OnlineMF:
         if n_users > len(self._short_ts):
             self._short = _grown(self._short, n_users)
             self._short_ts = _grown(self._short_ts, n_users)
+        if n_users > len(self._last_item):
+            grown = np.full(max(n_users, 2 * len(self._last_item)), -1, dtype=np.int64)
+            grown[: len(self._last_item)] = self._last_item
+            self._last_item = grown
         self._fit_item_arrays()
         self.model_version += 1
         P, bu = self.users.storage
@@ -123,6 +129,7 @@ class OnlineMF:
             cfg.n_negatives, self.model_version, predictions,
             np.ascontiguousarray(timestamps, dtype=np.int64), self._short, self._short_ts,
             cfg.short_term_keep, cfg.short_term_half_life_s * 1000.0,
+            self._transition, self._last_item,
         )
         self.events_applied += len(user_rows)
         return float(loss)
@@ -133,6 +140,7 @@ class OnlineMF:
             self._item_seq = _grown(self._item_seq, n_items)
             self._implicit_count = _grown(self._implicit_count, n_items)
             self._item_events = _grown(self._item_events, n_items)
+            self._transition = _grown(self._transition, n_items)
 
     def interaction_counts(self, item_rows: np.ndarray) -> np.ndarray:
         """Events (of any kind) learned so far on each of ``item_rows``."""
@@ -165,6 +173,8 @@ class OnlineMF:
             "item_events": self._item_events[:n_items],
             "short_vectors": self._short[: len(self.users)],
             "short_ts": self._short_ts[: len(self.users)],
+            "last_item": self._last_item[: len(self.users)],
+            "transition_vectors": self._transition[:n_items],
             "counters": np.array([self.model_version, self.events_applied], dtype=np.int64),
         })
         return out
@@ -188,6 +198,10 @@ class OnlineMF:
         self._short = _grown(np.array(arrays["short_vectors"], dtype=np.float32).reshape(-1, self.config.dim),
                              max(n_users, 1024))
         self._short_ts = _grown(np.array(arrays["short_ts"], dtype=np.int64), max(n_users, 1024))
+        self._last_item = np.full(max(n_users, 1024), -1, dtype=np.int64)
+        self._last_item[:n_users] = arrays["last_item"]
+        self._transition = _grown(np.array(arrays["transition_vectors"], dtype=np.float32).reshape(-1, self.config.dim),
+                                  max(n_items, 1024))
         self.model_version, self.events_applied = (int(x) for x in arrays["counters"])
 
     def items_changed_since(self, model_version: int) -> np.ndarray:
@@ -196,21 +210,26 @@ class OnlineMF:
         return np.flatnonzero(self._item_seq[: len(self.items)] > model_version)
 
     def query_vectors(self, user_rows: np.ndarray, now_ms: int | np.ndarray = 0) -> np.ndarray:
-        """The vectors to rank items with: long-term plus faded short-term interest.
+        """The vectors to rank items with: long-term, plus where the last item leads, plus short-term
+        interest, the last two faded by the time since the user's last event.
 
         ``now_ms`` (one time, or one per user) is the event time to fade to; 0 means
         "at each user's last event", with no fading.
         """
-        vectors = self.users.vectors[user_rows]
-        weight = self.config.short_term_weight
-        if weight == 0:
-            return vectors
+        vectors = self.users.vectors[user_rows].copy()
         short_ts = self._short_ts[user_rows]
         elapsed = np.maximum(np.asarray(now_ms, dtype=np.int64) - short_ts, 0) if np.any(now_ms) else 0
         half_life_ms = self.config.short_term_half_life_s * 1000.0
-        fade = np.exp2(-elapsed / half_life_ms) if half_life_ms > 0 else np.ones(len(user_rows))
-        return vectors + (weight * np.broadcast_to(fade, (len(user_rows),)))[:, None].astype(np.float32) \
-            * self._short[user_rows]
+        fade = np.broadcast_to(np.exp2(-elapsed / half_life_ms) if half_life_ms > 0 else 1.0,
+                               (len(user_rows),)).astype(np.float32)
+        # Where the user's last item leads (only when that event had a time: see sgd_batch).
+        last = self._last_item[user_rows]
+        sequenced = (last >= 0) & (short_ts > 0)
+        vectors[sequenced] += fade[sequenced, None] * self._transition[last[sequenced]]
+        weight = self.config.short_term_weight
+        if weight:
+            vectors += (weight * fade)[:, None] * self._short[user_rows]
+        return vectors
 
     def ranking_biases(self, rows: np.ndarray | None = None) -> np.ndarray:
         """Per-item term of the ranking score ``b_i + log1p(implicit events of i) + p_u . q_i``.

@@ -80,6 +80,20 @@ def _step(P, Q, bu, bi, u, j, g, lr, reg, user_bias):
         bu[u] += lr * (g - reg * bu[u])
 
 
+@njit(cache=True, inline="always")
+def _step_seq(P, Q, F, bi, u, prev, phi, j, g, lr, reg):
+    """SGD step on ``b_j + (p_u + phi * f_prev) . q_j``, f_prev the previous item's transition vector."""
+    dim = P.shape[1]
+    for f in range(dim):
+        pu = P[u, f]
+        fp = F[prev, f]
+        qj = Q[j, f]
+        P[u, f] = pu + lr * (g * qj - reg * pu)
+        F[prev, f] = fp + lr * (g * phi * qj - reg * fp)
+        Q[j, f] = qj + lr * (g * (pu + phi * fp) - reg * qj)
+    bi[j] += lr * (g - reg * bi[j])
+
+
 @njit(cache=True, nogil=True)
 def sgd_batch(
     P, Q, bu, bi, item_seq, item_events,
@@ -87,6 +101,7 @@ def sgd_batch(
     implicit_count, mean_state, rng_state, recent_items, recent_state,
     lr, reg, n_negatives, seq, predictions,
     timestamps, short, short_ts, short_keep, short_half_life_ms,
+    F, last_item,
 ):
     """Apply events ``0..n-1`` in order; returns the summed loss of the batch.
 
@@ -116,6 +131,10 @@ def sgd_batch(
     previous event (``short_ts[u]``); a burst of clicks pulls it along, a pause
     lets it fade back to nothing. ``OnlineMF.query_vectors`` adds it to the
     long-term vector when ranking.
+
+    Sequence (FPMC-style): each item also has a transition vector ``F[i]``; an
+    implicit event scores ``b_j + (p_u + phi * F[prev]) . q_j`` with ``prev`` the
+    user's previous item (``last_item[u]``) and ``phi`` the same fade.
     """
     dim = P.shape[1]
     cap = recent_items.shape[0]
@@ -138,16 +157,27 @@ def sgd_batch(
             _step(P, Q, bu, bi, u, i, err, lr, reg, True)
             continue
         w = weights[e]
+        # Sequence: the previous item's transition vector joins the user's, faded by the time
+        # since that event. Events without a time (ts 0: shuffled logs) carry no sequence.
+        elapsed = max(timestamps[e] - short_ts[u], 0)
+        fade = 2.0 ** (-elapsed / short_half_life_ms) if short_half_life_ms > 0 else 1.0
+        prev = last_item[u]
+        phi = fade if prev >= 0 and timestamps[e] > 0 and short_ts[u] > 0 else 0.0
+        if phi > 0:
+            for f in range(dim):
+                dot += phi * F[prev, f] * Q[i, f]
         x = bi[i] + dot
         predictions[e] = x
         loss += w * np.log1p(np.exp(-x)) if x > -30.0 else w * -x
-        _step(P, Q, bu, bi, u, i, w * (1.0 - _sigmoid(x)), lr, reg, False)
+        if phi > 0:
+            _step_seq(P, Q, F, bi, u, prev, phi, i, w * (1.0 - _sigmoid(x)), lr, reg)
+        else:
+            _step(P, Q, bu, bi, u, i, w * (1.0 - _sigmoid(x)), lr, reg, False)
         implicit_count[i] += 1
-        elapsed = max(timestamps[e] - short_ts[u], 0)
-        fade = 2.0 ** (-elapsed / short_half_life_ms) if short_half_life_ms > 0 else 1.0
         for f in range(dim):
             short[u, f] = short_keep * fade * short[u, f] + (1.0 - short_keep) * Q[i, f]
         short_ts[u] = timestamps[e]
+        last_item[u] = i
         filled = recent_state[1]
         for _ in range(n_negatives if filled > 0 else 0):
             j = recent_items[np.int64(_next_u64(rng_state) % np.uint64(filled))]
@@ -156,7 +186,12 @@ def sgd_batch(
             xj = bi[j]
             for f in range(dim):
                 xj += P[u, f] * Q[j, f]
-            _step(P, Q, bu, bi, u, j, -_sigmoid(xj), lr, reg, False)
+            if phi > 0:
+                for f in range(dim):
+                    xj += phi * F[prev, f] * Q[j, f]
+                _step_seq(P, Q, F, bi, u, prev, phi, j, -_sigmoid(xj), lr, reg)
+            else:
+                _step(P, Q, bu, bi, u, j, -_sigmoid(xj), lr, reg, False)
             item_seq[j] = seq
         pos = recent_state[0]
         recent_items[pos] = i

@@ -73,22 +73,21 @@ def test_split_holds_out_per_user_and_scores_perfect_rankings_perfectly():
 def test_short_term_interest_recovers_faster_after_tastes_switch():
     from recstream.stream.synthetic import SyntheticClickstream
 
-    gen = SyntheticClickstream(n_users=300, n_items=400, seed=4, noise=0.05, events_per_second=50)
-    before = gen.events(30_000)
-    gen.shift_tastes(1.0)
-    after = gen.events(6_000)
-    users = [f"u{u}" for u in np.concatenate([before.users, after.users]).tolist()]
-    items = [f"i{i}" for i in np.concatenate([before.items, after.items]).tolist()]
-    stamps = np.concatenate([before.ts, after.ts])
-    data = ev.Interactions(users, items, np.full(len(users), np.nan, np.float32), np.ones(len(users), np.float32),
-                           stamps)
-    switch = len(before)
+    def hit_rate_after_switch(seed: int, session: bool) -> float:
+        gen = SyntheticClickstream(n_users=300, n_items=400, seed=seed, noise=0.05, events_per_second=50)
+        before = gen.events(30_000)
+        gen.shift_tastes(1.0)  # every user's tastes change
+        after = gen.events(6_000)
+        users = [f"u{u}" for u in np.concatenate([before.users, after.users]).tolist()]
+        items = [f"i{i}" for i in np.concatenate([before.items, after.items]).tolist()]
+        # Without session signals: no recent-items vector, and no event times, hence no transitions.
+        data = ev.Interactions(users, items, np.full(len(users), np.nan, np.float32), np.ones(len(users), np.float32),
+                               np.concatenate([before.ts, after.ts]) if session else None)
+        result = ev.prequential_implicit(data, MFConfig(dim=16, short_term_weight=3.0 if session else 0.0))
+        return float(result.curve[-len(after):].mean())  # nearly every event is evaluated here
 
-    def hit_rate_after(weight: float) -> float:
-        result = ev.prequential_implicit(data, MFConfig(dim=16, short_term_weight=weight))
-        # ``curve`` holds the evaluated events in order; nearly all are evaluated here.
-        return float(result.curve[-(len(data) - switch):].mean())
-
-    with_short, without = hit_rate_after(3.0), hit_rate_after(0.0)
-    print(f"HR@10 after the switch: with short-term interest {with_short:.3f}, without {without:.3f}")
-    assert with_short > without
+    seeds = (4, 5, 6)
+    with_short = np.mean([hit_rate_after_switch(s, True) for s in seeds])
+    without = np.mean([hit_rate_after_switch(s, False) for s in seeds])
+    print(f"HR@10 after the switch (3 seeds): with short-term interest {with_short:.4f}, without {without:.4f}")
+    assert with_short > 1.03 * without
