@@ -233,13 +233,15 @@ class RecStreamService:
         for position, reason in bad:
             self._dead_letter(good[position], reason)
         topic = self.config.topics.input
+        parts = [m.partition() for m in good]
         # One input topic: the last message of each partition carries its next offset.
-        next_offsets = {m.partition(): m.offset() + 1 for m in good}
+        last_of = {p: n for n, p in enumerate(parts)}
+        next_offsets = {p: good[n].offset() + 1 for p, n in last_of.items()}
         if len(batch):
             stamps = batch.timestamps
             for n in np.flatnonzero(stamps < 0).tolist():
                 stamps[n] = good[batch.positions[n]].timestamp()[1]
-            partitions = np.fromiter((m.partition() for m in good), dtype=np.int64, count=len(good))
+            partitions = np.array(parts, dtype=np.int64)
             with self.model_lock:
                 user_rows, _, losses = self.state.apply(batch, topic, partitions[batch.positions])
             if self.loss_drift.update(losses):
