@@ -144,8 +144,7 @@ def prequential_implicit(data: Interactions, config: MFConfig, ranker: str = "mo
     """
     from recstream.stream.state import RecState  # the service's state: same learning and content code
 
-    _, n_items = _rows(data.item_ids)
-    item_index, _ = _rows(data.item_ids)
+    item_index, n_items = _rows(data.item_ids)
     state = RecState(config, history_per_user=1_000_000) if ranker == "model" else None
     if state is not None and item_metadata:
         ids = list(item_metadata)

@@ -10,8 +10,9 @@ from recstream.embeddings.sgd import sgd_batch
 from recstream.embeddings.table import EmbeddingTable
 
 
-def _grown(array: np.ndarray, needed: int) -> np.ndarray:
-    grown = np.zeros((max(needed, 2 * len(array)), *array.shape[1:]), dtype=array.dtype)
+def _grown(array: np.ndarray, needed: int, fill: float = 0) -> np.ndarray:
+    """``array`` with room for at least ``needed`` rows (capacity doubles), new rows set to ``fill``."""
+    grown = np.full((max(needed, 2 * len(array)), *array.shape[1:]), fill, dtype=array.dtype)
     grown[: len(array)] = array
     return grown
 
@@ -106,14 +107,7 @@ class OnlineMF:
             predictions = np.empty(len(user_rows), dtype=np.float64)
         if timestamps is None:
             timestamps = np.zeros(len(user_rows), dtype=np.int64)
-        n_users = len(self.users)
-        if n_users > len(self._short_ts):
-            self._short = _grown(self._short, n_users)
-            self._short_ts = _grown(self._short_ts, n_users)
-        if n_users > len(self._last_item):
-            grown = np.full(max(n_users, 2 * len(self._last_item)), -1, dtype=np.int64)
-            grown[: len(self._last_item)] = self._last_item
-            self._last_item = grown
+        self._fit_user_arrays()
         self._fit_item_arrays()
         self.model_version += 1
         P, bu = self.users.storage
@@ -133,6 +127,13 @@ class OnlineMF:
         )
         self.events_applied += len(user_rows)
         return float(loss)
+
+    def _fit_user_arrays(self) -> None:
+        n_users = len(self.users)
+        if n_users > len(self._short_ts):
+            self._short = _grown(self._short, n_users)
+            self._short_ts = _grown(self._short_ts, n_users)
+            self._last_item = _grown(self._last_item, n_users, fill=-1)
 
     def _fit_item_arrays(self) -> None:
         n_items = len(self.items)
@@ -190,18 +191,18 @@ class OnlineMF:
         self._rng_state = np.array(arrays["rng_state"], dtype=np.uint64)
         self._negative_pool = np.array(arrays["negative_pool"], dtype=np.int64)
         self._negative_pool_state = np.array(arrays["negative_pool_state"], dtype=np.int64)
-        n_items = len(self.items)
-        self._item_seq = _grown(np.array(arrays["item_seq"], dtype=np.int64), max(n_items, 1024))
-        self._implicit_count = _grown(np.array(arrays["implicit_count"], dtype=np.int64), max(n_items, 1024))
-        self._item_events = _grown(np.array(arrays["item_events"], dtype=np.int64), max(n_items, 1024))
-        n_users = len(self.users)
-        self._short = _grown(np.array(arrays["short_vectors"], dtype=np.float32).reshape(-1, self.config.dim),
-                             max(n_users, 1024))
-        self._short_ts = _grown(np.array(arrays["short_ts"], dtype=np.int64), max(n_users, 1024))
-        self._last_item = np.full(max(n_users, 1024), -1, dtype=np.int64)
-        self._last_item[:n_users] = arrays["last_item"]
-        self._transition = _grown(np.array(arrays["transition_vectors"], dtype=np.float32).reshape(-1, self.config.dim),
-                                  max(n_items, 1024))
+        # Stored arrays are exactly as long as the tables; growing gives them their spare capacity.
+        self._item_seq = np.array(arrays["item_seq"], dtype=np.int64)
+        self._implicit_count = np.array(arrays["implicit_count"], dtype=np.int64)
+        self._item_events = np.array(arrays["item_events"], dtype=np.int64)
+        self._transition = np.array(arrays["transition_vectors"], dtype=np.float32).reshape(-1, self.config.dim)
+        self._short = np.array(arrays["short_vectors"], dtype=np.float32).reshape(-1, self.config.dim)
+        self._short_ts = np.array(arrays["short_ts"], dtype=np.int64)
+        self._last_item = np.array(arrays["last_item"], dtype=np.int64)
+        for name in ("_item_seq", "_implicit_count", "_item_events", "_transition"):
+            setattr(self, name, _grown(getattr(self, name), 1024))
+        for name, fill in (("_short", 0), ("_short_ts", 0), ("_last_item", -1)):
+            setattr(self, name, _grown(getattr(self, name), 1024, fill))
         self.model_version, self.events_applied = (int(x) for x in arrays["counters"])
 
     def items_changed_since(self, model_version: int) -> np.ndarray:

@@ -98,49 +98,48 @@ def read_event_log(path: str | Path, columns: dict[str, str] | None = None, ts_u
     reader, raw = _open_binary(path)
     with raw:
         is_csv = columns is not None or path.name.removesuffix(".gz").endswith(".csv")
-        if not is_csv:
-            lines: list = []
-            for line in reader:
-                line = line.strip()
-                if line:
-                    lines.append(line)
-                if len(lines) >= chunk:
-                    yield lines, raw.tell() / size
-                    lines = []
-            if lines:
-                yield lines, 1.0
-            return
-        text = io.TextIOWrapper(reader, encoding="utf-8", newline="")
-        rows = csv.DictReader(text, delimiter=delimiter)
-        mapping = columns or {f: f for f in ("user_id", "item_id", "event_type", "rating", "ts")}
-        missing = [c for f, c in mapping.items() if f in ("user_id", "item_id") and c not in (rows.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: no column(s) {missing} (has {rows.fieldnames})")
-        scale = {"ms": 1, "s": 1000}[ts_unit]
-        events: list = []
-        for row in rows:
-            event: dict = {}
-            for field, column in mapping.items():
-                value = row.get(column)
-                if value is None or value == "":
-                    continue
+        events = _csv_events(reader, path, columns, ts_unit, delimiter) if is_csv else _json_lines(reader)
+        batch: list = []
+        for event in events:
+            batch.append(event)
+            if len(batch) >= chunk:
+                yield batch, raw.tell() / size
+                batch = []
+        if batch:
+            yield batch, 1.0
+
+
+def _json_lines(reader: IO[bytes]) -> Iterator[bytes]:
+    for line in reader:
+        line = line.strip()
+        if line:
+            yield line
+
+
+def _csv_events(reader: IO[bytes], path: Path, columns: dict[str, str] | None, ts_unit: str,
+                delimiter: str) -> Iterator[dict]:
+    """CSV rows as input-event dicts (values converted, the decoder checks them)."""
+    rows = csv.DictReader(io.TextIOWrapper(reader, encoding="utf-8", newline=""), delimiter=delimiter)
+    mapping = columns or {f: f for f in ("user_id", "item_id", "event_type", "rating", "ts")}
+    missing = [c for f, c in mapping.items() if f in ("user_id", "item_id") and c not in (rows.fieldnames or [])]
+    if missing:
+        raise ValueError(f"{path}: no column(s) {missing} (has {rows.fieldnames})")
+    scale = {"ms": 1, "s": 1000}[ts_unit]
+    for row in rows:
+        event: dict = {}
+        for field, column in mapping.items():
+            value = row.get(column)
+            if value is None or value == "":
+                continue
+            try:
                 if field in ("rating", "weight"):
-                    try:
-                        value = float(value)
-                    except ValueError:
-                        pass  # left as text: the decoder rejects it with its reason
+                    value = float(value)
                 elif field == "ts":
-                    try:
-                        value = int(float(value) * scale)
-                    except ValueError:
-                        pass
-                event[field] = value
-            events.append(event)
-            if len(events) >= chunk:
-                yield events, raw.tell() / size
-                events = []
-        if events:
-            yield events, 1.0
+                    value = int(float(value) * scale)
+            except ValueError:
+                pass  # left as text: the decoder rejects it with its reason
+            event[field] = value
+        yield event
 
 
 def replay_file(state: RecState, decoder: EventDecoder, path: str | Path, epochs: int = 1,
