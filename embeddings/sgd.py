@@ -67,21 +67,27 @@ def _sigmoid(x):
 
 
 @njit(cache=True, inline="always")
-def _step(P, Q, bu, bi, u, j, g, lr, reg, user_bias):
+def _item_rate(lr, lr_new, events, new_events):
+    """An item's step size: ``lr_new`` while it is new, falling to ``lr`` as its events pass ``new_events``."""
+    return max(lr, lr_new / np.sqrt(1.0 + events / new_events))
+
+
+@njit(cache=True, inline="always")
+def _step(P, Q, bu, bi, u, j, g, lr, lr_item, reg, user_bias):
     """One SGD step moving the score of (u, j) along ``g`` (the loss gradient, sign flipped)."""
     dim = P.shape[1]
     for f in range(dim):
         pu = P[u, f]
         qj = Q[j, f]
         P[u, f] = pu + lr * (g * qj - reg * pu)
-        Q[j, f] = qj + lr * (g * pu - reg * qj)
-    bi[j] += lr * (g - reg * bi[j])
+        Q[j, f] = qj + lr_item * (g * pu - reg * qj)
+    bi[j] += lr_item * (g - reg * bi[j])
     if user_bias:
         bu[u] += lr * (g - reg * bu[u])
 
 
 @njit(cache=True, inline="always")
-def _step_seq(P, Q, F, bi, u, prev, phi, j, g, lr, reg):
+def _step_seq(P, Q, F, bi, u, prev, phi, j, g, lr, lr_seq, lr_item, reg):
     """SGD step on ``b_j + (p_u + phi * f_prev) . q_j``, f_prev the previous item's transition vector."""
     dim = P.shape[1]
     for f in range(dim):
@@ -89,19 +95,19 @@ def _step_seq(P, Q, F, bi, u, prev, phi, j, g, lr, reg):
         fp = F[prev, f]
         qj = Q[j, f]
         P[u, f] = pu + lr * (g * qj - reg * pu)
-        F[prev, f] = fp + lr * (g * phi * qj - reg * fp)
-        Q[j, f] = qj + lr * (g * (pu + phi * fp) - reg * qj)
-    bi[j] += lr * (g - reg * bi[j])
+        F[prev, f] = fp + lr_seq * (g * phi * qj - reg * fp)
+        Q[j, f] = qj + lr_item * (g * (pu + phi * fp) - reg * qj)
+    bi[j] += lr_item * (g - reg * bi[j])
 
 
 @njit(cache=True, nogil=True)
 def sgd_batch(
     P, Q, bu, bi, item_seq, item_events,
     users, items, ratings, weights,
-    implicit_count, mean_state, rng_state, recent_items, recent_state,
-    lr, reg, n_negatives, seq, predictions,
+    mean_state, rng_state, recent_items, recent_state,
+    lr, lr_new, new_events, lr_seq, reg, n_negatives, seq, predictions,
     timestamps, short, short_ts, short_keep, short_half_life_ms,
-    F, last_item,
+    F, last_item, pool_count,
 ):
     """Apply events ``0..n-1`` in order; returns the summed loss of the batch.
 
@@ -113,11 +119,19 @@ def sgd_batch(
     popularity. Drawing negatives from recently active items (not uniformly)
     keeps the set of items an update moves small, which is what lets the
     index rescore "changed since the last build" items exactly.
-    Negatives drawn in proportion to popularity make the score learn
-    ``log P(i|u) - log P(i)`` (a PMI, as in word2vec), so ranking adds the
-    popularity back: ``implicit_count[i]`` counts each item's implicit events
-    (see ``OnlineMF.ranking_biases``). ``recent_state`` holds [next write
-    position, number filled] of the ring buffer.
+    Negatives drawn in proportion to recent popularity make the score learn
+    ``log P(i|u) - log P_recent(i)`` (a PMI, as in word2vec), so ranking adds
+    that popularity back: ``pool_count[i]`` counts item i's entries in the
+    ring (see ``OnlineMF.ranking_biases``); an item pushed out of the ring
+    counts as changed. ``recent_state`` holds [next write position, number
+    filled] of the ring buffer.
+
+    Step sizes: users and well-known items step by ``lr``; an item with few
+    events steps by up to ``lr_new``, falling as its count passes
+    ``new_events`` (most items of a catalogue have few events, and a slow rate
+    leaves them near their random start; popular items need the small one).
+    Transition vectors step by ``lr_seq``: "what comes after this item" is a
+    fast-moving signal (on MovieLens HR@10 rises up to about twice ``lr_new``).
 
     ``item_seq[i]`` is set to ``seq`` for every item whose row moved;
     ``item_events[i]`` counts the events of any kind on item i.
@@ -144,6 +158,7 @@ def sgd_batch(
         i = items[e]
         r = ratings[e]
         item_seq[i] = seq
+        lr_i = _item_rate(lr, lr_new, item_events[i], new_events)  # by the events before this one
         item_events[i] += 1
         dot = 0.0
         for f in range(dim):
@@ -154,7 +169,7 @@ def sgd_batch(
             mean_state[0] += (r - mean_state[0]) / mean_state[1]
             err = r - (mean_state[0] + bu[u] + bi[i] + dot)
             loss += err * err
-            _step(P, Q, bu, bi, u, i, err, lr, reg, True)
+            _step(P, Q, bu, bi, u, i, err, lr, lr_i, reg, True)
             continue
         w = weights[e]
         # Sequence: the previous item's transition vector joins the user's, faded by the time
@@ -170,10 +185,9 @@ def sgd_batch(
         predictions[e] = x
         loss += w * np.log1p(np.exp(-x)) if x > -30.0 else w * -x
         if phi > 0:
-            _step_seq(P, Q, F, bi, u, prev, phi, i, w * (1.0 - _sigmoid(x)), lr, reg)
+            _step_seq(P, Q, F, bi, u, prev, phi, i, w * (1.0 - _sigmoid(x)), lr, lr_seq, lr_i, reg)
         else:
-            _step(P, Q, bu, bi, u, i, w * (1.0 - _sigmoid(x)), lr, reg, False)
-        implicit_count[i] += 1
+            _step(P, Q, bu, bi, u, i, w * (1.0 - _sigmoid(x)), lr, lr_i, reg, False)
         for f in range(dim):
             short[u, f] = short_keep * fade * short[u, f] + (1.0 - short_keep) * Q[i, f]
         short_ts[u] = timestamps[e]
@@ -186,14 +200,20 @@ def sgd_batch(
             xj = bi[j]
             for f in range(dim):
                 xj += P[u, f] * Q[j, f]
+            lr_j = _item_rate(lr, lr_new, item_events[j], new_events)
             if phi > 0:
                 for f in range(dim):
                     xj += phi * F[prev, f] * Q[j, f]
-                _step_seq(P, Q, F, bi, u, prev, phi, j, -_sigmoid(xj), lr, reg)
+                _step_seq(P, Q, F, bi, u, prev, phi, j, -_sigmoid(xj), lr, lr_seq, lr_j, reg)
             else:
-                _step(P, Q, bu, bi, u, j, -_sigmoid(xj), lr, reg, False)
+                _step(P, Q, bu, bi, u, j, -_sigmoid(xj), lr, lr_j, reg, False)
             item_seq[j] = seq
         pos = recent_state[0]
+        if filled == cap:
+            old = recent_items[pos]
+            pool_count[old] -= 1
+            item_seq[old] = seq
+        pool_count[i] += 1
         recent_items[pos] = i
         recent_state[0] = (pos + 1) % cap
         if filled < cap:

@@ -12,7 +12,7 @@ def _state(mf: OnlineMF):
 
 
 def test_explicit_step_matches_hand_computed_update():
-    cfg = MFConfig(dim=3, learning_rate=0.1, regularization=0.01, seed=5)
+    cfg = MFConfig(dim=3, learning_rate=0.1, new_item_learning_rate=0.1, regularization=0.01, seed=5)
     mf = OnlineMF(cfg)
     mf.users.rows(["u"]), mf.items.rows(["i"])
     p, q, bu, bi = (a.astype(np.float64) for a in _state(mf))
@@ -35,13 +35,14 @@ def test_explicit_step_matches_hand_computed_update():
 
 
 def test_implicit_step_matches_hand_computed_update():
-    cfg = MFConfig(dim=4, learning_rate=0.05, regularization=0.0, n_negatives=3, seed=9)
+    # A new item (no events yet) steps by new_item_learning_rate, its user by learning_rate.
+    cfg = MFConfig(dim=4, learning_rate=0.05, new_item_learning_rate=0.3, regularization=0.0, n_negatives=3, seed=9)
     mf = OnlineMF(cfg)
     mf.users.rows(["u"]), mf.items.rows(["i"])
     p, q, _, bi = (a.astype(np.float64)[0] for a in _state(mf))
     weight = 2.0
     g = weight * (1.0 - 1.0 / (1.0 + np.exp(-(bi + p @ q))))
-    want_p, want_q, want_bi = p + 0.05 * g * q, q + 0.05 * g * p, bi + 0.05 * g
+    want_p, want_q, want_bi = p + 0.05 * g * q, q + 0.3 * g * p, bi + 0.3 * g
 
     # The negative pool is empty before the first event, so this step has no negatives.
     mf.learn(["u"], ["i"], weights=np.array([weight], dtype=np.float32))
@@ -49,6 +50,21 @@ def test_implicit_step_matches_hand_computed_update():
     np.testing.assert_allclose(mf.users.vectors[0], want_p, rtol=1e-6)
     np.testing.assert_allclose(mf.items.vectors[0], want_q, rtol=1e-6)
     assert mf.items.biases[0] == pytest.approx(want_bi, rel=1e-6)
+
+
+def test_ranking_bias_counts_recent_positives_and_marks_items_leaving_the_pool():
+    mf = OnlineMF(MFConfig(dim=4, negative_pool=4, n_negatives=0))
+    mf.learn(["u"] * 3, ["a", "a", "b"])
+    a, b = mf.items.ids.get("a"), mf.items.ids.get("b")
+    def pool_term(rows):
+        return mf.ranking_biases(np.array(rows)) - mf.items.biases[rows]
+
+    np.testing.assert_allclose(pool_term([a, b]), np.log1p([2.0, 1.0]), rtol=1e-6)
+    version = mf.model_version
+    mf.learn(["u"] * 2, ["c", "c"])  # the pool holds 4: the first "a" leaves it
+    assert pool_term([a])[0] == pytest.approx(np.log1p(1.0))
+    assert a in mf.items_changed_since(version).tolist()
+    assert b not in mf.items_changed_since(version).tolist()
 
 
 def _stream(n=5000, seed=0):
