@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from recstream.embeddings.history import InteractionHistory
-from recstream.embeddings.model import MFConfig, OnlineMF
+from recstream.embeddings.model import MFConfig, OnlineMF, epoch_rate_scale
 
 K = 10
 
@@ -241,11 +241,11 @@ def _ranking_metrics(top: dict[str, list[str]], held: dict[str, set[str]]) -> di
 def split_model(train: Interactions, held: dict[str, set[str]], config: MFConfig, epochs: int) -> EvalResult:
     model = OnlineMF(config)
     started = time.perf_counter()
-    for _ in range(epochs):
+    for epoch in range(epochs):  # as `recstream replay --epochs` does
         for s in range(0, len(train), 10_000):
             e = min(s + 10_000, len(train))
             model.learn_rows(model.users.rows(train.user_ids[s:e]), model.items.rows(train.item_ids[s:e]),
-                             train.ratings[s:e], train.weights[s:e])
+                             train.ratings[s:e], train.weights[s:e], rate_scale=epoch_rate_scale(epoch, epochs))
     seconds = time.perf_counter() - started
     history = InteractionHistory(max_per_user=1_000_000)
     history.add(model.users.rows(train.user_ids), model.items.rows(train.item_ids))

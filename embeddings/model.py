@@ -17,6 +17,19 @@ def _grown(array: np.ndarray, needed: int, fill: float = 0) -> np.ndarray:
     return grown
 
 
+def epoch_rate_scale(epoch: int, epochs: int) -> float:
+    """Step-size factor for pass ``epoch`` (from 0) of ``epochs`` over a log: a linear decay.
+
+    One pass learns at full rate; several passes end with small steps, as
+    word2vec's passes do, so the last pass refines instead of adding noise
+    (Last.fm split, 10 unweighted passes: NDCG@10 0.150 at a constant rate, 0.182 decayed).
+
+    >>> [epoch_rate_scale(e, 4) for e in range(4)]
+    [1.0, 0.75, 0.5, 0.25]
+    """
+    return 1.0 - epoch / epochs
+
+
 @dataclass(frozen=True)
 class MFConfig:
     """Hyper-parameters of :class:`OnlineMF` (the ``[model]`` config section)."""
@@ -28,6 +41,9 @@ class MFConfig:
     new_item_learning_rate: float = 0.2
     new_item_events: float = 10.0
     transition_learning_rate: float = 0.4  # the sequence signal's per-item transition vectors
+    # Ranking adds popularity_weight * log1p(recent popularity): 1 is what the sampled negatives
+    # took out; less favours personal over popular items.
+    popularity_weight: float = 1.0
     regularization: float = 0.002
     n_negatives: int = 4
     init_std: float = 0.1
@@ -62,7 +78,7 @@ class OnlineMF:
         self.config = config
         self.users = EmbeddingTable(config.dim, config.init_std, config.seed)
         self.items = EmbeddingTable(config.dim, config.init_std, config.seed + 1)
-        self._mean_state = np.zeros(2, dtype=np.float64)  # running mean rating, count
+        self._mean_state = np.zeros(4, dtype=np.float64)  # running mean rating, count; mean implicit weight, count
         self._rng_state = np.array([config.seed], dtype=np.uint64)
         self._negative_pool = np.zeros(config.negative_pool, dtype=np.int64)
         self._negative_pool_state = np.zeros(2, dtype=np.int64)  # write position, filled
@@ -98,13 +114,14 @@ class OnlineMF:
 
     def learn_rows(
         self, user_rows: np.ndarray, item_rows: np.ndarray, ratings: np.ndarray, weights: np.ndarray,
-        predictions: np.ndarray | None = None, timestamps: np.ndarray | None = None,
+        predictions: np.ndarray | None = None, timestamps: np.ndarray | None = None, rate_scale: float = 1.0,
     ) -> float:
         """Apply events in order: NaN rating = implicit with that weight. Returns the batch loss.
 
         ``predictions`` (float64, one per event), if given, receives each event's prediction
         made before learning from it. ``timestamps`` (epoch ms) drive the fading of short-term
-        interest; without them events are taken as simultaneous.
+        interest; without them events are taken as simultaneous. ``rate_scale`` multiplies
+        every step size (passes over a log decay it: see :func:`epoch_rate_scale`).
         """
         if len(user_rows) == 0:
             return 0.0
@@ -124,8 +141,8 @@ class OnlineMF:
             np.ascontiguousarray(ratings, dtype=np.float32),
             np.ascontiguousarray(weights, dtype=np.float32),
             self._mean_state, self._rng_state, self._negative_pool, self._negative_pool_state,
-            np.float32(cfg.learning_rate), np.float32(cfg.new_item_learning_rate), np.float32(cfg.new_item_events),
-            np.float32(cfg.transition_learning_rate),
+            np.float32(cfg.learning_rate * rate_scale), np.float32(cfg.new_item_learning_rate * rate_scale),
+            np.float32(cfg.new_item_events), np.float32(cfg.transition_learning_rate * rate_scale),
             np.float32(cfg.regularization),
             cfg.n_negatives, self.model_version, predictions,
             np.ascontiguousarray(timestamps, dtype=np.int64), self._short, self._short_ts,
@@ -193,7 +210,8 @@ class OnlineMF:
                              f"{len(arrays['negative_pool'])}")
         self.users.load_arrays({k[6:]: v for k, v in arrays.items() if k.startswith("users.")})
         self.items.load_arrays({k[6:]: v for k, v in arrays.items() if k.startswith("items.")})
-        self._mean_state = np.array(arrays["mean_state"], dtype=np.float64)
+        self._mean_state = np.zeros(4, dtype=np.float64)
+        self._mean_state[: len(arrays["mean_state"])] = arrays["mean_state"]  # older states hold only the rating mean
         self._rng_state = np.array(arrays["rng_state"], dtype=np.uint64)
         self._negative_pool = np.array(arrays["negative_pool"], dtype=np.int64)
         self._negative_pool_state = np.array(arrays["negative_pool_state"], dtype=np.int64)
@@ -240,18 +258,20 @@ class OnlineMF:
         return vectors
 
     def ranking_biases(self, rows: np.ndarray | None = None) -> np.ndarray:
-        """Per-item term of the ranking score ``b_i + log1p(pool count of i) + p_u . q_i``.
+        """Per-item term of the ranking score ``b_i + w * log1p(pool count of i) + p_u . q_i``.
 
         Negatives are drawn from the pool of recent positives, so ``b_i`` learns
         popularity minus recent popularity; the log of the item's entries in
         that pool puts recent popularity back (on MovieLens in time order this
-        beats the all-time count: HR@10 0.0921 against 0.0870). It changes only
+        beats the all-time count: HR@10 0.0921 against 0.0870); ``w`` is
+        ``config.popularity_weight``. It changes only
         when the item enters or leaves the pool, and both mark the item
         changed, so an index built with it is stale exactly for changed items.
         """
         self._fit_item_arrays()
         rows = slice(0, len(self.items)) if rows is None else rows
-        return self.items.biases[rows] + np.log1p(self._pool_count[rows]).astype(np.float32)
+        popularity = np.log1p(self._pool_count[rows]).astype(np.float32)
+        return self.items.biases[rows] + np.float32(self.config.popularity_weight) * popularity
 
     def predict_rating(self, user_id: str, item_id: str) -> float:
         """Explicit-feedback prediction; unknown ids fall back to the biases/mean."""

@@ -112,9 +112,10 @@ def sgd_batch(
     """Apply events ``0..n-1`` in order; returns the summed loss of the batch.
 
     Explicit event (``ratings[e]`` is a number): squared loss on
-    ``mu + bu + bi + p.q``, with ``mu`` the running mean of all ratings.
+    ``mu + bu + bi + p.q``, with ``mu`` (``mean_state[0]``) the running mean of all ratings.
     Implicit event (``ratings[e]`` is NaN): logistic loss, the item as a
-    positive with confidence ``weights[e]`` and ``n_negatives`` negatives
+    positive with confidence ``weights[e]`` (relative to the running mean of
+    implicit weights, ``mean_state[2]``) and ``n_negatives`` negatives
     drawn from a ring buffer of recent positives, i.e. in proportion to recent
     popularity. Drawing negatives from recently active items (not uniformly)
     keeps the set of items an update moves small, which is what lets the
@@ -171,7 +172,11 @@ def sgd_batch(
             loss += err * err
             _step(P, Q, bu, bi, u, i, err, lr, lr_i, reg, True)
             continue
-        w = weights[e]
+        # Weights are relative confidences: dividing by their running mean keeps the average
+        # step at the learning rate whatever their scale (log play counts reach 10 and more).
+        mean_state[3] += 1.0
+        mean_state[2] += (weights[e] - mean_state[2]) / mean_state[3]
+        w = weights[e] / mean_state[2] if mean_state[2] > 0 else weights[e]
         # Sequence: the previous item's transition vector joins the user's, faded by the time
         # since that event. Events without a time (ts 0: shuffled logs) carry no sequence.
         elapsed = max(timestamps[e] - short_ts[u], 0)

@@ -28,6 +28,7 @@ from typing import IO
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from recstream.embeddings.model import epoch_rate_scale
 from recstream.stream.checkpoint import CheckpointStore
 from recstream.stream.events import EventDecoder
 from recstream.stream.state import RecState
@@ -145,7 +146,7 @@ def _csv_events(reader: IO[bytes], path: Path, columns: dict[str, str] | None, t
 def replay_file(state: RecState, decoder: EventDecoder, path: str | Path, epochs: int = 1,
                 columns: dict[str, str] | None = None, ts_unit: str = "ms", progress: Progress | None = None
                 ) -> ReplayResult:
-    """Apply the log ``epochs`` times, in file order, to ``state``."""
+    """Apply the log ``epochs`` times, in file order, to ``state``, step sizes decaying over the passes."""
     result = ReplayResult()
     started = time.monotonic()
     for epoch in range(epochs):
@@ -156,7 +157,7 @@ def replay_file(state: RecState, decoder: EventDecoder, path: str | Path, epochs
                 if result.rejected <= 5:
                     log.warning("skipping a bad event in %s: %s", path, bad[0][1])
             if len(batch):
-                state.apply(batch)
+                state.apply(batch, rate_scale=epoch_rate_scale(epoch, epochs))
                 result.events_applied += len(batch)
             if progress:
                 progress.update(result.events_applied, (epoch + fraction) / epochs)

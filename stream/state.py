@@ -39,8 +39,8 @@ class RecState:
         self.applied: dict[str, int] = {}  # valid events applied to the model
         self.index_version = 0
 
-    def apply(self, batch: EventBatch, topic: str | None = None,
-              partition_of_event: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def apply(self, batch: EventBatch, topic: str | None = None, partition_of_event: np.ndarray | None = None,
+              rate_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Learn from ``batch`` in order; ``partition_of_event`` (of ``topic``) feeds the per-partition counts.
 
         Returns the user and item rows of the events and each event's prequential loss
@@ -50,7 +50,7 @@ class RecState:
         items = self.model.items.rows(batch.item_ids)
         predictions = np.empty(len(users), dtype=np.float64)
         self.model.learn_rows(users, items, batch.ratings, batch.weights, predictions,
-                              np.maximum(batch.timestamps, 0))
+                              np.maximum(batch.timestamps, 0), rate_scale)
         self.history.add(users, items)
         if partition_of_event is not None:
             counts = np.bincount(partition_of_event)
