@@ -145,7 +145,7 @@ def sgd_batch(
     ``fade`` halves every ``short_half_life_ms`` of event time since the user's
     previous event (``short_ts[u]``); a burst of clicks pulls it along, a pause
     lets it fade back to nothing. ``OnlineMF.query_vectors`` adds it to the
-    long-term vector when ranking.
+    long-term vector when ranking. Events without a time (ts 0) leave it alone.
 
     Sequence (FPMC-style): each item also has a transition vector ``F[i]``; an
     implicit event scores ``b_j + (p_u + phi * F[prev]) . q_j`` with ``prev`` the
@@ -193,9 +193,10 @@ def sgd_batch(
             _step_seq(P, Q, F, bi, u, prev, phi, i, w * (1.0 - _sigmoid(x)), lr, lr_seq, lr_i, reg)
         else:
             _step(P, Q, bu, bi, u, i, w * (1.0 - _sigmoid(x)), lr, lr_i, reg, False)
-        for f in range(dim):
-            short[u, f] = short_keep * fade * short[u, f] + (1.0 - short_keep) * Q[i, f]
-        short_ts[u] = timestamps[e]
+        if timestamps[e] > 0:  # a session is a span of time: events without one carry none
+            for f in range(dim):
+                short[u, f] = short_keep * fade * short[u, f] + (1.0 - short_keep) * Q[i, f]
+            short_ts[u] = timestamps[e]
         last_item[u] = i
         filled = recent_state[1]
         for _ in range(n_negatives if filled > 0 else 0):

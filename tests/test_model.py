@@ -41,7 +41,8 @@ def test_implicit_step_matches_hand_computed_update():
     mf.users.rows(["u"]), mf.items.rows(["i"])
     p, q, _, bi = (a.astype(np.float64)[0] for a in _state(mf))
     weight = 2.0
-    g = weight * (1.0 - 1.0 / (1.0 + np.exp(-(bi + p @ q))))
+    relative = 1.0  # weights count relative to their running mean, which is 2.0 after this event
+    g = relative * (1.0 - 1.0 / (1.0 + np.exp(-(bi + p @ q))))
     want_p, want_q, want_bi = p + 0.05 * g * q, q + 0.3 * g * p, bi + 0.3 * g
 
     # The negative pool is empty before the first event, so this step has no negatives.
@@ -50,6 +51,19 @@ def test_implicit_step_matches_hand_computed_update():
     np.testing.assert_allclose(mf.users.vectors[0], want_p, rtol=1e-6)
     np.testing.assert_allclose(mf.items.vectors[0], want_q, rtol=1e-6)
     assert mf.items.biases[0] == pytest.approx(want_bi, rel=1e-6)
+
+
+def test_implicit_weights_count_relative_to_their_mean():
+    users, items, _, weights = _stream(2000)
+    nan = np.full(len(users), np.nan, np.float32)
+
+    def learned(w):
+        mf = OnlineMF(MFConfig(dim=8))
+        mf.learn(users, items, nan, w)
+        return mf.items.vectors.copy()
+
+    np.testing.assert_allclose(learned(weights), learned(10 * weights), rtol=1e-4, atol=1e-6)
+    assert not np.allclose(learned(weights), learned(np.ones_like(weights)), atol=1e-3)
 
 
 def test_ranking_bias_counts_recent_positives_and_marks_items_leaving_the_pool():

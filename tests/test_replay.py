@@ -9,7 +9,7 @@ import numpy as np
 import orjson
 import pytest
 from conftest import FAST_GROUP, produce, running, service_config, wait_for
-from recstream.embeddings.model import MFConfig
+from recstream.embeddings.model import MFConfig, epoch_rate_scale
 from recstream.stream.broker import create_topics
 from recstream.stream.config import EventsConfig
 from recstream.stream.events import EventDecoder
@@ -28,10 +28,10 @@ def _messages(n=6000, seed=0):
 def _direct(values, epochs=1):
     state = RecState(CFG)
     decoder = EventDecoder(EventsConfig())
-    for _ in range(epochs):
+    for epoch in range(epochs):
         for start in range(0, len(values), 1000):
             batch, bad = decoder.decode(values[start:start + 1000])
-            state.apply(batch)
+            state.apply(batch, rate_scale=epoch_rate_scale(epoch, epochs))
     return state
 
 
