@@ -110,6 +110,7 @@ class RecStreamService:
             self._tmp = tempfile.TemporaryDirectory(prefix="recstream-index-")
             index_dir = Path(self._tmp.name)
         self.state = RecState.load_or_new(self.store, config.model, out.history_per_user)
+        self.state.use_text_encoder(config.content.text_encoder)
         self.model = self.state.model
         self.model_lock = threading.Lock()
         self.recommender = Recommender(self.model, self.state.history if out.exclude_seen else None,
