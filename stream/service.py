@@ -287,8 +287,9 @@ class RecStreamService:
             features.append(item.get("features"))
             texts.append(item.get("text"))
         if ids:
+            encoded = self.state.encode_item_metadata(features, texts)  # the slow part, without the lock
             with self.model_lock:
-                self.state.set_item_metadata(ids, features, texts)
+                self.state.set_item_metadata(ids, features, texts, encoded)
             self.stats.item_metadata += len(ids)
         self._advance({(m.topic(), m.partition()): m.offset() + 1 for m in messages})
         self.stats.messages += len(messages)

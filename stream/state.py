@@ -74,17 +74,25 @@ class RecState:
         self.placeholders.release(self.model, items)
         self.model.learn_rows(users, items, ratings, weights, predictions, timestamps)
 
-    def set_item_metadata(self, item_ids: list[str], features: list[dict | None], texts: list[str | None]) -> int:
-        """Record items' content features (items are created if new).
+    def encode_item_metadata(self, features: list[dict | None], texts: list[str | None]
+                             ) -> tuple[list[list[str]], np.ndarray | None]:
+        """Items' feature names and text vectors (or None). Reads no learned state, so the service
+        runs it outside the model lock: MiniLM takes a few milliseconds per text on a CPU."""
+        vectors = self.text_encoder.vectors(texts)
+        return [metadata_features(f) + self.text_encoder.features(t) for f, t in zip(features, texts)], vectors
+
+    def set_item_metadata(self, item_ids: list[str], features: list[dict | None], texts: list[str | None],
+                          encoded: tuple[list[list[str]], np.ndarray | None] | None = None) -> int:
+        """Record items' content features (items are created if new); ``encoded``: the
+        :meth:`encode_item_metadata` of ``features`` and ``texts``, if already made.
 
         Once the content regression has been fitted, items without events get their
         placeholder at once, not at the next refresh; returns how many did.
         """
+        names, vectors = encoded if encoded is not None else self.encode_item_metadata(features, texts)
         rows = self.model.items.rows(item_ids)
-        vectors = self.text_encoder.vectors(texts)
-        for n, (row, feats, text) in enumerate(zip(rows.tolist(), features, texts)):
-            names = metadata_features(feats) + self.text_encoder.features(text)
-            self.content.set(row, names, None if vectors is None else vectors[n])
+        for n, row in enumerate(rows.tolist()):
+            self.content.set(row, names[n], None if vectors is None else vectors[n])
         return self.placeholders.place(self.model, self.content, self.projector, rows)
 
     def refresh_cold_items(self, min_count: int = 5) -> int:
