@@ -131,7 +131,8 @@ def _hit_and_gain(scores: np.ndarray, target: int, seen: np.ndarray) -> tuple[fl
 
 def prequential_implicit(data: Interactions, config: MFConfig, ranker: str = "model",
                          item_metadata: dict[str, tuple[dict | None, str | None]] | None = None,
-                         refresh_every: int = 5000, cold_count: int = 5) -> EvalResult:
+                         refresh_every: int = 5000, cold_count: int = 5, text_encoder: str = "hashed"
+                         ) -> EvalResult:
     """HR@10 / NDCG@10 of rank-then-learn, event by event; ``ranker``: "model" or "popularity" (so far).
 
     An event is ranked among the items that exist before it (seen in an earlier
@@ -139,14 +140,17 @@ def prequential_implicit(data: Interactions, config: MFConfig, ranker: str = "mo
     not had yet. An event on an item that does not exist yet cannot be ranked
     and is left out of the main metrics. ``hit_rate@10_cold`` covers the events
     on items with fewer than ``cold_count`` earlier events, counting unrankable
-    ones as misses, so runs with and without metadata compare on the same events.
-    With metadata, cold items get content vectors every ``refresh_every`` events.
+    ones as misses, so runs with and without metadata compare on the same events;
+    ``hit_rate@10_warm`` covers the others (always rankable, the same events in every run).
+    With metadata (text encoded by ``text_encoder``, see embeddings.text),
+    items with no events get content vectors every ``refresh_every`` events.
     """
     from recstream.stream.state import RecState  # the service's state: same learning and content code
 
     item_index, n_items = _rows(data.item_ids)
     state = RecState(config, history_per_user=1_000_000) if ranker == "model" else None
     if state is not None and item_metadata:
+        state.use_text_encoder(text_encoder)
         ids = list(item_metadata)
         state.set_item_metadata(ids, [item_metadata[i][0] for i in ids], [item_metadata[i][1] for i in ids])
     counts = np.zeros(n_items, dtype=np.float64)
@@ -175,7 +179,7 @@ def prequential_implicit(data: Interactions, config: MFConfig, ranker: str = "mo
                     hits[n], gains[n] = _hit_and_gain(scores, row, np.asarray(history, dtype=np.int64))
             batch_users = model.users.rows(data.user_ids[n:n + 1])
             batch_items = model.items.rows(data.item_ids[n:n + 1])
-            model.learn_rows(batch_users, batch_items, no_rating, data.weights[n:n + 1], None,
+            state.learn_rows(batch_users, batch_items, no_rating, data.weights[n:n + 1], None,
                              data.timestamps[n:n + 1])
             row = int(batch_items[0])
             if item_metadata and (n + 1) % refresh_every == 0:
@@ -197,7 +201,8 @@ def prequential_implicit(data: Interactions, config: MFConfig, ranker: str = "mo
                        "events_per_s": len(data) / seconds, "hit_rate@10": hit_rate,
                        "ndcg@10": float(gains[evaluated].sum() / count), "recall@10": hit_rate,
                        "cold_events": int(cold.sum()),
-                       "hit_rate@10_cold": float(hits[cold].sum() / max(int(cold.sum()), 1))},
+                       "hit_rate@10_cold": float(hits[cold].sum() / max(int(cold.sum()), 1)),
+                       "hit_rate@10_warm": float(hits[~cold].sum() / max(int((~cold).sum()), 1))},
                       hits[evaluated])
 
 

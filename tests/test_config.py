@@ -35,6 +35,7 @@ def test_file_and_overrides(tmp_path):
     ({"events.default_event_type": "tap"}, "events.default_event_type"),
     ({"index.rebuild_changed_fraction": 2}, "index.rebuild_changed_fraction"),
     ({"colour": "blue"}, "colour: unknown setting"),
+    ({"content.text_encoder": "bert"}, "content.text_encoder: must be hashed or minilm"),
 ])
 def test_bad_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
