@@ -41,6 +41,9 @@ class MFConfig:
     new_item_learning_rate: float = 0.2
     new_item_events: float = 10.0
     transition_learning_rate: float = 0.4  # the sequence signal's per-item transition vectors
+    # Rating biases are running means: step 1/(events + bias_prior_events), never below bias_learning_rate.
+    bias_learning_rate: float = 0.05
+    bias_prior_events: float = 5.0
     # Ranking adds popularity_weight * log1p(recent popularity): 1 is what the sampled negatives
     # took out; less favours personal over popular items.
     popularity_weight: float = 1.0
@@ -87,6 +90,7 @@ class OnlineMF:
         self._item_events = np.zeros(1024, dtype=np.int64)  # events of any kind per item
         self._short = np.zeros((1024, config.dim), dtype=np.float32)  # per user: recent-items vector
         self._short_ts = np.zeros(1024, dtype=np.int64)  # per user: event time of that vector
+        self._user_events = np.zeros(1024, dtype=np.int64)  # per user: events of any kind
         self._transition = np.zeros((1024, config.dim), dtype=np.float32)  # per item: where users go next
         self._last_item = np.full(1024, -1, dtype=np.int64)  # per user: last implicit item
         self.model_version = 0
@@ -136,13 +140,14 @@ class OnlineMF:
         Q, bi = self.items.storage
         cfg = self.config
         loss = sgd_batch(
-            P, Q, bu, bi, self._item_seq, self._item_events,
+            P, Q, bu, bi, self._item_seq, self._item_events, self._user_events,
             user_rows, item_rows,
             np.ascontiguousarray(ratings, dtype=np.float32),
             np.ascontiguousarray(weights, dtype=np.float32),
             self._mean_state, self._rng_state, self._negative_pool, self._negative_pool_state,
             np.float32(cfg.learning_rate * rate_scale), np.float32(cfg.new_item_learning_rate * rate_scale),
             np.float32(cfg.new_item_events), np.float32(cfg.transition_learning_rate * rate_scale),
+            np.float32(cfg.bias_learning_rate * rate_scale), np.float32(cfg.bias_prior_events),  # 1/n shrinks by itself
             np.float32(cfg.regularization),
             cfg.n_negatives, self.model_version, predictions,
             np.ascontiguousarray(timestamps, dtype=np.int64), self._short, self._short_ts,
@@ -157,6 +162,7 @@ class OnlineMF:
         if n_users > len(self._short_ts):
             self._short = _grown(self._short, n_users)
             self._short_ts = _grown(self._short_ts, n_users)
+            self._user_events = _grown(self._user_events, n_users)
             self._last_item = _grown(self._last_item, n_users, fill=-1)
 
     def _fit_item_arrays(self) -> None:
@@ -197,6 +203,7 @@ class OnlineMF:
             "item_events": self._item_events[:n_items],
             "short_vectors": self._short[: len(self.users)],
             "short_ts": self._short_ts[: len(self.users)],
+            "user_events": self._user_events[: len(self.users)],
             "last_item": self._last_item[: len(self.users)],
             "transition_vectors": self._transition[:n_items],
             "counters": np.array([self.model_version, self.events_applied], dtype=np.int64),
@@ -223,10 +230,12 @@ class OnlineMF:
         self._transition = np.array(arrays["transition_vectors"], dtype=np.float32).reshape(-1, self.config.dim)
         self._short = np.array(arrays["short_vectors"], dtype=np.float32).reshape(-1, self.config.dim)
         self._short_ts = np.array(arrays["short_ts"], dtype=np.int64)
+        # States written before per-user counts existed start them at 0.
+        self._user_events = np.array(arrays.get("user_events", np.zeros(len(self._short_ts))), dtype=np.int64)
         self._last_item = np.array(arrays["last_item"], dtype=np.int64)
         for name in ("_item_seq", "_pool_count", "_item_events", "_transition"):
             setattr(self, name, _grown(getattr(self, name), 1024))
-        for name, fill in (("_short", 0), ("_short_ts", 0), ("_last_item", -1)):
+        for name, fill in (("_short", 0), ("_short_ts", 0), ("_user_events", 0), ("_last_item", -1)):
             setattr(self, name, _grown(getattr(self, name), 1024, fill))
         self.model_version, self.events_applied = (int(x) for x in arrays["counters"])
 

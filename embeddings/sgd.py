@@ -73,7 +73,13 @@ def _item_rate(lr, lr_new, events, new_events):
 
 
 @njit(cache=True, inline="always")
-def _step(P, Q, bu, bi, u, j, g, lr, lr_item, reg, user_bias):
+def _bias_rate(lr_bias, events, prior_events):
+    """A rating bias's step size: a running mean's ``1/n`` (shrunk by ``prior_events``) until it reaches ``lr_bias``."""
+    return max(lr_bias, 1.0 / (events + prior_events))
+
+
+@njit(cache=True, inline="always")
+def _step(P, Q, bu, bi, u, j, g, lr, lr_item, lr_bu, lr_bi, reg):
     """One SGD step moving the score of (u, j) along ``g`` (the loss gradient, sign flipped)."""
     dim = P.shape[1]
     for f in range(dim):
@@ -81,9 +87,8 @@ def _step(P, Q, bu, bi, u, j, g, lr, lr_item, reg, user_bias):
         qj = Q[j, f]
         P[u, f] = pu + lr * (g * qj - reg * pu)
         Q[j, f] = qj + lr_item * (g * pu - reg * qj)
-    bi[j] += lr_item * (g - reg * bi[j])
-    if user_bias:
-        bu[u] += lr * (g - reg * bu[u])
+    bi[j] += lr_bi * (g - reg * bi[j])
+    bu[u] += lr_bu * (g - reg * bu[u])
 
 
 @njit(cache=True, inline="always")
@@ -102,10 +107,10 @@ def _step_seq(P, Q, F, bi, u, prev, phi, j, g, lr, lr_seq, lr_item, reg):
 
 @njit(cache=True, nogil=True)
 def sgd_batch(
-    P, Q, bu, bi, item_seq, item_events,
+    P, Q, bu, bi, item_seq, item_events, user_events,
     users, items, ratings, weights,
     mean_state, rng_state, recent_items, recent_state,
-    lr, lr_new, new_events, lr_seq, reg, n_negatives, seq, predictions,
+    lr, lr_new, new_events, lr_seq, lr_bias, bias_prior, reg, n_negatives, seq, predictions,
     timestamps, short, short_ts, short_keep, short_half_life_ms,
     F, last_item, pool_count,
 ):
@@ -113,6 +118,9 @@ def sgd_batch(
 
     Explicit event (``ratings[e]`` is a number): squared loss on
     ``mu + bu + bi + p.q``, with ``mu`` (``mean_state[0]``) the running mean of all ratings.
+    A bias is a mean of residuals: it steps by ``1 / (events + bias_prior)``
+    until that falls to ``lr_bias``, so a new user's or item's bias settles
+    in a few ratings and an old one still follows drift.
     Implicit event (``ratings[e]`` is NaN): logistic loss, the item as a
     positive with confidence ``weights[e]`` (relative to the running mean of
     implicit weights, ``mean_state[2]``) and ``n_negatives`` negatives
@@ -135,7 +143,7 @@ def sgd_batch(
     fast-moving signal (on MovieLens HR@10 rises up to about twice ``lr_new``).
 
     ``item_seq[i]`` is set to ``seq`` for every item whose row moved;
-    ``item_events[i]`` counts the events of any kind on item i.
+    ``item_events[i]`` and ``user_events[u]`` count the events of any kind on each id.
     ``predictions[e]`` receives the model's output for event e *before* learning
     from it (the rating estimate, or the implicit score): prequential evaluation
     reads it.
@@ -161,6 +169,7 @@ def sgd_batch(
         item_seq[i] = seq
         lr_i = _item_rate(lr, lr_new, item_events[i], new_events)  # by the events before this one
         item_events[i] += 1
+        user_events[u] += 1
         dot = 0.0
         for f in range(dim):
             dot += P[u, f] * Q[i, f]
@@ -170,7 +179,8 @@ def sgd_batch(
             mean_state[0] += (r - mean_state[0]) / mean_state[1]
             err = r - (mean_state[0] + bu[u] + bi[i] + dot)
             loss += err * err
-            _step(P, Q, bu, bi, u, i, err, lr, lr_i, reg, True)
+            _step(P, Q, bu, bi, u, i, err, lr, lr_i, _bias_rate(lr_bias, user_events[u], bias_prior),
+                  _bias_rate(lr_bias, item_events[i] - 1, bias_prior), reg)
             continue
         # Weights are relative confidences: dividing by their running mean keeps the average
         # step at the learning rate whatever their scale (log play counts reach 10 and more).
@@ -192,7 +202,7 @@ def sgd_batch(
         if phi > 0:
             _step_seq(P, Q, F, bi, u, prev, phi, i, w * (1.0 - _sigmoid(x)), lr, lr_seq, lr_i, reg)
         else:
-            _step(P, Q, bu, bi, u, i, w * (1.0 - _sigmoid(x)), lr, lr_i, reg, False)
+            _step(P, Q, bu, bi, u, i, w * (1.0 - _sigmoid(x)), lr, lr_i, 0.0, lr_i, reg)
         if timestamps[e] > 0:  # a session is a span of time: events without one carry none
             for f in range(dim):
                 short[u, f] = short_keep * fade * short[u, f] + (1.0 - short_keep) * Q[i, f]
@@ -212,7 +222,7 @@ def sgd_batch(
                     xj += phi * F[prev, f] * Q[j, f]
                 _step_seq(P, Q, F, bi, u, prev, phi, j, -_sigmoid(xj), lr, lr_seq, lr_j, reg)
             else:
-                _step(P, Q, bu, bi, u, j, -_sigmoid(xj), lr, lr_j, reg, False)
+                _step(P, Q, bu, bi, u, j, -_sigmoid(xj), lr, lr_j, 0.0, lr_j, reg)
             item_seq[j] = seq
         pos = recent_state[0]
         if filled == cap:

@@ -148,6 +148,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "model.new_item_events": (lambda v: v > 0, "a positive number"),
     "model.transition_learning_rate": (lambda v: 0 <= v < 10, "a number in [0, 10)"),
     "model.popularity_weight": (lambda v: v >= 0, "a number >= 0"),
+    "model.bias_learning_rate": (lambda v: 0 < v < 10, "a number in (0, 10)"),
+    "model.bias_prior_events": (lambda v: v > 0, "a positive number"),
     "model.regularization": (lambda v: 0 <= v < 10, "a number in [0, 10)"),
     "model.n_negatives": (lambda v: 0 <= v <= 1000, "an integer from 0 to 1000"),
     "model.init_std": (lambda v: 0 <= v < 10, "a number in [0, 10)"),

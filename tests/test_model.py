@@ -12,7 +12,8 @@ def _state(mf: OnlineMF):
 
 
 def test_explicit_step_matches_hand_computed_update():
-    cfg = MFConfig(dim=3, learning_rate=0.1, new_item_learning_rate=0.1, regularization=0.01, seed=5)
+    cfg = MFConfig(dim=3, learning_rate=0.1, new_item_learning_rate=0.1, bias_learning_rate=0.1, bias_prior_events=1e9,
+                   regularization=0.01, seed=5)
     mf = OnlineMF(cfg)
     mf.users.rows(["u"]), mf.items.rows(["i"])
     p, q, bu, bi = (a.astype(np.float64) for a in _state(mf))
