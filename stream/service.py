@@ -559,7 +559,12 @@ class RecStreamService:
         for tp in partitions:
             if tp.offset >= 0:
                 # The state continues from here: checkpoints and commits must not go back before it.
-                self.state.positions[f"{tp.topic}/{tp.partition}"] = tp.offset
+                key = f"{tp.topic}/{tp.partition}"
+                if self.state.positions.get(key) != tp.offset:
+                    # A jump past events another member applied: the next checkpoint records it
+                    # even if no event follows (else the stored position stays behind).
+                    self._state_changed = True
+                self.state.positions[key] = tp.offset
                 self._commit_floor[(tp.topic, tp.partition)] = tp.offset
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
