@@ -17,6 +17,23 @@ def _grown(array: np.ndarray, needed: int, fill: float = 0) -> np.ndarray:
     return grown
 
 
+def _resized_ring(ring: np.ndarray, state: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ring of recent positives at ``capacity``, keeping its newest entries (a changed
+    ``model.negative_pool`` keeps a state usable; the same size keeps it bit-identical).
+
+    >>> _resized_ring(np.array([4, 5, 2, 3]), np.array([2, 4]), 3)  # oldest to newest: 2 3 4 5
+    (array([3, 4, 5]), array([0, 3]))
+    """
+    position, filled = int(state[0]), int(state[1])
+    if len(ring) == capacity:
+        return ring.copy(), np.array([position, filled], dtype=np.int64)
+    ordered = np.concatenate([ring[position:], ring[:position]]) if filled == len(ring) else ring[:filled]
+    kept = ordered[-capacity:]
+    resized = np.zeros(capacity, dtype=np.int64)
+    resized[: len(kept)] = kept
+    return resized, np.array([len(kept) % capacity, len(kept)], dtype=np.int64)
+
+
 def epoch_rate_scale(epoch: int, epochs: int) -> float:
     """Step-size factor for pass ``epoch`` (from 0) of ``epochs`` over a log: a linear decay.
 
@@ -40,7 +57,7 @@ class MFConfig:
     # their events pass new_item_events (see sgd_batch).
     new_item_learning_rate: float = 0.2
     new_item_events: float = 10.0
-    transition_learning_rate: float = 0.4  # the sequence signal's per-item transition vectors
+    transition_learning_rate: float = 0.2  # the sequence signal's per-item transition vectors
     # Rating biases are running means: step 1/(events + bias_prior_events), never below bias_learning_rate.
     bias_learning_rate: float = 0.05
     bias_prior_events: float = 5.0
@@ -147,7 +164,7 @@ class OnlineMF:
             self._mean_state, self._rng_state, self._negative_pool, self._negative_pool_state,
             np.float32(cfg.learning_rate * rate_scale), np.float32(cfg.new_item_learning_rate * rate_scale),
             np.float32(cfg.new_item_events), np.float32(cfg.transition_learning_rate * rate_scale),
-            np.float32(cfg.bias_learning_rate * rate_scale), np.float32(cfg.bias_prior_events),  # 1/n shrinks by itself
+            np.float32(cfg.bias_learning_rate * rate_scale), np.float32(cfg.bias_prior_events), np.float32(rate_scale),
             np.float32(cfg.regularization),
             cfg.n_negatives, self.model_version, predictions,
             np.ascontiguousarray(timestamps, dtype=np.int64), self._short, self._short_ts,
@@ -212,16 +229,14 @@ class OnlineMF:
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         """Restore :meth:`state_arrays` output; raises ValueError if it does not fit this config."""
-        if len(arrays["negative_pool"]) != self.config.negative_pool:
-            raise ValueError(f"model.negative_pool is {self.config.negative_pool} but the state has "
-                             f"{len(arrays['negative_pool'])}")
         self.users.load_arrays({k[6:]: v for k, v in arrays.items() if k.startswith("users.")})
         self.items.load_arrays({k[6:]: v for k, v in arrays.items() if k.startswith("items.")})
         self._mean_state = np.zeros(4, dtype=np.float64)
         self._mean_state[: len(arrays["mean_state"])] = arrays["mean_state"]  # older states hold only the rating mean
         self._rng_state = np.array(arrays["rng_state"], dtype=np.uint64)
-        self._negative_pool = np.array(arrays["negative_pool"], dtype=np.int64)
-        self._negative_pool_state = np.array(arrays["negative_pool_state"], dtype=np.int64)
+        self._negative_pool, self._negative_pool_state = _resized_ring(
+            np.asarray(arrays["negative_pool"], dtype=np.int64), np.asarray(arrays["negative_pool_state"]),
+            self.config.negative_pool)
         # Stored arrays are exactly as long as the tables; growing gives them their spare capacity.
         self._item_seq = np.array(arrays["item_seq"], dtype=np.int64)
         filled = int(self._negative_pool_state[1])

@@ -73,9 +73,10 @@ def _item_rate(lr, lr_new, events, new_events):
 
 
 @njit(cache=True, inline="always")
-def _bias_rate(lr_bias, events, prior_events):
-    """A rating bias's step size: a running mean's ``1/n`` (shrunk by ``prior_events``) until it reaches ``lr_bias``."""
-    return max(lr_bias, 1.0 / (events + prior_events))
+def _bias_rate(lr_bias, events, prior_events, scale):
+    """A rating bias's step size: a running mean's ``1/n`` (shrunk by ``prior_events``) until it
+    reaches ``lr_bias``; ``scale`` is the pass's decay (``lr_bias`` comes scaled already)."""
+    return max(lr_bias, scale / (events + prior_events))
 
 
 @njit(cache=True, inline="always")
@@ -110,7 +111,7 @@ def sgd_batch(
     P, Q, bu, bi, item_seq, item_events, user_events,
     users, items, ratings, weights,
     mean_state, rng_state, recent_items, recent_state,
-    lr, lr_new, new_events, lr_seq, lr_bias, bias_prior, reg, n_negatives, seq, predictions,
+    lr, lr_new, new_events, lr_seq, lr_bias, bias_prior, rate_scale, reg, n_negatives, seq, predictions,
     timestamps, short, short_ts, short_keep, short_half_life_ms,
     F, last_item, pool_count,
 ):
@@ -167,7 +168,10 @@ def sgd_batch(
         i = items[e]
         r = ratings[e]
         item_seq[i] = seq
-        lr_i = _item_rate(lr, lr_new, item_events[i], new_events)  # by the events before this one
+        # Rates go by the events before this one.
+        lr_i = _item_rate(lr, lr_new, item_events[i], new_events)
+        events_i = item_events[i]
+        events_u = user_events[u]
         item_events[i] += 1
         user_events[u] += 1
         dot = 0.0
@@ -179,14 +183,18 @@ def sgd_batch(
             mean_state[0] += (r - mean_state[0]) / mean_state[1]
             err = r - (mean_state[0] + bu[u] + bi[i] + dot)
             loss += err * err
-            _step(P, Q, bu, bi, u, i, err, lr, lr_i, _bias_rate(lr_bias, user_events[u], bias_prior),
-                  _bias_rate(lr_bias, item_events[i] - 1, bias_prior), reg)
+            _step(P, Q, bu, bi, u, i, err, lr, lr_i, _bias_rate(lr_bias, events_u, bias_prior, rate_scale),
+                  _bias_rate(lr_bias, events_i, bias_prior, rate_scale), reg)
             continue
         # Weights are relative confidences: dividing by their running mean keeps the average
         # step at the learning rate whatever their scale (log play counts reach 10 and more).
-        mean_state[3] += 1.0
-        mean_state[2] += (weights[e] - mean_state[2]) / mean_state[3]
-        w = weights[e] / mean_state[2] if mean_state[2] > 0 else weights[e]
+        # (Non-positive weights teach nothing and stay out of the mean; one event never steps more
+        # than 10 times the average, whatever came before it.)
+        raw = weights[e]
+        if raw > 0:
+            mean_state[3] += 1.0
+            mean_state[2] += (raw - mean_state[2]) / mean_state[3]
+        w = min(raw / mean_state[2], 10.0) if raw > 0 else 0.0
         # Sequence: the previous item's transition vector joins the user's, faded by the time
         # since that event. Events without a time (ts 0: shuffled logs) carry no sequence.
         elapsed = max(timestamps[e] - short_ts[u], 0)
@@ -207,7 +215,7 @@ def sgd_batch(
             for f in range(dim):
                 short[u, f] = short_keep * fade * short[u, f] + (1.0 - short_keep) * Q[i, f]
             short_ts[u] = timestamps[e]
-        last_item[u] = i
+            last_item[u] = i
         filled = recent_state[1]
         for _ in range(n_negatives if filled > 0 else 0):
             j = recent_items[np.int64(_next_u64(rng_state) % np.uint64(filled))]

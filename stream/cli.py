@@ -156,6 +156,10 @@ def _load_interactions(args: argparse.Namespace, config: ServiceConfig):
                             data.ratings[order], data.weights[order], data.timestamps[order])
     if args.weight_transform == "log1p":
         data.weights = np.log1p(data.weights).astype(np.float32)
+    bad_weights = ~(np.isfinite(data.weights) & (data.weights > 0))
+    if bad_weights.any():  # the model takes weights as relative confidences: they must be positive
+        raise ConfigError(f"--columns weight: {int(bad_weights.sum())} events have a weight that is not a positive "
+                          f"number (first: {data.weights[bad_weights][0]} at event {int(np.argmax(bad_weights))})")
     if args.mode == "implicit":
         data.ratings = np.full(len(data), np.nan, dtype=np.float32)  # every event is an interaction
     elif np.isnan(data.ratings).all():

@@ -22,7 +22,7 @@ from recstream.stream.events import EventBatch
 log = logging.getLogger(__name__)
 
 # Changing any of these makes stored vectors meaningless or unloadable.
-_MUST_MATCH = ("dim", "negative_pool")
+_MUST_MATCH = ("dim",)
 
 
 class RecState:

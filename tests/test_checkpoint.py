@@ -31,23 +31,25 @@ def _assert_same_model(a: RecState, b: RecState):
     assert a.model.users.ids.ids == b.model.users.ids.ids and a.model.items.ids.ids == b.model.items.ids.ids
 
 
-def test_restore_then_continue_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("config", [CFG, MFConfig(dim=8, seed=7, negative_pool=500)], ids=["ring-filling", "ring-wrapped"])
+def test_restore_then_continue_equals_uninterrupted(tmp_path, config):
     batches = _batches()
     store = CheckpointStore(tmp_path)
-    whole = RecState(CFG)
+    whole = RecState(config)
     for b in batches:
         whole.apply(b, "t", np.zeros(len(b), dtype=np.int64))
-    part = RecState(CFG)
+    part = RecState(config)
     for b in batches[:3]:
         part.apply(b, "t", np.zeros(len(b), dtype=np.int64))
     part.advance({"t/0": 6000})
     part.save(store)
-    resumed = RecState.restore(store.load_latest(), CFG)
+    resumed = RecState.restore(store.load_latest(), config)
     assert resumed.positions == {"t/0": 6000} and resumed.applied == {"t/0": 6000}
     assert [list(resumed.history.items_of(u)) for u in range(50)] == [list(part.history.items_of(u)) for u in range(50)]
     for b in batches[3:]:
         resumed.apply(b, "t", np.zeros(len(b), dtype=np.int64))
     _assert_same_model(whole, resumed)
+    np.testing.assert_array_equal(whole.model.ranking_biases(), resumed.model.ranking_biases())
     assert resumed.applied == {"t/0": 12000}
 
 

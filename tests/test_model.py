@@ -133,3 +133,50 @@ def test_table_growth_keeps_rows_and_init_is_order_independent():
     b.rows(["n5", "y"])
     np.testing.assert_array_equal(b.vectors[1], a.vectors[a.ids.get("y")])
     assert abs(float(a.vectors.std()) - 0.1) < 0.01
+
+
+def test_a_state_from_before_weight_means_user_counts_and_a_resized_pool_loads_and_learns():
+    mf = OnlineMF(MFConfig(dim=4, negative_pool=16))
+    mf.learn([f"u{n % 7}" for n in range(100)], [f"i{n % 23}" for n in range(100)])
+    old = {k: np.array(v) for k, v in mf.state_arrays().items()}
+    old["mean_state"] = old["mean_state"][:2]  # written before the weight mean existed
+    del old["user_events"]
+    newest = old["negative_pool"][np.r_[old["negative_pool_state"][0]:16, 0:old["negative_pool_state"][0]]]
+
+    bigger = OnlineMF(MFConfig(dim=4, negative_pool=32))
+    bigger.load_state_arrays(old)
+    assert bigger.state_arrays()["negative_pool_state"].tolist() == [16, 16]
+    pool_terms = bigger.ranking_biases() - bigger.items.biases
+    np.testing.assert_allclose(pool_terms, np.log1p(np.bincount(newest, minlength=len(bigger.items))), rtol=1e-6)
+    bigger.learn(["u1", "new-user"], ["i1", "new-item"])
+    assert np.isfinite(bigger.items.vectors).all() and bigger.events_applied == 102
+
+    smaller = OnlineMF(MFConfig(dim=4, negative_pool=8))
+    smaller.load_state_arrays(old)
+    assert smaller.state_arrays()["negative_pool"].tolist() == newest[-8:].tolist()
+
+
+def test_a_new_bias_is_the_running_mean_of_its_residuals_until_the_floor():
+    cfg = MFConfig(dim=2, init_std=0.0, regularization=0.0, bias_learning_rate=0.01, bias_prior_events=5)
+    mf = OnlineMF(cfg)  # no factors: predictions are mu + b_u + b_i
+    mf.learn(["a"], ["x"], ratings=np.array([4.0], np.float32))  # mu = 4, nothing to explain
+    mf.learn(["b", "b"], ["y", "z"], ratings=np.array([2.0, 2.0], np.float32))
+    b = mf.users.ids.get("b")
+    first = 2.0 - 3.0  # mu is 3 after the second rating
+    bu = first / 5.0  # 1 / (0 earlier events + 5)
+    second = 2.0 - (8.0 / 3.0 + bu + 0.0)  # z is a new item: its bias is 0
+    bu += second / 6.0
+    assert mf.users.biases[b] == pytest.approx(bu, rel=1e-5)
+
+
+def test_events_without_a_time_leave_short_term_interest_and_sequence_alone():
+    mf = OnlineMF(MFConfig(dim=4))
+    mf.learn_rows(mf.users.rows(["u"]), mf.items.rows(["a"]), np.full(1, np.nan, np.float32),
+                  np.ones(1, np.float32), None, np.array([1_000], np.int64))
+    arrays = mf.state_arrays()
+    short, last = arrays["short_vectors"].copy(), arrays["last_item"].copy()
+    mf.learn_rows(mf.users.rows(["u"] * 3), mf.items.rows(["b", "c", "d"]), np.full(3, np.nan, np.float32),
+                  np.ones(3, np.float32), None, np.zeros(3, np.int64))
+    np.testing.assert_array_equal(mf.state_arrays()["short_vectors"], short)
+    np.testing.assert_array_equal(mf.state_arrays()["last_item"], last)
+    assert not mf.state_arrays()["transition_vectors"].any()
