@@ -83,6 +83,7 @@ class IndexRefresher:
         self.failures = 0
         self.item_drift = 0.0  # mean cosine distance of item vectors between the last two builds
         self._previous_vectors: np.ndarray | None = None
+        self._previous_settled = np.zeros(0, dtype=bool)  # items with SETTLED_EVENTS events at that build
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -141,8 +142,14 @@ class IndexRefresher:
             biases = self.model.ranking_biases()
             settled = np.flatnonzero(self.model.interaction_counts(np.arange(len(vectors))) >= SETTLED_EVENTS)
         if self._previous_vectors is not None:
-            self.item_drift = mean_cosine_drift(self._previous_vectors, vectors, settled)
+            # Only items settled at the previous build too: one that got its first 50 events since
+            # then has left its random start, which is learning, not drift.
+            both = settled[settled < len(self._previous_settled)]
+            both = both[self._previous_settled[both]]
+            self.item_drift = mean_cosine_drift(self._previous_vectors, vectors, both)
         self._previous_vectors = vectors
+        self._previous_settled = np.zeros(len(vectors), dtype=bool)
+        self._previous_settled[settled] = True
         points = mips_item_vectors(vectors, biases)
         version = self.next_version
         self.next_version += 1

@@ -114,3 +114,21 @@ def test_index_path_agrees_with_exact_ranking_and_excludes_seen(tmp_path):
     assert overlap >= 0.8
     seen = mf.items.ids.get("i1")
     assert all(seen not in r.item_rows for r in exact + approx)
+
+
+def test_item_drift_counts_items_settled_at_both_builds(tmp_path):
+    mf = OnlineMF(MFConfig(dim=8, seed=3))
+    mf.learn([f"u{n % 40}" for n in range(3000)], [f"old{n % 20}" for n in range(3000)])  # 150 events each
+    mf.learn([f"u{n % 40}" for n in range(40)], [f"new{n % 20}" for n in range(40)])  # 2 events each
+    refresher = IndexRefresher(mf, threading.Lock(), tmp_path, IndexConfig(n_trees=2))
+    refresher.rebuild()
+    # New items pass 50 events between the builds: they leave their random start, which is not drift.
+    mf.learn([f"u{n % 40}" for n in range(2000)], [f"new{n % 20}" for n in range(2000)])
+    old = mf.items.rows([f"old{n}" for n in range(20)])
+    mf.set_item_rows(old, mf.items.vectors[old].copy(), mf.items.biases[old].copy())  # old items unchanged
+    refresher.rebuild()
+    calm = refresher.item_drift
+    # A planted change: every old item's vector turns around.
+    mf.set_item_rows(old, -mf.items.vectors[old], mf.items.biases[old].copy())
+    refresher.rebuild()
+    assert calm < 0.05 and refresher.item_drift > 0.9, (calm, refresher.item_drift)  # half the settled items turned
