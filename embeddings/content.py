@@ -162,6 +162,17 @@ class ContentProjector:
         self.weights: np.ndarray | None = None  # (n_features + dense dim, dim + 1)
         self._n_sparse = 0
 
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The fitted regression (nothing before the first fit), for checkpoints."""
+        if self.weights is None:
+            return {}
+        return {"weights": self.weights, "n_sparse": np.array([self._n_sparse], dtype=np.int64)}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        if "weights" in arrays:
+            self.weights = np.array(arrays["weights"], dtype=np.float64)
+            self._n_sparse = int(arrays["n_sparse"][0])
+
     def fit(self, model: OnlineMF, content: ItemContent, min_count: int) -> int:
         """Refit on the items with at least ``min_count`` events that have features; returns how many."""
         rows = content.items()

@@ -115,6 +115,8 @@ class RecState:
         arrays.update({f"history.{k}": v for k, v in self.history.to_arrays().items()})
         arrays.update({f"content.{k}": v for k, v in self.content.to_arrays().items()})
         arrays.update({f"content.{k}": v for k, v in self.placeholders.to_arrays().items()})
+        # The fitted regression too: metadata arriving after a restart gets its placeholder at once.
+        arrays.update({f"projector.{k}": np.array(v, copy=True) for k, v in self.projector.to_arrays().items()})
         meta = {
             "model_config": asdict(self.model.config),
             "positions": dict(self.positions),
@@ -151,6 +153,7 @@ class RecState:
             content = {k[8:]: v for k, v in arrays.items() if k.startswith("content.")}
             state.content.load_arrays(content)
             state.placeholders.load_arrays(content)
+        state.projector.load_arrays({k[10:]: v for k, v in arrays.items() if k.startswith("projector.")})
         state.positions = {k: int(v) for k, v in checkpoint.meta.get("positions", {}).items()}
         state.applied = {k: int(v) for k, v in checkpoint.meta.get("applied", {}).items()}
         state.index_version = int(checkpoint.meta.get("index_version", 0))

@@ -100,6 +100,21 @@ def test_metadata_arriving_after_a_fit_gets_its_placeholder_at_once():
     assert late in state.placeholders.rows()
 
 
+def test_the_fitted_regression_survives_a_checkpoint(tmp_path):
+    state = RecState(MFConfig(dim=4, seed=1))
+    state.set_item_metadata([f"i{n}" for n in range(10)], [{"genres": [f"g{n % 2}"]} for n in range(10)], [None] * 10)
+    state.model.learn(["u"] * 100, [f"i{n % 10}" for n in range(100)])
+    state.refresh_cold_items(min_count=5)
+    store = CheckpointStore(tmp_path)
+    state.save(store)
+    restored = RecState.restore(store.load_latest(), MFConfig(dim=4, seed=1))
+    # Metadata after the restart gets its placeholder at once, as it would have without the restart.
+    for s in (state, restored):
+        assert s.set_item_metadata(["late"], [{"genres": ["g1"]}], [None]) == 1
+    late = state.model.items.ids.get("late")
+    np.testing.assert_array_equal(restored.model.items.vectors[late], state.model.items.vectors[late])
+
+
 def test_dense_text_vectors_enter_the_regression():
     content = ItemContent()
     directions = np.eye(3, dtype=np.float32)
