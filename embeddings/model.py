@@ -64,7 +64,7 @@ class MFConfig:
     # Ranking adds popularity_weight * log1p(recent popularity): 1 is what the sampled negatives
     # took out; less favours personal over popular items.
     popularity_weight: float = 1.0
-    regularization: float = 0.002
+    regularization: float = 0.005
     n_negatives: int = 4
     init_std: float = 0.1
     seed: int = 42
