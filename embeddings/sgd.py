@@ -113,7 +113,7 @@ def sgd_batch(
     mean_state, rng_state, recent_items, recent_state,
     lr, lr_new, new_events, lr_seq, lr_bias, bias_prior, rate_scale, reg, n_negatives, seq, predictions,
     timestamps, short, short_ts, short_keep, short_half_life_ms,
-    F, last_item, pool_count,
+    F, last_item, pool_count, scale, lr_scale, scale_reg,
 ):
     """Apply events ``0..n-1`` in order; returns the summed loss of the batch.
 
@@ -121,7 +121,10 @@ def sgd_batch(
     ``mu + bu + bi + p.q``, with ``mu`` (``mean_state[0]``) the running mean of all ratings.
     A bias is a mean of residuals: it steps by ``1 / (events + bias_prior)``
     until that falls to ``lr_bias``, so a new user's or item's bias settles
-    in a few ratings and an old one still follows drift.
+    in a few ratings and an old one still follows drift. Users also use the
+    rating scale differently (some spread 1-5, some stay within 3-4): the item
+    part enters as ``mu + bu + scale[u] * (bi + p.q)``, ``scale[u]`` learned
+    by ``lr_scale`` and pulled toward 1 by ``scale_reg``.
     Implicit event (``ratings[e]`` is NaN): logistic loss, the item as a
     positive with confidence ``weights[e]`` (relative to the running mean of
     implicit weights, ``mean_state[2]``) and ``n_negatives`` negatives
@@ -179,13 +182,17 @@ def sgd_batch(
         for f in range(dim):
             dot += P[u, f] * Q[i, f]
         if not np.isnan(r):
-            predictions[e] = mean_state[0] + bu[u] + bi[i] + dot
+            s = scale[u]
+            item_part = bi[i] + dot
+            predictions[e] = mean_state[0] + bu[u] + s * item_part
             mean_state[1] += 1.0
             mean_state[0] += (r - mean_state[0]) / mean_state[1]
-            err = r - (mean_state[0] + bu[u] + bi[i] + dot)
+            err = r - (mean_state[0] + bu[u] + s * item_part)
             loss += err * err
-            _step(P, Q, bu, bi, u, i, err, lr, lr_i, _bias_rate(lr_bias, events_u, bias_prior, rate_scale),
-                  _bias_rate(lr_bias, events_i, bias_prior, rate_scale), reg)
+            # The item part reaches the rating through the user's scale: its gradient carries s.
+            _step(P, Q, bu, bi, u, i, err * s, lr, lr_i, 0.0, _bias_rate(lr_bias, events_i, bias_prior, rate_scale), reg)
+            bu[u] += _bias_rate(lr_bias, events_u, bias_prior, rate_scale) * (err - reg * bu[u])
+            scale[u] = s + lr_scale * (err * item_part - scale_reg * (s - 1.0))
             continue
         # Weights are relative confidences: dividing by their running mean keeps the average
         # step at the learning rate whatever their scale (log play counts reach 10 and more).

@@ -135,12 +135,12 @@ def test_table_growth_keeps_rows_and_init_is_order_independent():
     assert abs(float(a.vectors.std()) - 0.1) < 0.01
 
 
-def test_a_state_from_before_weight_means_user_counts_and_a_resized_pool_loads_and_learns():
+def test_a_state_from_before_weight_means_user_counts_and_scales_with_a_resized_pool_loads_and_learns():
     mf = OnlineMF(MFConfig(dim=4, negative_pool=16))
     mf.learn([f"u{n % 7}" for n in range(100)], [f"i{n % 23}" for n in range(100)])
     old = {k: np.array(v) for k, v in mf.state_arrays().items()}
     old["mean_state"] = old["mean_state"][:2]  # written before the weight mean existed
-    del old["user_events"]
+    del old["user_events"], old["user_scale"]
     newest = old["negative_pool"][np.r_[old["negative_pool_state"][0]:16, 0:old["negative_pool_state"][0]]]
 
     bigger = OnlineMF(MFConfig(dim=4, negative_pool=32))
@@ -180,3 +180,21 @@ def test_events_without_a_time_leave_short_term_interest_and_sequence_alone():
     np.testing.assert_array_equal(mf.state_arrays()["short_vectors"], short)
     np.testing.assert_array_equal(mf.state_arrays()["last_item"], last)
     assert not mf.state_arrays()["transition_vectors"].any()
+
+
+def test_each_user_learns_how_widely_they_use_the_rating_scale():
+    mf = OnlineMF(MFConfig(dim=2, init_std=0.0))  # biases and scales only
+    items = [f"good{n}" for n in range(5)] + [f"bad{n}" for n in range(5)]
+    for user in range(30):  # most users: good items 4, bad items 2
+        mf.learn([f"u{user}"] * 10, items, ratings=np.array([4.0] * 5 + [2.0] * 5, np.float32))
+    for user, good, bad in (("wide", 5.0, 1.0), ("narrow", 3.5, 2.5)):
+        for _ in range(5):
+            mf.learn([user] * 10, items, ratings=np.array([good] * 5 + [bad] * 5, np.float32))
+    scale = mf.state_arrays()["user_scale"]
+    wide, narrow = scale[mf.users.ids.get("wide")], scale[mf.users.ids.get("narrow")]
+    assert wide > 1.3 and narrow < 0.8, (wide, narrow)
+
+    def spread(user):
+        return mf.predict_rating(user, "good0") - mf.predict_rating(user, "bad0")
+
+    assert spread("wide") > spread("u0") > spread("narrow")
