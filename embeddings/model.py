@@ -64,6 +64,9 @@ class MFConfig:
     # Each user's rating scale multiplies the item part of a rating (0 keeps it at 1).
     rating_scale_learning_rate: float = 0.08
     rating_scale_regularization: float = 0.03
+    # Each user's taste for well-known vs obscure items: a coefficient on the item's log event count.
+    popularity_taste_learning_rate: float = 0.01
+    popularity_taste_regularization: float = 0.05
     # Ranking adds popularity_weight * log1p(recent popularity): 1 is what the sampled negatives
     # took out; less favours personal over popular items.
     popularity_weight: float = 1.0
@@ -112,6 +115,7 @@ class OnlineMF:
         self._short_ts = np.zeros(1024, dtype=np.int64)  # per user: event time of that vector
         self._user_events = np.zeros(1024, dtype=np.int64)  # per user: events of any kind
         self._user_scale = np.ones(1024, dtype=np.float32)  # per user: how widely they use the rating scale
+        self._pop_taste = np.zeros(1024, dtype=np.float32)  # per user: rating shift per log event count of the item
         self._transition = np.zeros((1024, config.dim), dtype=np.float32)  # per item: where users go next
         self._last_item = np.full(1024, -1, dtype=np.int64)  # per user: last implicit item
         self.model_version = 0
@@ -176,6 +180,8 @@ class OnlineMF:
             self._transition, self._last_item, self._pool_count,
             self._user_scale, np.float32(cfg.rating_scale_learning_rate * rate_scale),
             np.float32(cfg.rating_scale_regularization),
+            self._pop_taste, np.float32(cfg.popularity_taste_learning_rate * rate_scale),
+            np.float32(cfg.popularity_taste_regularization),
         )
         self.events_applied += len(user_rows)
         return float(loss)
@@ -187,6 +193,7 @@ class OnlineMF:
             self._short_ts = _grown(self._short_ts, n_users)
             self._user_events = _grown(self._user_events, n_users)
             self._user_scale = _grown(self._user_scale, n_users, fill=1)
+            self._pop_taste = _grown(self._pop_taste, n_users)
             self._last_item = _grown(self._last_item, n_users, fill=-1)
 
     def _fit_item_arrays(self) -> None:
@@ -229,6 +236,7 @@ class OnlineMF:
             "short_ts": self._short_ts[: len(self.users)],
             "user_events": self._user_events[: len(self.users)],
             "user_scale": self._user_scale[: len(self.users)],
+            "popularity_taste": self._pop_taste[: len(self.users)],
             "last_item": self._last_item[: len(self.users)],
             "transition_vectors": self._transition[:n_items],
             "counters": np.array([self.model_version, self.events_applied], dtype=np.int64),
@@ -256,10 +264,12 @@ class OnlineMF:
         # States written before per-user counts existed start them at 0.
         self._user_events = np.array(arrays.get("user_events", np.zeros(len(self._short_ts))), dtype=np.int64)
         self._user_scale = np.array(arrays.get("user_scale", np.ones(len(self._short_ts))), dtype=np.float32)
+        self._pop_taste = np.array(arrays.get("popularity_taste", np.zeros(len(self._short_ts))), dtype=np.float32)
         self._last_item = np.array(arrays["last_item"], dtype=np.int64)
         for name in ("_item_seq", "_pool_count", "_item_events", "_transition"):
             setattr(self, name, _grown(getattr(self, name), 1024))
-        for name, fill in (("_short", 0), ("_short_ts", 0), ("_user_events", 0), ("_user_scale", 1), ("_last_item", -1)):
+        for name, fill in (("_short", 0), ("_short_ts", 0), ("_user_events", 0), ("_user_scale", 1), ("_pop_taste", 0),
+                           ("_last_item", -1)):
             setattr(self, name, _grown(getattr(self, name), 1024, fill))
         self.model_version, self.events_applied = (int(x) for x in arrays["counters"])
 
@@ -317,4 +327,8 @@ class OnlineMF:
             item_part += float(self.users.vectors[u] @ self.items.vectors[i])
         if u is None:
             return self.global_mean + item_part
-        return self.global_mean + float(self.users.biases[u]) + float(self._user_scale[u]) * item_part
+        taste = 0.0
+        if i is not None:
+            self._fit_item_arrays()
+            taste = float(self._pop_taste[u]) * (np.log1p(float(self._item_events[i])) - 2.0)
+        return self.global_mean + float(self.users.biases[u]) + taste + float(self._user_scale[u]) * item_part

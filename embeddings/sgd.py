@@ -113,7 +113,7 @@ def sgd_batch(
     mean_state, rng_state, recent_items, recent_state,
     lr, lr_new, new_events, lr_seq, lr_bias, bias_prior, rate_scale, reg, n_negatives, seq, predictions,
     timestamps, short, short_ts, short_keep, short_half_life_ms,
-    F, last_item, pool_count, scale, lr_scale, scale_reg,
+    F, last_item, pool_count, scale, lr_scale, scale_reg, pop_taste, lr_taste, taste_reg,
 ):
     """Apply events ``0..n-1`` in order; returns the summed loss of the batch.
 
@@ -124,7 +124,10 @@ def sgd_batch(
     in a few ratings and an old one still follows drift. Users also use the
     rating scale differently (some spread 1-5, some stay within 3-4): the item
     part enters as ``mu + bu + scale[u] * (bi + p.q)``, ``scale[u]`` learned
-    by ``lr_scale`` and pulled toward 1 by ``scale_reg``.
+    by ``lr_scale`` and pulled toward 1 by ``scale_reg``. And some rate
+    well-known items higher than obscure ones, some the other way:
+    ``pop_taste[u]`` times the item's centred log event count joins the
+    rating (learned by ``lr_taste``, pulled toward 0 by ``taste_reg``).
     Implicit event (``ratings[e]`` is NaN): logistic loss, the item as a
     positive with confidence ``weights[e]`` (relative to the running mean of
     implicit weights, ``mean_state[2]``) and ``n_negatives`` negatives
@@ -184,11 +187,14 @@ def sgd_batch(
         if not np.isnan(r):
             s = scale[u]
             item_part = bi[i] + dot
-            predictions[e] = mean_state[0] + bu[u] + s * item_part
+            popularity = np.log1p(events_i) - 2.0  # centred near a typical item's log count
+            taste = pop_taste[u] * popularity
+            predictions[e] = mean_state[0] + bu[u] + taste + s * item_part
             mean_state[1] += 1.0
             mean_state[0] += (r - mean_state[0]) / mean_state[1]
-            err = r - (mean_state[0] + bu[u] + s * item_part)
+            err = r - (mean_state[0] + bu[u] + taste + s * item_part)
             loss += err * err
+            pop_taste[u] += lr_taste * (err * popularity - taste_reg * pop_taste[u])
             # The item part reaches the rating through the user's scale: its gradient carries s.
             _step(P, Q, bu, bi, u, i, err * s, lr, lr_i, 0.0, _bias_rate(lr_bias, events_i, bias_prior, rate_scale), reg)
             bu[u] += _bias_rate(lr_bias, events_u, bias_prior, rate_scale) * (err - reg * bu[u])

@@ -152,6 +152,8 @@ _RULES: dict[str, tuple[Any, str]] = {
     "model.bias_prior_events": (lambda v: v > 0, "a positive number"),
     "model.rating_scale_learning_rate": (lambda v: 0 <= v < 10, "a number in [0, 10)"),
     "model.rating_scale_regularization": (lambda v: v >= 0, "a number >= 0"),
+    "model.popularity_taste_learning_rate": (lambda v: 0 <= v < 10, "a number in [0, 10)"),
+    "model.popularity_taste_regularization": (lambda v: v >= 0, "a number >= 0"),
     "model.regularization": (lambda v: 0 <= v < 10, "a number in [0, 10)"),
     "model.n_negatives": (lambda v: 0 <= v <= 1000, "an integer from 0 to 1000"),
     "model.init_std": (lambda v: 0 <= v < 10, "a number in [0, 10)"),

@@ -140,7 +140,7 @@ def test_a_state_from_before_weight_means_user_counts_and_scales_with_a_resized_
     mf.learn([f"u{n % 7}" for n in range(100)], [f"i{n % 23}" for n in range(100)])
     old = {k: np.array(v) for k, v in mf.state_arrays().items()}
     old["mean_state"] = old["mean_state"][:2]  # written before the weight mean existed
-    del old["user_events"], old["user_scale"]
+    del old["user_events"], old["user_scale"], old["popularity_taste"]
     newest = old["negative_pool"][np.r_[old["negative_pool_state"][0]:16, 0:old["negative_pool_state"][0]]]
 
     bigger = OnlineMF(MFConfig(dim=4, negative_pool=32))
@@ -157,7 +157,8 @@ def test_a_state_from_before_weight_means_user_counts_and_scales_with_a_resized_
 
 
 def test_a_new_bias_is_the_running_mean_of_its_residuals_until_the_floor():
-    cfg = MFConfig(dim=2, init_std=0.0, regularization=0.0, bias_learning_rate=0.01, bias_prior_events=5)
+    cfg = MFConfig(dim=2, init_std=0.0, regularization=0.0, bias_learning_rate=0.01, bias_prior_events=5,
+                   popularity_taste_learning_rate=0.0)
     mf = OnlineMF(cfg)  # no factors: predictions are mu + b_u + b_i
     mf.learn(["a"], ["x"], ratings=np.array([4.0], np.float32))  # mu = 4, nothing to explain
     mf.learn(["b", "b"], ["y", "z"], ratings=np.array([2.0, 2.0], np.float32))
@@ -198,3 +199,16 @@ def test_each_user_learns_how_widely_they_use_the_rating_scale():
         return mf.predict_rating(user, "good0") - mf.predict_rating(user, "bad0")
 
     assert spread("wide") > spread("u0") > spread("narrow")
+
+
+def test_each_user_learns_whether_they_rate_well_known_items_higher():
+    mf = OnlineMF(MFConfig(dim=2, init_std=0.0, rating_scale_learning_rate=0.0))  # biases and taste only
+    famous, obscure = [f"famous{n}" for n in range(20)], [f"obscure{n}" for n in range(20)]
+    mf.learn([f"fan{n % 50}" for n in range(4000)], [famous[n % 20] for n in range(4000)])  # 200 clicks each
+    # Each item is rated as high by one user as it is low by the other, and both users' means are
+    # the same: only a taste for well-known (or obscure) items explains their ratings.
+    for _ in range(3):
+        for user, high, low in (("mainstream", famous, obscure), ("connoisseur", obscure, famous)):
+            mf.learn([user] * 40, high + low, ratings=np.array([4.5] * 20 + [2.5] * 20, np.float32))
+    taste = mf.state_arrays()["popularity_taste"]
+    assert taste[mf.users.ids.get("mainstream")] > 0.05 > -0.05 > taste[mf.users.ids.get("connoisseur")], taste
