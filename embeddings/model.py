@@ -72,7 +72,10 @@ class MFConfig:
     popularity_weight: float = 1.0
     regularization: float = 0.005
     n_negatives: int = 4
-    init_std: float = 0.1
+    init_std: float = 0.1  # item vectors start N(0, init_std^2)
+    # User vectors start at the origin: they are learned from the items a user touches, and a
+    # random start only adds noise to the user's first predictions.
+    user_init_std: float = 0.0
     seed: int = 42
     negative_pool: int = 8192
     # Short-term interest (implicit events): weight of the recent-items vector when ranking
@@ -102,7 +105,7 @@ class OnlineMF:
 
     def __init__(self, config: MFConfig = MFConfig()) -> None:
         self.config = config
-        self.users = EmbeddingTable(config.dim, config.init_std, config.seed)
+        self.users = EmbeddingTable(config.dim, config.user_init_std, config.seed)
         self.items = EmbeddingTable(config.dim, config.init_std, config.seed + 1)
         self._mean_state = np.zeros(4, dtype=np.float64)  # running mean rating, count; mean implicit weight, count
         self._rng_state = np.array([config.seed], dtype=np.uint64)

@@ -157,6 +157,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "model.regularization": (lambda v: 0 <= v < 10, "a number in [0, 10)"),
     "model.n_negatives": (lambda v: 0 <= v <= 1000, "an integer from 0 to 1000"),
     "model.init_std": (lambda v: 0 <= v < 10, "a number in [0, 10)"),
+    "model.user_init_std": (lambda v: 0 <= v < 10, "a number in [0, 10)"),
     "model.seed": (lambda v: 0 <= v < 2**63, "a non-negative integer"),
     "model.negative_pool": (lambda v: v >= 1, "a positive integer"),
     "events.weights": (lambda v: bool(v) and all(isinstance(w, (int, float)) and not isinstance(w, bool)

@@ -13,7 +13,7 @@ def _state(mf: OnlineMF):
 
 def test_explicit_step_matches_hand_computed_update():
     cfg = MFConfig(dim=3, learning_rate=0.1, new_item_learning_rate=0.1, bias_learning_rate=0.1, bias_prior_events=1e9,
-                   regularization=0.01, seed=5)
+                   regularization=0.01, seed=5, user_init_std=0.1)  # a random user vector: every term of the step shows
     mf = OnlineMF(cfg)
     mf.users.rows(["u"]), mf.items.rows(["i"])
     p, q, bu, bi = (a.astype(np.float64) for a in _state(mf))
@@ -37,7 +37,8 @@ def test_explicit_step_matches_hand_computed_update():
 
 def test_implicit_step_matches_hand_computed_update():
     # A new item (no events yet) steps by new_item_learning_rate, its user by learning_rate.
-    cfg = MFConfig(dim=4, learning_rate=0.05, new_item_learning_rate=0.3, regularization=0.0, n_negatives=3, seed=9)
+    cfg = MFConfig(dim=4, learning_rate=0.05, new_item_learning_rate=0.3, regularization=0.0, n_negatives=3, seed=9,
+                   user_init_std=0.1)
     mf = OnlineMF(cfg)
     mf.users.rows(["u"]), mf.items.rows(["i"])
     p, q, _, bi = (a.astype(np.float64)[0] for a in _state(mf))
@@ -154,6 +155,12 @@ def test_a_state_from_before_weight_means_user_counts_and_scales_with_a_resized_
     smaller = OnlineMF(MFConfig(dim=4, negative_pool=8))
     smaller.load_state_arrays(old)
     assert smaller.state_arrays()["negative_pool"].tolist() == newest[-8:].tolist()
+
+
+def test_users_start_at_the_origin_and_items_at_random():
+    mf = OnlineMF(MFConfig(dim=4))
+    mf.users.rows(["u"]), mf.items.rows(["i"])
+    assert not mf.users.vectors.any() and mf.items.vectors.any()
 
 
 def test_a_new_bias_is_the_running_mean_of_its_residuals_until_the_floor():
