@@ -157,15 +157,15 @@ def test_a_state_from_before_weight_means_user_counts_and_scales_with_a_resized_
     assert smaller.state_arrays()["negative_pool"].tolist() == newest[-8:].tolist()
 
 
-def test_users_start_at_the_origin_and_items_at_random():
-    mf = OnlineMF(MFConfig(dim=4))
+def test_user_and_item_starts_are_set_apart():
+    mf = OnlineMF(MFConfig(dim=4, user_init_std=0.0))
     mf.users.rows(["u"]), mf.items.rows(["i"])
     assert not mf.users.vectors.any() and mf.items.vectors.any()
 
 
 def test_a_new_bias_is_the_running_mean_of_its_residuals_until_the_floor():
-    cfg = MFConfig(dim=2, init_std=0.0, regularization=0.0, bias_learning_rate=0.01, bias_prior_events=5,
-                   popularity_taste_learning_rate=0.0)
+    cfg = MFConfig(dim=2, init_std=0.0, user_init_std=0.0, regularization=0.0, bias_learning_rate=0.01,
+                   bias_prior_events=5, popularity_taste_learning_rate=0.0)
     mf = OnlineMF(cfg)  # no factors: predictions are mu + b_u + b_i
     mf.learn(["a"], ["x"], ratings=np.array([4.0], np.float32))  # mu = 4, nothing to explain
     mf.learn(["b", "b"], ["y", "z"], ratings=np.array([2.0, 2.0], np.float32))
@@ -191,7 +191,7 @@ def test_events_without_a_time_leave_short_term_interest_and_sequence_alone():
 
 
 def test_each_user_learns_how_widely_they_use_the_rating_scale():
-    mf = OnlineMF(MFConfig(dim=2, init_std=0.0))  # biases and scales only
+    mf = OnlineMF(MFConfig(dim=2, init_std=0.0, user_init_std=0.0))  # biases and scales only
     items = [f"good{n}" for n in range(5)] + [f"bad{n}" for n in range(5)]
     for user in range(30):  # most users: good items 4, bad items 2
         mf.learn([f"u{user}"] * 10, items, ratings=np.array([4.0] * 5 + [2.0] * 5, np.float32))
@@ -209,7 +209,7 @@ def test_each_user_learns_how_widely_they_use_the_rating_scale():
 
 
 def test_each_user_learns_whether_they_rate_well_known_items_higher():
-    mf = OnlineMF(MFConfig(dim=2, init_std=0.0, rating_scale_learning_rate=0.0))  # biases and taste only
+    mf = OnlineMF(MFConfig(dim=2, init_std=0.0, user_init_std=0.0, rating_scale_learning_rate=0.0))  # biases and taste only
     famous, obscure = [f"famous{n}" for n in range(20)], [f"obscure{n}" for n in range(20)]
     mf.learn([f"fan{n % 50}" for n in range(4000)], [famous[n % 20] for n in range(4000)])  # 200 clicks each
     # Each item is rated as high by one user as it is low by the other, and both users' means are
