@@ -43,7 +43,7 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
-from recstream.embeddings.drift import LossDriftDetector
+from recstream.embeddings.drift import ItemDriftAlarm, LossDriftDetector
 from recstream.index.query import Recommender
 from recstream.index.refresh import IndexRefresher
 from recstream.stream.checkpoint import BackgroundCheckpointWriter, CheckpointStore
@@ -117,6 +117,7 @@ class RecStreamService:
                                        out.top_k, config.index.search_k)
         self.decoder = EventDecoder(config.events)
         self.loss_drift = LossDriftDetector(config.monitor.adwin_delta)
+        self.item_drift_alarm = ItemDriftAlarm(config.monitor.item_drift_threshold)
         self._reported_index_version = 0
         self.refresher = IndexRefresher(self.model, self.model_lock, index_dir, config.index,
                                         first_version=self.state.index_version + 1)
@@ -373,9 +374,9 @@ class RecStreamService:
             return
         self._reported_index_version = current.version
         self.stats.item_drift = self.refresher.item_drift
-        if self.stats.item_drift > self.config.monitor.item_drift_threshold:
+        if self.item_drift_alarm.update(self.stats.item_drift):
             log.warning("drift: item vectors moved by a mean cosine distance of %.3f between index builds "
-                        "(threshold %.3f); retrain/reindex recommended",
+                        "(threshold %.3f, and over twice the build before); retrain/reindex recommended",
                         self.stats.item_drift, self.config.monitor.item_drift_threshold)
 
     def _checkpoint(self, wait: bool) -> None:
