@@ -82,6 +82,7 @@ class IndexRefresher:
         self.builds = 0
         self.failures = 0
         self.item_drift = 0.0  # mean cosine distance of item vectors between the last two builds
+        self.item_drift_items = 0  # how many items that distance was measured on
         self._previous_vectors: np.ndarray | None = None
         self._previous_settled = np.zeros(0, dtype=bool)  # items with SETTLED_EVENTS events at that build
         self._wake = threading.Event()
@@ -147,6 +148,7 @@ class IndexRefresher:
             both = settled[settled < len(self._previous_settled)]
             both = both[self._previous_settled[both]]
             self.item_drift = mean_cosine_drift(self._previous_vectors, vectors, both)
+            self.item_drift_items = len(both)
         self._previous_vectors = vectors
         self._previous_settled = np.zeros(len(vectors), dtype=bool)
         self._previous_settled[settled] = True
