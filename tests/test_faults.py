@@ -99,17 +99,13 @@ def _kill_restart_until_done(bootstrap, topics, state_dir, total, kills, seed) -
         process.wait()
     log = state_dir.parent / f"{state_dir.name}.log"
     runs_before = log.read_text().count("consuming ")
-    process = _start(bootstrap, topics, group, state_dir)
-    try:
-        wait_for(lambda: log.read_text().count("consuming ") > runs_before, timeout_s=60,
-                 what="the final run to start consuming")
-        wait_for(lambda: sum(_latest_meta(state_dir).get("positions", {}).values()) >= total, timeout_s=120,
-                 what="the final run to checkpoint the end of the input")
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
+    process = _start(bootstrap, topics, group, state_dir)  # killed at teardown if a wait fails
+    wait_for(lambda: log.read_text().count("consuming ") > runs_before, timeout_s=60,
+             what="the final run to start consuming")
+    wait_for(lambda: sum(_latest_meta(state_dir).get("positions", {}).values()) >= total, timeout_s=120,
+             what="the final run to checkpoint the end of the input")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
 
 
 def _stream_with_kills(bootstrap, tmp_path, partitions: int, seed: int) -> tuple[dict, list[bytes], np.lib.npyio.NpzFile]:
