@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from recstream.embeddings.sgd import sgd_batch
@@ -15,6 +16,33 @@ def _grown(array: np.ndarray, needed: int, fill: float = 0) -> np.ndarray:
     grown = np.full((max(needed, 2 * len(array)), *array.shape[1:]), fill, dtype=array.dtype)
     grown[: len(array)] = array
     return grown
+
+
+class _RowArray(NamedTuple):
+    """A per-user or per-item array kept beside the embedding tables."""
+
+    attr: str
+    key: str | None  # name in the state arrays; None: derived on load, not stored
+    dtype: type
+    fill: float  # value of a new row
+    vector: bool = False  # one ``dim``-wide vector per row, not a scalar
+    added_later: bool = False  # states written before it existed lack it: it loads as ``fill``
+
+
+_USER_ARRAYS = (
+    _RowArray("_short", "short_vectors", np.float32, 0, vector=True),  # recent-items vector
+    _RowArray("_short_ts", "short_ts", np.int64, 0),  # event time of that vector
+    _RowArray("_last_item", "last_item", np.int64, -1),  # last implicit item
+    _RowArray("_user_events", "user_events", np.int64, 0, added_later=True),  # events of any kind
+    _RowArray("_user_scale", "user_scale", np.float32, 1, added_later=True),  # how widely they use the rating scale
+    _RowArray("_pop_taste", "popularity_taste", np.float32, 0, added_later=True),  # rating shift per log item count
+)
+_ITEM_ARRAYS = (
+    _RowArray("_item_seq", "item_seq", np.int64, 0),  # model version of the item's last change
+    _RowArray("_item_events", "item_events", np.int64, 0),  # events of any kind
+    _RowArray("_transition", "transition_vectors", np.float32, 0, vector=True),  # where users go next
+    _RowArray("_pool_count", None, np.int64, 0),  # entries in the negative pool (rebuilt from the ring)
+)
 
 
 def _resized_ring(ring: np.ndarray, state: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
@@ -112,16 +140,9 @@ class OnlineMF:
         self._rng_state = np.array([config.seed], dtype=np.uint64)
         self._negative_pool = np.zeros(config.negative_pool, dtype=np.int64)
         self._negative_pool_state = np.zeros(2, dtype=np.int64)  # write position, filled
-        self._item_seq = np.zeros(1024, dtype=np.int64)  # model version of each item's last change
-        self._pool_count = np.zeros(1024, dtype=np.int64)  # per item: its entries in the negative pool
-        self._item_events = np.zeros(1024, dtype=np.int64)  # events of any kind per item
-        self._short = np.zeros((1024, config.dim), dtype=np.float32)  # per user: recent-items vector
-        self._short_ts = np.zeros(1024, dtype=np.int64)  # per user: event time of that vector
-        self._user_events = np.zeros(1024, dtype=np.int64)  # per user: events of any kind
-        self._user_scale = np.ones(1024, dtype=np.float32)  # per user: how widely they use the rating scale
-        self._pop_taste = np.zeros(1024, dtype=np.float32)  # per user: rating shift per log event count of the item
-        self._transition = np.zeros((1024, config.dim), dtype=np.float32)  # per item: where users go next
-        self._last_item = np.full(1024, -1, dtype=np.int64)  # per user: last implicit item
+        for spec in _USER_ARRAYS + _ITEM_ARRAYS:
+            shape = (1024, config.dim) if spec.vector else (1024,)
+            setattr(self, spec.attr, np.full(shape, spec.fill, dtype=spec.dtype))
         self.model_version = 0
         self.events_applied = 0
 
@@ -191,22 +212,15 @@ class OnlineMF:
         return float(loss)
 
     def _fit_user_arrays(self) -> None:
-        n_users = len(self.users)
-        if n_users > len(self._short_ts):
-            self._short = _grown(self._short, n_users)
-            self._short_ts = _grown(self._short_ts, n_users)
-            self._user_events = _grown(self._user_events, n_users)
-            self._user_scale = _grown(self._user_scale, n_users, fill=1)
-            self._pop_taste = _grown(self._pop_taste, n_users)
-            self._last_item = _grown(self._last_item, n_users, fill=-1)
+        self._fit_arrays(_USER_ARRAYS, len(self.users))
 
     def _fit_item_arrays(self) -> None:
-        n_items = len(self.items)
-        if n_items > len(self._item_seq):
-            self._item_seq = _grown(self._item_seq, n_items)
-            self._pool_count = _grown(self._pool_count, n_items)
-            self._item_events = _grown(self._item_events, n_items)
-            self._transition = _grown(self._transition, n_items)
+        self._fit_arrays(_ITEM_ARRAYS, len(self.items))
+
+    def _fit_arrays(self, specs: tuple[_RowArray, ...], rows: int) -> None:
+        if rows > len(getattr(self, specs[0].attr)):
+            for spec in specs:
+                setattr(self, spec.attr, _grown(getattr(self, spec.attr), rows, spec.fill))
 
     def interaction_counts(self, item_rows: np.ndarray) -> np.ndarray:
         """Events (of any kind) learned so far on each of ``item_rows``."""
@@ -226,7 +240,6 @@ class OnlineMF:
 
     def state_arrays(self) -> dict[str, np.ndarray]:
         """Everything learning depends on, as named arrays (views: copy or write them out at once)."""
-        n_items = len(self.items)
         out = {f"users.{k}": v for k, v in self.users.to_arrays().items()}
         out.update({f"items.{k}": v for k, v in self.items.to_arrays().items()})
         out.update({
@@ -234,17 +247,10 @@ class OnlineMF:
             "rng_state": self._rng_state,
             "negative_pool": self._negative_pool,
             "negative_pool_state": self._negative_pool_state,
-            "item_seq": self._item_seq[:n_items],
-            "item_events": self._item_events[:n_items],
-            "short_vectors": self._short[: len(self.users)],
-            "short_ts": self._short_ts[: len(self.users)],
-            "user_events": self._user_events[: len(self.users)],
-            "user_scale": self._user_scale[: len(self.users)],
-            "popularity_taste": self._pop_taste[: len(self.users)],
-            "last_item": self._last_item[: len(self.users)],
-            "transition_vectors": self._transition[:n_items],
             "counters": np.array([self.model_version, self.events_applied], dtype=np.int64),
         })
+        for specs, rows in ((_USER_ARRAYS, len(self.users)), (_ITEM_ARRAYS, len(self.items))):
+            out.update({spec.key: getattr(self, spec.attr)[:rows] for spec in specs if spec.key})
         return out
 
     def load_state_arrays(self, arrays: dict[str, np.ndarray]) -> None:
@@ -258,23 +264,16 @@ class OnlineMF:
             np.asarray(arrays["negative_pool"], dtype=np.int64), np.asarray(arrays["negative_pool_state"]),
             self.config.negative_pool)
         # Stored arrays are exactly as long as the tables; growing gives them their spare capacity.
-        self._item_seq = np.array(arrays["item_seq"], dtype=np.int64)
+        for specs, rows in ((_USER_ARRAYS, len(self.users)), (_ITEM_ARRAYS, len(self.items))):
+            for spec in specs:
+                shape = (rows, self.config.dim) if spec.vector else (rows,)
+                if spec.key is None or (spec.added_later and spec.key not in arrays):
+                    stored = np.full(shape, spec.fill, dtype=spec.dtype)
+                else:
+                    stored = np.array(arrays[spec.key], dtype=spec.dtype).reshape(shape)
+                setattr(self, spec.attr, _grown(stored, 1024, spec.fill))
         filled = int(self._negative_pool_state[1])
-        self._pool_count = np.bincount(self._negative_pool[:filled], minlength=len(arrays["item_seq"])).astype(np.int64)
-        self._item_events = np.array(arrays["item_events"], dtype=np.int64)
-        self._transition = np.array(arrays["transition_vectors"], dtype=np.float32).reshape(-1, self.config.dim)
-        self._short = np.array(arrays["short_vectors"], dtype=np.float32).reshape(-1, self.config.dim)
-        self._short_ts = np.array(arrays["short_ts"], dtype=np.int64)
-        # States written before per-user counts existed start them at 0.
-        self._user_events = np.array(arrays.get("user_events", np.zeros(len(self._short_ts))), dtype=np.int64)
-        self._user_scale = np.array(arrays.get("user_scale", np.ones(len(self._short_ts))), dtype=np.float32)
-        self._pop_taste = np.array(arrays.get("popularity_taste", np.zeros(len(self._short_ts))), dtype=np.float32)
-        self._last_item = np.array(arrays["last_item"], dtype=np.int64)
-        for name in ("_item_seq", "_pool_count", "_item_events", "_transition"):
-            setattr(self, name, _grown(getattr(self, name), 1024))
-        for name, fill in (("_short", 0), ("_short_ts", 0), ("_user_events", 0), ("_user_scale", 1), ("_pop_taste", 0),
-                           ("_last_item", -1)):
-            setattr(self, name, _grown(getattr(self, name), 1024, fill))
+        self._pool_count[: len(self.items)] = np.bincount(self._negative_pool[:filled], minlength=len(self.items))
         self.model_version, self.events_applied = (int(x) for x in arrays["counters"])
 
     def items_changed_since(self, model_version: int) -> np.ndarray:
