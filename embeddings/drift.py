@@ -30,6 +30,7 @@ class LossDriftDetector:
         self.group = group
         self.min_rise = min_rise
         self._recent: list[float] = []
+        self._pending = np.zeros(0, dtype=np.float64)  # losses of a group not yet full
         self._recent_size = recent
         self.detections = 0
         self.last_change: tuple[float, float] | None = None  # (mean before, mean after)
@@ -39,10 +40,16 @@ class LossDriftDetector:
         return float(self.adwin.estimation)
 
     def update(self, losses: np.ndarray) -> bool:
-        """Add a batch of per-event losses; True when the loss rose significantly."""
+        """Add a batch of per-event losses; True when the loss rose significantly.
+
+        Losses are grouped across batches (a batch's last partial group waits for
+        the next batch), so what ADWIN sees does not depend on how the stream was cut.
+        """
         rose = False
+        losses = np.concatenate([self._pending, np.asarray(losses, dtype=np.float64)])
         n = len(losses) // self.group * self.group
-        for value in losses[:n].reshape(-1, self.group).mean(axis=1).tolist() if n else losses.mean(keepdims=True):
+        self._pending = losses[n:]
+        for value in losses[:n].reshape(-1, self.group).mean(axis=1).tolist():
             before = self.adwin.estimation
             self.adwin.update(value)
             self._recent = [*self._recent[1 - self._recent_size:], value]
@@ -61,19 +68,27 @@ class ItemDriftAlarm:
     0.66-0.78 between its first builds) and settle build by build; an absolute
     threshold alone raised "retrain" alarms there. A signal needs the drift to
     pass ``threshold`` and to be ``rise`` times the previous build's; the first
-    measurement only sets that baseline.
+    measurement only sets that baseline. A drift measured on fewer than
+    ``min_items`` items is noise: it neither signals nor becomes the baseline.
 
     >>> alarm = ItemDriftAlarm(threshold=0.3)
-    >>> [alarm.update(d) for d in (0.78, 0.73, 0.66, 0.05, 0.04, 0.9)]
+    >>> [alarm.update(d, items=100) for d in (0.78, 0.73, 0.66, 0.05, 0.04, 0.9)]
     [False, False, False, False, False, True]
+    >>> alarm = ItemDriftAlarm(threshold=0.3)
+    >>> [alarm.update(0.0, items=0), alarm.update(0.7, items=100)]
+    [False, False]
     """
 
-    def __init__(self, threshold: float = 0.3, rise: float = 2.0) -> None:
+    def __init__(self, threshold: float = 0.3, rise: float = 2.0, min_items: int = 20) -> None:
         self.threshold = threshold
         self.rise = rise
+        self.min_items = min_items
         self.previous: float | None = None
 
-    def update(self, drift: float) -> bool:
+    def update(self, drift: float, items: int) -> bool:
+        """``drift`` between the last two builds, measured on ``items`` items; True to signal."""
+        if items < self.min_items:
+            return False
         alarm = self.previous is not None and drift > self.threshold and drift > self.rise * self.previous
         self.previous = drift
         return alarm

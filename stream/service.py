@@ -53,9 +53,6 @@ from recstream.stream.state import RecState
 
 log = logging.getLogger(__name__)
 
-# Item drift measured on fewer settled items than this is noise, and no baseline for the next build.
-MIN_DRIFT_ITEMS = 20
-
 DLQ_REASON_HEADER = "recstream.error"
 DLQ_TRUNCATE_BYTES = 64 * 1024
 
@@ -377,9 +374,7 @@ class RecStreamService:
             return
         self._reported_index_version = current.version
         self.stats.item_drift = self.refresher.item_drift
-        if self.refresher.item_drift_items < MIN_DRIFT_ITEMS:
-            return  # too few settled items to measure (a young model): no baseline either
-        if self.item_drift_alarm.update(self.stats.item_drift):
+        if self.item_drift_alarm.update(self.stats.item_drift, self.refresher.item_drift_items):
             log.warning("drift: item vectors moved by a mean cosine distance of %.3f between index builds "
                         "(threshold %.3f, and over twice the build before); retrain/reindex recommended",
                         self.stats.item_drift, self.config.monitor.item_drift_threshold)
