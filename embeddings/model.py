@@ -18,6 +18,15 @@ def _grown(array: np.ndarray, needed: int, fill: float = 0) -> np.ndarray:
     return grown
 
 
+_REPLAY_RING = ("users", "items", "ratings")  # one array each; "state" holds write position, filled
+
+
+def _empty_replay_ring(capacity: int) -> dict[str, np.ndarray]:
+    """The ring of recent ratings replayed for item vectors (see ``sgd_batch``)."""
+    return {"users": np.zeros(capacity, dtype=np.int64), "items": np.zeros(capacity, dtype=np.int64),
+            "ratings": np.zeros(capacity, dtype=np.float32), "state": np.zeros(2, dtype=np.int64)}
+
+
 class _RowArray(NamedTuple):
     """A per-user or per-item array kept beside the embedding tables."""
 
@@ -107,6 +116,13 @@ class MFConfig:
     user_init_std: float = 0.0
     seed: int = 42
     negative_pool: int = 8192
+    # Ratings: each one also steps the item vectors of rating_replay_steps ratings drawn from the
+    # last rating_replay_pool (0 steps turns it off). One pass leaves item vectors under-trained:
+    # MovieLens RMSE 0.8493 -> 0.8468 (see sgd_batch and the README).
+    rating_replay_steps: int = 4
+    rating_replay_pool: int = 4096
+    rating_replay_learning_rate: float = 0.05
+    rating_replay_regularization: float = 0.1
     # Short-term interest (implicit events): weight of the recent-items vector when ranking
     # (0 turns it off), how fast it fades in event time, and how much of it each event keeps.
     short_term_weight: float = 3.0
@@ -140,6 +156,7 @@ class OnlineMF:
         self._rng_state = np.array([config.seed], dtype=np.uint64)
         self._negative_pool = np.zeros(config.negative_pool, dtype=np.int64)
         self._negative_pool_state = np.zeros(2, dtype=np.int64)  # write position, filled
+        self._replay = _empty_replay_ring(config.rating_replay_pool)
         for spec in _USER_ARRAYS + _ITEM_ARRAYS:
             shape = (1024, config.dim) if spec.vector else (1024,)
             setattr(self, spec.attr, np.full(shape, spec.fill, dtype=spec.dtype))
@@ -207,6 +224,9 @@ class OnlineMF:
             np.float32(cfg.rating_scale_regularization),
             self._pop_taste, np.float32(cfg.popularity_taste_learning_rate * rate_scale),
             np.float32(cfg.popularity_taste_regularization),
+            self._replay["users"], self._replay["items"], self._replay["ratings"], self._replay["state"],
+            cfg.rating_replay_steps, np.float32(cfg.rating_replay_learning_rate * rate_scale),
+            np.float32(cfg.rating_replay_regularization),
         )
         self.events_applied += len(user_rows)
         return float(loss)
@@ -249,6 +269,7 @@ class OnlineMF:
             "negative_pool_state": self._negative_pool_state,
             "counters": np.array([self.model_version, self.events_applied], dtype=np.int64),
         })
+        out.update({f"rating_replay.{k}": v for k, v in self._replay.items()})
         for specs, rows in ((_USER_ARRAYS, len(self.users)), (_ITEM_ARRAYS, len(self.items))):
             out.update({spec.key: getattr(self, spec.attr)[:rows] for spec in specs if spec.key})
         return out
@@ -263,6 +284,13 @@ class OnlineMF:
         self._negative_pool, self._negative_pool_state = _resized_ring(
             np.asarray(arrays["negative_pool"], dtype=np.int64), np.asarray(arrays["negative_pool_state"]),
             self.config.negative_pool)
+        self._replay = _empty_replay_ring(self.config.rating_replay_pool)
+        if "rating_replay.state" in arrays:  # states written before the replay have none: it starts empty
+            for key in _REPLAY_RING:
+                ring, self._replay["state"] = _resized_ring(
+                    np.asarray(arrays[f"rating_replay.{key}"]), np.asarray(arrays["rating_replay.state"]),
+                    self.config.rating_replay_pool)
+                self._replay[key] = ring.astype(self._replay[key].dtype)
         # Stored arrays are exactly as long as the tables; growing gives them their spare capacity.
         for specs, rows in ((_USER_ARRAYS, len(self.users)), (_ITEM_ARRAYS, len(self.items))):
             for spec in specs:

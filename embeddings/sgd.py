@@ -106,6 +106,37 @@ def _step_seq(P, Q, F, bi, u, prev, phi, j, g, lr, lr_seq, lr_item, reg):
     bi[j] += lr_item * (g - reg * bi[j])
 
 
+@njit(cache=True, inline="always")
+def _replay_ratings(P, Q, bu, bi, scale, pop_taste, item_events, item_seq, seq, mu, u, i, r,
+                    ring_users, ring_items, ring_ratings, ring_state, steps, rng_state, lr, reg):
+    """Add rating (u, i, r) to the ring of recent ratings, then step the item vectors of
+    ``steps`` ratings drawn from it (see ``sgd_batch``)."""
+    cap = ring_users.shape[0]
+    if cap == 0 or steps == 0:
+        return
+    pos = ring_state[0]
+    ring_users[pos] = u
+    ring_items[pos] = i
+    ring_ratings[pos] = r
+    ring_state[0] = (pos + 1) % cap
+    if ring_state[1] < cap:
+        ring_state[1] += 1
+    filled = ring_state[1]
+    dim = P.shape[1]
+    for _ in range(steps):
+        k = np.int64(_next_u64(rng_state) % np.uint64(filled))
+        v = ring_users[k]
+        j = ring_items[k]
+        dot = 0.0
+        for f in range(dim):
+            dot += P[v, f] * Q[j, f]
+        taste = pop_taste[v] * (np.log1p(item_events[j]) - 2.0)
+        g = (ring_ratings[k] - (mu + bu[v] + taste + scale[v] * (bi[j] + dot))) * scale[v]
+        for f in range(dim):
+            Q[j, f] += lr * (g * P[v, f] - reg * Q[j, f])
+        item_seq[j] = seq
+
+
 @njit(cache=True, nogil=True)
 def sgd_batch(
     P, Q, bu, bi, item_seq, item_events, user_events,
@@ -114,6 +145,7 @@ def sgd_batch(
     lr, lr_new, new_events, lr_seq, lr_bias, bias_prior, rate_scale, reg, n_negatives, seq, predictions,
     timestamps, short, short_ts, short_keep, short_half_life_ms,
     F, last_item, pool_count, scale, lr_scale, scale_reg, pop_taste, lr_taste, taste_reg,
+    replay_users, replay_items, replay_ratings, replay_state, replay_steps, lr_replay, replay_reg,
 ):
     """Apply events ``0..n-1`` in order; returns the summed loss of the batch.
 
@@ -128,6 +160,14 @@ def sgd_batch(
     well-known items higher than obscure ones, some the other way:
     ``pop_taste[u]`` times the item's centred log event count joins the
     rating (learned by ``lr_taste``, pulled toward 0 by ``taste_reg``).
+    One pass over a stream leaves item vectors under-trained (most items have
+    a handful of ratings, each seen once), so every rating also joins a ring
+    of recent ratings (``replay_*``, ``replay_state`` = [next write position,
+    number filled]), and ``replay_steps`` ratings drawn from it step their
+    item's vector again, by ``lr_replay`` with L2 ``replay_reg``, against
+    today's user vectors, biases and scale. Only item vectors move in a replay:
+    biases replayed as well overfit (see the README), and users not in the
+    batch keep the vectors their last published recommendations came from.
     Implicit event (``ratings[e]`` is NaN): logistic loss, the item as a
     positive with confidence ``weights[e]`` (relative to the running mean of
     implicit weights, ``mean_state[2]``) and ``n_negatives`` negatives
@@ -199,6 +239,9 @@ def sgd_batch(
             _step(P, Q, bu, bi, u, i, err * s, lr, lr_i, 0.0, _bias_rate(lr_bias, events_i, bias_prior, rate_scale), reg)
             bu[u] += _bias_rate(lr_bias, events_u, bias_prior, rate_scale) * (err - reg * bu[u])
             scale[u] = s + lr_scale * (err * item_part - scale_reg * (s - 1.0))
+            _replay_ratings(P, Q, bu, bi, scale, pop_taste, item_events, item_seq, seq, mean_state[0], u, i, r,
+                            replay_users, replay_items, replay_ratings, replay_state, replay_steps, rng_state,
+                            lr_replay, replay_reg)
             continue
         # Weights are relative confidences: dividing by their running mean keeps the average
         # step at the learning rate whatever their scale (log play counts reach 10 and more).

@@ -105,10 +105,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         ids = list(metadata)
         state.set_item_metadata(ids, [metadata[i][0] for i in ids], [metadata[i][1] for i in ids])
     if args.events:
-        try:
-            columns = parse_columns(args.columns) if args.columns else None
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from exc
+        columns = parse_columns(args.columns) if args.columns else None
         result = replay_file(state, decoder, args.events, args.epochs, columns, args.ts_unit, progress)
     else:
         if not config.bootstrap_servers:
@@ -129,10 +126,7 @@ def _load_interactions(args: argparse.Namespace, config: ServiceConfig):
     from recstream.stream.events import EventDecoder
     from recstream.stream.replay import parse_columns, read_event_log
 
-    try:
-        columns = parse_columns(args.columns) if args.columns else None
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from exc
+    columns = parse_columns(args.columns) if args.columns else None
     decoder = EventDecoder(config.events)
     users, items, ratings, weights, stamps, rejected = [], [], [], [], [], 0
     delimiter = "\t" if args.delimiter in ("tab", "\\t") else args.delimiter

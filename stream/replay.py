@@ -30,6 +30,7 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from recstream.embeddings.model import epoch_rate_scale
 from recstream.stream.checkpoint import CheckpointStore
+from recstream.stream.config import ConfigError
 from recstream.stream.events import EventDecoder
 from recstream.stream.state import RecState
 
@@ -85,7 +86,7 @@ def parse_columns(spec: str | None) -> dict[str, str]:
     for part in spec.split(","):
         field, sep, column = part.partition("=")
         if not sep or field.strip() not in ("user_id", "item_id", "event_type", "rating", "ts", "weight"):
-            raise ValueError(f"--columns: expected FIELD=COLUMN with FIELD one of user_id, item_id, "
+            raise ConfigError(f"--columns: expected FIELD=COLUMN with FIELD one of user_id, item_id, "
                              f"event_type, rating, ts, weight; got {part!r}")
         mapping[field.strip()] = column.strip()
     return mapping
@@ -95,6 +96,8 @@ def read_event_log(path: str | Path, columns: dict[str, str] | None = None, ts_u
                    chunk: int = CHUNK, delimiter: str = ",") -> Iterator[tuple[list, float]]:
     """Chunks of events (JSON bytes, or dicts from CSV) with the fraction of the file read so far."""
     path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--events: {path} is not a file")
     size = max(path.stat().st_size, 1)
     reader, raw = _open_binary(path)
     with raw:
@@ -124,7 +127,8 @@ def _csv_events(reader: IO[bytes], path: Path, columns: dict[str, str] | None, t
     mapping = columns or {f: f for f in ("user_id", "item_id", "event_type", "rating", "ts")}
     missing = [c for f, c in mapping.items() if f in ("user_id", "item_id") and c not in (rows.fieldnames or [])]
     if missing:
-        raise ValueError(f"{path}: no column(s) {missing} (has {rows.fieldnames})")
+        raise ConfigError(f"--columns: {path} has no column(s) {missing} (it has {rows.fieldnames}); "
+                          f"map them with --columns FIELD=COLUMN,...")
     scale = {"ms": 1, "s": 1000}[ts_unit]
     for row in rows:
         event: dict = {}
@@ -186,7 +190,7 @@ def replay_topic(state: RecState, decoder: EventDecoder, kafka: dict[str, str], 
     try:
         metadata = consumer.list_topics(topic, timeout=30)
         if topic not in metadata.topics or metadata.topics[topic].error is not None:
-            raise ValueError(f"--from-topic: topic {topic!r} does not exist")
+            raise ConfigError(f"--from-topic: topic {topic!r} does not exist")
         partitions = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(metadata.topics[topic].partitions)]
         if start_ms is not None:
             for tp in partitions:

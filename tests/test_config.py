@@ -63,3 +63,19 @@ def test_cli_requires_bootstrap_servers():
     result = subprocess.run([sys.executable, "-m", "recstream.stream.cli", "run"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "kafka.bootstrap.servers: required" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["eval", "replay"])
+def test_cli_names_the_flag_when_a_log_lacks_the_columns_or_is_missing(tmp_path, command):
+    log = tmp_path / "ratings.csv"
+    log.write_text("userId,movieId,rating\n1,10,4.0\n")
+    cli = [sys.executable, "-m", "recstream.stream.cli", command, "--events"]
+    unmapped = subprocess.run(cli + [str(log)], capture_output=True, text=True, timeout=60)
+    assert unmapped.returncode == 2 and "Traceback" not in unmapped.stderr
+    assert "--columns: " in unmapped.stderr and "no column(s) ['user_id', 'item_id']" in unmapped.stderr
+    missing = subprocess.run(cli + [str(tmp_path / "nope.csv")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "--events: " in missing.stderr and "is not a file" in missing.stderr
+    mapped = subprocess.run(cli + [str(log), "--columns", "user_id=userId,item_id=movieId,rating=rating"]
+                            + (["--baseline", "none", "--mode", "explicit"] if command == "eval" else ["--quiet"]),
+                            capture_output=True, text=True, timeout=120)
+    assert mapped.returncode == 0, mapped.stderr

@@ -13,7 +13,8 @@ def _state(mf: OnlineMF):
 
 def test_explicit_step_matches_hand_computed_update():
     cfg = MFConfig(dim=3, learning_rate=0.1, new_item_learning_rate=0.1, bias_learning_rate=0.1, bias_prior_events=1e9,
-                   regularization=0.01, seed=5, user_init_std=0.1)  # a random user vector: every term of the step shows
+                   regularization=0.01, seed=5, user_init_std=0.1,  # a random user vector: every term of the step shows
+                   rating_replay_steps=0)  # replays: see the next test
     mf = OnlineMF(cfg)
     mf.users.rows(["u"]), mf.items.rows(["i"])
     p, q, bu, bi = (a.astype(np.float64) for a in _state(mf))
@@ -33,6 +34,45 @@ def test_explicit_step_matches_hand_computed_update():
     assert mf.users.biases[0] == pytest.approx(want_bu, rel=1e-6)
     assert mf.items.biases[0] == pytest.approx(want_bi, rel=1e-6)
     assert mf.global_mean == rating
+
+
+def test_rating_replays_step_item_vectors_only_by_hand_computed_updates():
+    cfg = MFConfig(dim=3, learning_rate=0.1, new_item_learning_rate=0.1, bias_learning_rate=0.1, bias_prior_events=1e9,
+                   regularization=0.01, seed=5, user_init_std=0.1, rating_scale_learning_rate=0.0,
+                   popularity_taste_learning_rate=0.0, rating_replay_steps=3, rating_replay_learning_rate=0.2,
+                   rating_replay_regularization=0.5)
+    mf = OnlineMF(cfg)
+    mf.users.rows(["u"]), mf.items.rows(["i"])
+    p, q, bu, bi = (a.astype(np.float64)[0] for a in _state(mf))
+    rating = 4.0
+    err = rating - (rating + bu + bi + p @ q)  # the running mean is the rating
+    p, q = p + 0.1 * (err * q - 0.01 * p), q + 0.1 * (err * p - 0.01 * q)
+    bu, bi = bu + 0.1 * (err - 0.01 * bu), bi + 0.1 * (err - 0.01 * bi)
+    for _ in range(3):  # the ring holds one rating: every replay draws it
+        q = q + 0.2 * ((rating - (rating + bu + bi + p @ q)) * p - 0.5 * q)
+
+    mf.learn(["u"], ["i"], ratings=np.array([rating], dtype=np.float32))
+
+    np.testing.assert_allclose(mf.items.vectors[0], q, rtol=1e-5)
+    np.testing.assert_allclose(mf.users.vectors[0], p, rtol=1e-6)  # replays leave users and biases alone
+    assert mf.users.biases[0] == pytest.approx(bu, rel=1e-6) and mf.items.biases[0] == pytest.approx(bi, rel=1e-6)
+
+
+def test_rating_replays_move_only_items_of_recent_ratings_and_mark_them_changed():
+    mf = OnlineMF(MFConfig(dim=4, rating_replay_pool=20, user_init_std=0.1))
+    rng = np.random.default_rng(0)
+    mf.learn([f"u{n % 9}" for n in range(200)], [f"i{n % 40}" for n in range(200)],
+             ratings=rng.uniform(1, 5, 200).astype(np.float32))
+    recent = {f"i{n % 40}" for n in range(181, 200)}  # the ring holds the last 20 ratings, 19 of them before this one
+    users, items = mf.users.vectors.copy(), mf.items.vectors.copy()
+    version = mf.model_version
+    mf.learn(["u0"], ["i0"], ratings=np.array([3.0], np.float32))
+
+    changed = {mf.items.ids.ids[r] for r in mf.items_changed_since(version)}
+    moved = {mf.items.ids.ids[r] for r in np.flatnonzero((mf.items.vectors != items).any(axis=1))}
+    assert moved == changed and moved - {"i0"} and moved <= recent | {"i0"}, (moved, changed)
+    others = np.arange(len(mf.users)) != mf.users.ids.get("u0")
+    np.testing.assert_array_equal(mf.users.vectors[others], users[others])
 
 
 def test_implicit_step_matches_hand_computed_update():
@@ -107,6 +147,22 @@ def test_same_events_same_state_however_batched():
     assert not np.array_equal(whole.users.vectors, other_seed.users.vectors)
 
 
+def test_a_restored_state_continues_exactly_with_ratings_wrapping_the_replay_ring():
+    users, items, ratings, weights = _stream()
+    cfg = MFConfig(dim=8, seed=3, rating_replay_pool=100)  # about 2,500 ratings: the ring wraps
+    whole = OnlineMF(cfg)
+    whole.learn(users[:2500], items[:2500], ratings[:2500], weights[:2500])
+    whole.learn(users[2500:], items[2500:], ratings[2500:], weights[2500:])
+    first = OnlineMF(cfg)
+    first.learn(users[:2500], items[:2500], ratings[:2500], weights[:2500])
+    resumed = OnlineMF(cfg)
+    resumed.load_state_arrays({k: np.array(v) for k, v in first.state_arrays().items()})
+    resumed.learn(users[2500:], items[2500:], ratings[2500:], weights[2500:])
+    for (name, x), (_, y) in zip(sorted(whole.state_arrays().items()), sorted(resumed.state_arrays().items())):
+        np.testing.assert_array_equal(x, y, err_msg=name)
+    assert whole.state_arrays()["rating_replay.state"][1] == 100
+
+
 def test_changed_items_are_tracked_per_model_version():
     mf = OnlineMF(MFConfig(dim=4, n_negatives=0))
     mf.learn(["u1", "u2"], ["a", "b"])
@@ -142,6 +198,8 @@ def test_a_state_from_before_weight_means_user_counts_and_scales_with_a_resized_
     old = {k: np.array(v) for k, v in mf.state_arrays().items()}
     old["mean_state"] = old["mean_state"][:2]  # written before the weight mean existed
     del old["user_events"], old["user_scale"], old["popularity_taste"]
+    for key in [k for k in old if k.startswith("rating_replay.")]:  # written before rating replays
+        del old[key]
     newest = old["negative_pool"][np.r_[old["negative_pool_state"][0]:16, 0:old["negative_pool_state"][0]]]
 
     bigger = OnlineMF(MFConfig(dim=4, negative_pool=32))
@@ -151,6 +209,9 @@ def test_a_state_from_before_weight_means_user_counts_and_scales_with_a_resized_
     np.testing.assert_allclose(pool_terms, np.log1p(np.bincount(newest, minlength=len(bigger.items))), rtol=1e-6)
     bigger.learn(["u1", "new-user"], ["i1", "new-item"])
     assert np.isfinite(bigger.items.vectors).all() and bigger.events_applied == 102
+    assert bigger.state_arrays()["rating_replay.state"].tolist() == [0, 0]
+    bigger.learn(["u1"], ["i2"], ratings=np.array([4.0], np.float32))
+    assert bigger.state_arrays()["rating_replay.state"].tolist() == [1, 1]
 
     smaller = OnlineMF(MFConfig(dim=4, negative_pool=8))
     smaller.load_state_arrays(old)
