@@ -124,7 +124,12 @@ def _replay_ratings(P, Q, bu, bi, scale, pop_taste, item_events, item_seq, seq, 
     filled = ring_state[1]
     dim = P.shape[1]
     for _ in range(steps):
-        k = np.int64(_next_u64(rng_state) % np.uint64(filled))
+        # Drawn over the whole capacity, a rating is replayed ``steps`` times on average over its
+        # stay in the ring, also while the ring fills (drawn over the filled part, the first
+        # ratings after a start would be replayed about 9 times as often).
+        k = np.int64(_next_u64(rng_state) % np.uint64(cap))
+        if k >= filled:
+            continue
         v = ring_users[k]
         j = ring_items[k]
         dot = 0.0

@@ -159,9 +159,9 @@ _RULES: dict[str, tuple[Any, str]] = {
     "model.init_std": (lambda v: 0 <= v < 10, "a number in [0, 10)"),
     "model.user_init_std": (lambda v: 0 <= v < 10, "a number in [0, 10)"),
     "model.seed": (lambda v: 0 <= v < 2**63, "a non-negative integer"),
-    "model.negative_pool": (lambda v: v >= 1, "a positive integer"),
+    "model.negative_pool": (lambda v: 1 <= v <= 100_000_000, "an integer from 1 to 100000000"),
     "model.rating_replay_steps": (lambda v: 0 <= v <= 1000, "an integer from 0 to 1000"),
-    "model.rating_replay_pool": (lambda v: v >= 1, "a positive integer"),
+    "model.rating_replay_pool": (lambda v: 1 <= v <= 100_000_000, "an integer from 1 to 100000000"),
     "model.rating_replay_learning_rate": (lambda v: 0 <= v < 10, "a number in [0, 10)"),
     "model.rating_replay_regularization": (lambda v: v >= 0, "a number >= 0"),
     "events.weights": (lambda v: bool(v) and all(isinstance(w, (int, float)) and not isinstance(w, bool)

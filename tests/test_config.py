@@ -34,6 +34,12 @@ def test_file_and_overrides(tmp_path):
     ({"events.weights": {"click": -1}}, "events.weights"),
     ({"events.default_event_type": "tap"}, "events.default_event_type"),
     ({"index.rebuild_changed_fraction": 2}, "index.rebuild_changed_fraction"),
+    ({"model.rating_replay_steps": -1}, "model.rating_replay_steps"),
+    ({"model.rating_replay_steps": 1.5}, "model.rating_replay_steps"),
+    ({"model.rating_replay_pool": 0}, "model.rating_replay_pool"),
+    ({"model.rating_replay_pool": 10**12}, "model.rating_replay_pool"),
+    ({"model.rating_replay_learning_rate": "nan"}, "model.rating_replay_learning_rate"),
+    ({"model.rating_replay_regularization": -0.1}, "model.rating_replay_regularization"),
     ({"colour": "blue"}, "colour: unknown setting"),
     ({"content.text_encoder": "bert"}, "content.text_encoder: must be hashed or minilm"),
 ])
