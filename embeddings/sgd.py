@@ -170,9 +170,9 @@ def sgd_batch(
     of recent ratings (``replay_*``, ``replay_state`` = [next write position,
     number filled]), and ``replay_steps`` ratings drawn from it step their
     item's vector again, by ``lr_replay`` with L2 ``replay_reg``, against
-    today's user vectors, biases and scale. Only item vectors move in a replay:
-    biases replayed as well overfit (see the README), and users not in the
-    batch keep the vectors their last published recommendations came from.
+    today's user vectors, biases and scale. Only item vectors move in a replay
+    (biases replayed as well overfit, see the README; users outside the batch
+    keep their vectors), and replayed items count as changed.
     Implicit event (``ratings[e]`` is NaN): logistic loss, the item as a
     positive with confidence ``weights[e]`` (relative to the running mean of
     implicit weights, ``mean_state[2]``) and ``n_negatives`` negatives
