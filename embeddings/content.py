@@ -21,6 +21,8 @@ from recstream.embeddings.model import OnlineMF
 from recstream.embeddings.sgd import init_rows
 from recstream.embeddings.table import id_hash
 from recstream.embeddings.text import HashedWords
+from scipy import sparse
+from scipy.sparse.linalg import lsmr
 
 
 def metadata_features(features: Mapping[str, object] | None, text: str | None = None,
@@ -50,8 +52,10 @@ class ItemContent:
     >>> content = ItemContent()
     >>> content.set(3, ["genres=Horror"], np.array([0.6, 0.8], dtype=np.float32))
     >>> content.set(5, ["genres=Horror", "genres=Comedy"])
-    >>> content.matrix(np.array([5, 3]))[1].tolist(), content.dense(np.array([5, 3])).tolist()
-    ([0, 1, 0], [[0.0, 0.0], [0.6000000238418579, 0.800000011920929]])
+    >>> content.matrix(np.array([5, 3])).toarray().round(3).tolist()
+    [[0.707, 0.707], [1.0, 0.0]]
+    >>> content.dense(np.array([5, 3])).tolist()
+    [[0.0, 0.0], [0.6000000238418579, 0.800000011920929]]
     """
 
     def __init__(self) -> None:
@@ -76,14 +80,20 @@ class ItemContent:
     def items(self) -> np.ndarray:
         return np.fromiter(self._of_item.keys(), dtype=np.int64, count=len(self._of_item))
 
-    def matrix(self, item_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """CSR (indptr, feature rows, weights 1/sqrt(n)) of those items' features."""
+    def _feature_lists(self, item_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """CSR index pointer and feature rows of those items."""
         lists = [self._of_item.get(int(i), np.zeros(0, np.int64)) for i in item_rows]
         counts = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
-        indptr = np.concatenate([[0], np.cumsum(counts)])
         columns = np.concatenate(lists) if lists else np.zeros(0, np.int64)
-        weights = np.repeat(1.0 / np.sqrt(np.maximum(counts, 1)), counts)
-        return indptr, columns, weights
+        return np.concatenate([[0], np.cumsum(counts)]), columns
+
+    def matrix(self, item_rows: np.ndarray, n_features: int | None = None) -> sparse.csr_matrix:
+        """Items by features, each of an item's n features weighing ``1/sqrt(n)``; only the
+        first ``n_features`` features (all by default): those a regression was fitted on."""
+        indptr, columns = self._feature_lists(item_rows)
+        weights = np.repeat(1.0 / np.sqrt(np.maximum(np.diff(indptr), 1)), np.diff(indptr))
+        matrix = sparse.csr_matrix((weights, columns, indptr), shape=(len(item_rows), len(self.features)))
+        return matrix if n_features is None else matrix[:, :n_features]
 
     def dense(self, item_rows: np.ndarray, dim: int | None = None) -> np.ndarray:
         """(len(item_rows), dim) text vectors, zeros for items without one."""
@@ -97,7 +107,7 @@ class ItemContent:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         rows = self.items()
-        indptr, columns, _ = self.matrix(rows)
+        indptr, columns = self._feature_lists(rows)
         blob, ends = self.features.to_arrays()
         dense_rows = np.fromiter(self._dense_of_item.keys(), dtype=np.int64, count=len(self._dense_of_item))
         return {"items": rows, "indptr": indptr, "features": columns, "name_bytes": blob, "name_ends": ends,
@@ -111,35 +121,6 @@ class ItemContent:
         # Checkpoints from before dense text vectors have none.
         self._dense_of_item = {int(item): np.array(vector, dtype=np.float32) for item, vector in
                                zip(arrays.get("dense_items", np.zeros(0)).tolist(), arrays.get("dense", []))}
-
-
-def _sparse_gram(indptr: np.ndarray, columns: np.ndarray, weights: np.ndarray, n_features: int) -> np.ndarray:
-    """``X.T @ X`` of a CSR matrix without densifying ``X``: items have a handful of features
-    each, so summing their small outer products is far cheaper than a dense product
-    over every feature (thousands of text buckets and tags)."""
-    gram = np.zeros((n_features, n_features), dtype=np.float64)
-    for n in range(len(indptr) - 1):
-        cols, w = columns[indptr[n]:indptr[n + 1]], weights[indptr[n]:indptr[n + 1]]
-        gram[np.ix_(cols, cols)] += np.outer(w, w)
-    return gram
-
-
-def _sparse_t_dot(indptr: np.ndarray, columns: np.ndarray, weights: np.ndarray, n_features: int,
-                  dense: np.ndarray) -> np.ndarray:
-    """``X.T @ dense`` of a CSR ``X``."""
-    out = np.zeros((n_features, dense.shape[1]), dtype=np.float64)
-    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-    np.add.at(out, columns, weights[:, None] * dense[rows])
-    return out
-
-
-def _sparse_dot(indptr: np.ndarray, columns: np.ndarray, weights: np.ndarray, dense: np.ndarray) -> np.ndarray:
-    """``X @ dense`` of a CSR ``X``; columns past ``dense``'s rows count as zero."""
-    out = np.zeros((len(indptr) - 1, dense.shape[1]), dtype=np.float64)
-    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
-    keep = columns < len(dense)
-    np.add.at(out, rows[keep], weights[keep, None] * dense[columns[keep]])
-    return out
 
 
 class ContentProjector:
@@ -185,25 +166,28 @@ class ContentProjector:
         return len(rows)
 
     def fit_rows(self, content: ItemContent, rows: np.ndarray, targets: np.ndarray) -> None:
-        """Solve the ridge normal equations for ``targets`` (one row per item of ``rows``)."""
-        n_sparse, dense = len(content.features), content.dense(rows)
-        csr = content.matrix(rows)
-        gram = np.zeros((n_sparse + dense.shape[1],) * 2)
-        gram[:n_sparse, :n_sparse] = _sparse_gram(*csr, n_sparse)
-        cross = _sparse_t_dot(*csr, n_sparse, dense)
-        gram[:n_sparse, n_sparse:], gram[n_sparse:, :n_sparse] = cross, cross.T
-        gram[n_sparse:, n_sparse:] = dense.T @ dense
-        gram[np.diag_indices_from(gram)] += self.regularization
-        rhs = np.vstack([_sparse_t_dot(*csr, n_sparse, targets), dense.T @ targets])
-        self.weights = np.linalg.solve(gram, rhs)
-        self._n_sparse = n_sparse
+        """Fit ``targets`` (one row per item of ``rows``) by ridge least squares.
+
+        LSMR on the sparse design matrix, never its Gram matrix: memory grows with the
+        features items have, not with the square of the vocabulary (tags and text
+        buckets have no fixed number).
+        """
+        design = content.matrix(rows)
+        dense = content.dense(rows)
+        if dense.shape[1]:
+            design = sparse.hstack([design, sparse.csr_matrix(dense)], format="csr")
+        damp = np.sqrt(self.regularization)
+        self.weights = np.column_stack([
+            lsmr(design, column, damp=damp, atol=1e-10, btol=1e-10, maxiter=10 * min(design.shape))[0]
+            for column in np.asarray(targets, dtype=np.float64).T])
+        self._n_sparse = len(content.features)
 
     def predict(self, content: ItemContent, item_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Predicted vectors (float32, one row per item) and biases."""
         if self.weights is None:
             raise ValueError("fit the projector first")
         # Features first seen after the fit weigh nothing yet.
-        out = _sparse_dot(*content.matrix(item_rows), self.weights[: self._n_sparse])
+        out = content.matrix(item_rows, self._n_sparse) @ self.weights[: self._n_sparse]
         dense_weights = self.weights[self._n_sparse:]
         if len(dense_weights):
             out += content.dense(item_rows, len(dense_weights)) @ dense_weights

