@@ -233,11 +233,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         with open(args.json_out, "w") as f:
             json.dump(out, f, indent=2, default=str)
     if args.plot:
-        _plot(results, args)
+        _plot(results, args, baseline_name)
     return 0
 
 
-def _plot(results: dict, args: argparse.Namespace) -> None:
+def _plot(results: dict, args: argparse.Namespace, baseline_name: str) -> None:
     try:
         import matplotlib
 
@@ -251,7 +251,7 @@ def _plot(results: dict, args: argparse.Namespace) -> None:
     fig, ax = plt.subplots(figsize=(9, 4))
     for name, result in results.items():
         if len(result.curve):
-            ax.plot(rolling_mean(result.curve, window), label=name)
+            ax.plot(rolling_mean(result.curve, window), label=f"baseline: {baseline_name}" if name == "baseline" else name)
     ax.set_xlabel("event")
     ax.set_ylabel(("absolute error" if args.mode == "explicit" else "hit@10") + f" (rolling mean of {window})")
     ax.set_title(f"prequential {args.mode}: {args.events}")

@@ -1,5 +1,9 @@
 """The evaluation harness: prequential means predicted before learned; metrics computed right."""
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from recstream.embeddings import evaluate as ev
@@ -105,3 +109,19 @@ def test_short_term_interest_recovers_faster_after_tastes_switch():
     without = np.mean([hit_rate_after_switch(s, False) for s in seeds])
     print(f"HR@10 after the switch (3 seeds): with short-term interest {with_short:.4f}, without {without:.4f}")
     assert with_short > 1.03 * without
+
+
+def test_eval_cli_writes_json_and_a_plot_of_both_runs(tmp_path):
+    data = _explicit(6000)
+    log = tmp_path / "ratings.csv"
+    log.write_text("user,item,stars\n" + "".join(
+        f"{u},{i},{r}\n" for u, i, r in zip(data.user_ids, data.item_ids, data.ratings.tolist())))
+    out, plot = tmp_path / "result.json", tmp_path / "curve.png"
+    result = subprocess.run([sys.executable, "-m", "recstream.stream.cli", "eval", "--events", str(log), "--mode",
+                             "explicit", "--columns", "user_id=user,item_id=item,rating=stars",
+                             "--json-out", str(out), "--plot", str(plot)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    written = json.loads(out.read_text())
+    assert written["events"] == 6000 and written["baseline"]["events"] == 6000
+    assert {"mae", "rmse", "events_per_s"} <= written.keys() and {"mae", "rmse"} <= written["baseline"].keys()
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
