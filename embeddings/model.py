@@ -136,8 +136,9 @@ class MFConfig:
 class OnlineMF:
     """User and item embeddings learned one event at a time, a batch per call.
 
-    Explicit events (with a rating) fit ``mu + b_u + b_i + p_u . q_i`` to the
-    rating; implicit events (no rating) fit ``sigmoid(b_i + p_u . q_i)`` to 1
+    Explicit events (with a rating) fit
+    ``mu + b_u + t_u * (log1p(n_i) - 2) + s_u * (b_i + p_u . q_i)`` to the
+    rating (see ``sgd_batch``); implicit events (no rating) fit ``sigmoid(b_i + p_u . q_i)`` to 1
     for the item and to 0 for sampled negatives. Applying the same events in
     the same order with the same seed gives bit-identical state, however they
     are cut into batches.

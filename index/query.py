@@ -57,7 +57,7 @@ class Recommendations:
 
 
 class Recommender:
-    """Ranks items by ``b_i + log1p(n_i) + p_u . q_i`` (see ``OnlineMF.ranking_biases``).
+    """Ranks items by ``ranking bias + u . q_i`` (see ``OnlineMF.ranking_biases`` and ``OnlineMF.query_vectors``).
 
     The items split in two: those that changed since the index was built
     (and all of them while there is no index) are scored exactly, in one

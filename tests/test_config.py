@@ -40,6 +40,9 @@ def test_file_and_overrides(tmp_path):
     ({"model.rating_replay_pool": 10**12}, "model.rating_replay_pool"),
     ({"model.rating_replay_learning_rate": "nan"}, "model.rating_replay_learning_rate"),
     ({"model.rating_replay_regularization": -0.1}, "model.rating_replay_regularization"),
+    ({"model.short_term_weight": -3}, "model.short_term_weight"),
+    ({"model.short_term_half_life_s": -1}, "model.short_term_half_life_s"),
+    ({"model.short_term_keep": 5}, "model.short_term_keep"),
     ({"colour": "blue"}, "colour: unknown setting"),
     ({"content.text_encoder": "bert"}, "content.text_encoder: must be hashed or minilm"),
 ])
