@@ -176,6 +176,25 @@ def test_same_events_same_state_however_batched():
     assert not np.array_equal(whole.users.vectors, other_seed.users.vectors)
 
 
+def test_same_timed_events_same_state_however_batched():
+    # With times, the short-term vectors, transitions and fading all take part.
+    users, items, ratings, weights = _stream()
+    stamps = 1_700_000_000_000 + np.sort(np.random.default_rng(1).integers(0, 3_600_000, len(users)))
+
+    def learned(cuts):
+        mf = OnlineMF(MFConfig(dim=8, seed=3))
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            mf.learn_rows(mf.users.rows(users[a:b]), mf.items.rows(items[a:b]), ratings[a:b], weights[a:b],
+                          None, stamps[a:b])
+        return mf.state_arrays()
+
+    whole, pieces = learned([0, 5000]), learned([0, 1, 777, 2000, 5000])
+    assert whole["short_vectors"].any() and whole["transition_vectors"].any()
+    for key in whole:
+        if key != "counters" and key != "item_seq":  # model versions count calls
+            np.testing.assert_array_equal(whole[key], pieces[key], err_msg=key)
+
+
 def test_a_restored_state_continues_exactly_with_ratings_wrapping_the_replay_ring():
     users, items, ratings, weights = _stream()
     cfg = MFConfig(dim=8, seed=3, rating_replay_pool=100)  # about 2,500 ratings: the ring wraps
