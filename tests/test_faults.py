@@ -109,9 +109,12 @@ def _kill_restart_until_done(bootstrap, topics, state_dir, total, kills, seed) -
 
 
 def _stream_with_kills(bootstrap, tmp_path, partitions: int, seed: int) -> tuple[dict, list[bytes], np.lib.npyio.NpzFile]:
-    """200k events produced live while the consumer is killed 3 times; returns topics, events, export."""
+    """200k events (a fifth of them ratings) produced live while the consumer is killed 3 times; returns
+    topics, events, export."""
     topics = _topics(bootstrap, partitions)
     values = [v for _, v in SyntheticClickstream(n_users=3000, n_items=1000, seed=seed).events(200_000).messages()]
+    # Every fifth event is a rating, so rating replays (and their ring in the checkpoints) take part.
+    values[::5] = [orjson.dumps({**orjson.loads(v), "rating": 0.5 + n % 10 / 2}) for n, v in enumerate(values[::5])]
     producer = threading.Thread(target=_produce_partitioned,
                                 args=(bootstrap, topics["input"], values, partitions, 25_000))
     producer.start()
