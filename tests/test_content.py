@@ -269,3 +269,19 @@ def test_the_regression_fits_a_vocabulary_whose_gram_matrix_would_not_fit_in_mem
     content.set(20_000, ["genre=1", *(f"tag=new-{k}" for k in range(5))])  # tags unknown at the fit weigh nothing
     vectors, biases = projector.predict(content, np.array([20_000]))
     np.testing.assert_allclose(np.append(vectors[0], biases), genre_target[1], atol=0.05)
+
+
+def test_the_direct_and_the_iterative_solve_agree(monkeypatch):
+    from recstream.embeddings import content as content_module
+
+    rng = np.random.default_rng(3)
+    content = ItemContent()
+    for row in range(300):
+        content.set(row, [f"tag={t}" for t in rng.choice(50, 4, replace=False)], rng.normal(size=8).astype(np.float32))
+    targets = rng.normal(size=(300, 5))
+    direct = ContentProjector(regularization=0.5)
+    direct.fit_rows(content, np.arange(300), targets)
+    monkeypatch.setattr(content_module, "_DIRECT_MAX_COLUMNS", 0)  # what a vocabulary past the limit gets
+    iterative = ContentProjector(regularization=0.5)
+    iterative.fit_rows(content, np.arange(300), targets)
+    np.testing.assert_allclose(iterative.weights, direct.weights, atol=1e-7)
