@@ -123,7 +123,7 @@ class ItemContent:
                                zip(arrays.get("dense_items", np.zeros(0)).tolist(), arrays.get("dense", []))}
 
 
-_DIRECT_MAX_COLUMNS = 4096  # the normal equations' matrix: at most 128 MB
+_DIRECT_MAX_COLUMNS = 4096  # with dense text vectors; the normal equations' matrix: at most 128 MB
 
 
 class ContentProjector:
@@ -171,16 +171,18 @@ class ContentProjector:
     def fit_rows(self, content: ItemContent, rows: np.ndarray, targets: np.ndarray) -> None:
         """Fit ``targets`` (one row per item of ``rows``) by ridge least squares.
 
-        Up to ``_DIRECT_MAX_COLUMNS`` features (dense text dimensions included) the normal
-        equations are solved directly: exact, and fast even where dense text vectors make
-        the problem ill-conditioned (MiniLM on MovieLens: 0.1 s, against 8 s by LSMR). Past
-        that, LSMR on the sparse design matrix: memory grows with the features items have,
-        not with the square of the vocabulary (tags and text buckets have no fixed number).
+        Sparse features alone: LSMR on the sparse design matrix, so memory grows with the
+        features items have, not with the square of the vocabulary (tags and text buckets
+        have no fixed number), and such one-hot-like columns converge fast (MovieLens
+        hashed words + genres + tags, 3,523 columns: 0.23 s, against 0.65-1.0 s directly).
+        With dense text vectors, up to ``_DIRECT_MAX_COLUMNS`` columns: the normal
+        equations, solved directly, since those correlated columns leave LSMR
+        ill-conditioned (MiniLM + genres + tags: 0.12 s, against 8 s by LSMR).
         """
         features, dense = content.matrix(rows), content.dense(rows)
         targets = np.asarray(targets, dtype=np.float64)
         n_sparse = features.shape[1]
-        if n_sparse + dense.shape[1] <= _DIRECT_MAX_COLUMNS:
+        if dense.shape[1] and n_sparse + dense.shape[1] <= _DIRECT_MAX_COLUMNS:
             # Block by block: sparse products for the features, BLAS for the dense vectors.
             gram = np.empty((n_sparse + dense.shape[1],) * 2)
             gram[:n_sparse, :n_sparse] = (features.T @ features).toarray()
