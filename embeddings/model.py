@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from recstream.embeddings.sgd import sgd_batch
+from recstream.embeddings.sgd import item_popularity, sgd_batch
 from recstream.embeddings.table import EmbeddingTable
 
 
@@ -365,5 +365,5 @@ class OnlineMF:
         taste = 0.0
         if i is not None:
             self._fit_item_arrays()
-            taste = float(self._pop_taste[u]) * (np.log1p(float(self._item_events[i])) - 2.0)
+            taste = float(self._pop_taste[u]) * item_popularity(float(self._item_events[i]))
         return self.global_mean + float(self.users.biases[u]) + taste + float(self._user_scale[u]) * item_part

@@ -67,6 +67,12 @@ def _sigmoid(x):
 
 
 @njit(cache=True, inline="always")
+def item_popularity(events):
+    """An item's popularity term in a rating, ``log1p(events) - 2``: centred near a typical item's log count."""
+    return np.log1p(events) - 2.0
+
+
+@njit(cache=True, inline="always")
 def _item_rate(lr, lr_new, events, new_events):
     """An item's step size: ``lr_new`` while it is new, falling to ``lr`` as its events pass ``new_events``."""
     return max(lr, lr_new / np.sqrt(1.0 + events / new_events))
@@ -135,7 +141,7 @@ def _replay_ratings(P, Q, bu, bi, scale, pop_taste, item_events, item_seq, seq, 
         dot = 0.0
         for f in range(dim):
             dot += P[v, f] * Q[j, f]
-        taste = pop_taste[v] * (np.log1p(item_events[j]) - 2.0)
+        taste = pop_taste[v] * item_popularity(item_events[j])
         g = (ring_ratings[k] - (mu + bu[v] + taste + scale[v] * (bi[j] + dot))) * scale[v]
         for f in range(dim):
             Q[j, f] += lr * (g * P[v, f] - reg * Q[j, f])
@@ -232,7 +238,7 @@ def sgd_batch(
         if not np.isnan(r):
             s = scale[u]
             item_part = bi[i] + dot
-            popularity = np.log1p(events_i) - 2.0  # centred near a typical item's log count
+            popularity = item_popularity(events_i)
             taste = pop_taste[u] * popularity
             predictions[e] = mean_state[0] + bu[u] + taste + s * item_part
             mean_state[1] += 1.0
