@@ -18,8 +18,6 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from recstream.embeddings.ids import IdMap
 from recstream.embeddings.model import OnlineMF
-from recstream.embeddings.sgd import init_rows
-from recstream.embeddings.table import id_hash
 from recstream.embeddings.text import HashedWords
 from scipy import sparse
 from scipy.sparse.linalg import lsmr
@@ -264,11 +262,7 @@ class ContentPlaceholders:
             return 0
         self._held[rows] = False
         self.count -= len(rows)
-        table = model.items
-        initial = np.zeros((len(rows), table.dim), dtype=np.float32)
-        hashes = np.fromiter((id_hash(table.ids.ids[r]) for r in rows.tolist()), dtype=np.uint64, count=len(rows))
-        init_rows(initial, hashes, np.uint64(table.seed), table.init_std)  # what EmbeddingTable gave the new id
-        model.set_item_rows(rows, initial, np.zeros(len(rows), dtype=np.float32))
+        model.set_item_rows(rows, model.items.initial_vectors(rows), np.zeros(len(rows), dtype=np.float32))
         return len(rows)
 
     def _hold(self, rows: np.ndarray) -> None:

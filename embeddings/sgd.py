@@ -73,6 +73,12 @@ def item_popularity(events):
 
 
 @njit(cache=True, inline="always")
+def _rating(mu, b_user, taste, scale, item_part):
+    """The rating estimate ``mu + b_u + taste + s_u * (b_i + p.q)``: one formula for learning and replay."""
+    return mu + b_user + taste + scale * item_part
+
+
+@njit(cache=True, inline="always")
 def _item_rate(lr, lr_new, events, new_events):
     """An item's step size: ``lr_new`` while it is new, falling to ``lr`` as its events pass ``new_events``."""
     return max(lr, lr_new / np.sqrt(1.0 + events / new_events))
@@ -142,7 +148,7 @@ def _replay_ratings(P, Q, bu, bi, scale, pop_taste, item_events, item_seq, seq, 
         for f in range(dim):
             dot += P[v, f] * Q[j, f]
         taste = pop_taste[v] * item_popularity(item_events[j])
-        g = (ring_ratings[k] - (mu + bu[v] + taste + scale[v] * (bi[j] + dot))) * scale[v]
+        g = (ring_ratings[k] - _rating(mu, bu[v], taste, scale[v], bi[j] + dot)) * scale[v]
         for f in range(dim):
             Q[j, f] += lr * (g * P[v, f] - reg * Q[j, f])
         item_seq[j] = seq
@@ -240,10 +246,10 @@ def sgd_batch(
             item_part = bi[i] + dot
             popularity = item_popularity(events_i)
             taste = pop_taste[u] * popularity
-            predictions[e] = mean_state[0] + bu[u] + taste + s * item_part
+            predictions[e] = _rating(mean_state[0], bu[u], taste, s, item_part)
             mean_state[1] += 1.0
             mean_state[0] += (r - mean_state[0]) / mean_state[1]
-            err = r - (mean_state[0] + bu[u] + taste + s * item_part)
+            err = r - _rating(mean_state[0], bu[u], taste, s, item_part)
             loss += err * err
             pop_taste[u] += lr_taste * (err * popularity - taste_reg * pop_taste[u])
             # The item part reaches the rating through the user's scale: its gradient carries s.

@@ -50,11 +50,16 @@ class EmbeddingTable:
         after = len(self.ids)
         if after > before:
             self._grow(after)
-            hashes = np.fromiter(
-                (id_hash(k) for k in self.ids.ids[before:after]), dtype=np.uint64, count=after - before
-            )
-            init_rows(self._vectors[before:after], hashes, np.uint64(self.seed), self.init_std)
+            self._vectors[before:after] = self.initial_vectors(np.arange(before, after))
         return rows
+
+    def initial_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors ``rows`` got when their ids were first seen (a function of id and seed)."""
+        out = np.zeros((len(rows), self.dim), dtype=np.float32)
+        ids = self.ids.ids
+        hashes = np.fromiter((id_hash(ids[r]) for r in rows.tolist()), dtype=np.uint64, count=len(rows))
+        init_rows(out, hashes, np.uint64(self.seed), self.init_std)
+        return out
 
     def _grow(self, needed: int) -> None:
         capacity = self._vectors.shape[0]
