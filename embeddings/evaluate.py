@@ -260,7 +260,7 @@ def split_model(train: Interactions, held: dict[str, set[str]], config: MFConfig
     rows = np.array([model.users.ids.get(u) for u in users], dtype=np.int64)
     # Held-out interactions come long after training: any short-term interest has faded.
     recs = Recommender(model, history, K).recommend(rows, None, now_ms=2**62)
-    top = {u: model.items.ids.ids_of(r.item_rows.tolist()) for u, r in zip(users, recs)}
+    top = {u: model.items.ids.ids_of(recs.of(n)[0].tolist()) for n, u in enumerate(users)}
     metrics = _ranking_metrics(top, held)
     metrics.update(events=len(train) * epochs, events_per_s=len(train) * epochs / seconds)
     return EvalResult(metrics)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import chain
+
 import numpy as np
 
 
@@ -43,9 +45,10 @@ class InteractionHistory:
         >>> [a.tolist() for a in h.pairs(np.array([4, 3]))]
         [[0, 1, 1], [9, 1, 2]]
         """
-        lists = [self._items.get(u, {}) for u in user_rows.tolist()]
-        counts = np.fromiter((len(s) for s in lists), dtype=np.int64, count=len(lists))
-        items = np.fromiter((i for s in lists for i in s), dtype=np.int64, count=int(counts.sum()))
+        get, empty = self._items.get, {}
+        lists = [get(u, empty) for u in user_rows.tolist()]
+        counts = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+        items = np.fromiter(chain.from_iterable(lists), dtype=np.int64, count=int(counts.sum()))
         return np.repeat(np.arange(len(lists)), counts), items
 
     def to_arrays(self) -> dict[str, np.ndarray]:

@@ -313,6 +313,11 @@ class OnlineMF:
         self._fit_item_arrays()
         return np.flatnonzero(self._item_seq[: len(self.items)] > model_version)
 
+    def recently_popular(self) -> np.ndarray:
+        """Rows of the items in the ring of recent positives (the ones ranking boosts by popularity)."""
+        self._fit_item_arrays()
+        return np.flatnonzero(self._pool_count[: len(self.items)])
+
     def query_vectors(self, user_rows: np.ndarray, now_ms: int | np.ndarray = 0) -> np.ndarray:
         """The vectors to rank items with: long-term, plus where the last item leads, plus short-term
         interest, the last two faded by the time since the user's last event.

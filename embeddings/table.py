@@ -56,6 +56,8 @@ class EmbeddingTable:
     def initial_vectors(self, rows: np.ndarray) -> np.ndarray:
         """The vectors ``rows`` got when their ids were first seen (a function of id and seed)."""
         out = np.zeros((len(rows), self.dim), dtype=np.float32)
+        if self.init_std == 0:  # N(0, 0): no need to hash the ids (users start at the origin by default)
+            return out
         ids = self.ids.ids
         hashes = np.fromiter((id_hash(ids[r]) for r in rows.tolist()), dtype=np.uint64, count=len(rows))
         init_rows(out, hashes, np.uint64(self.seed), self.init_std)

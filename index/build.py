@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+_ADD_SLICE = 65_536  # points converted to Python lists at a time in the build child
+
 
 def mips_item_vectors(vectors: np.ndarray, biases: np.ndarray) -> np.ndarray:
     """Items as angular-search points: ``[q, b, sqrt(M^2 - |q|^2 - b^2)]``.
@@ -74,8 +76,10 @@ def _build(points_path: str, out_path: str, n_trees: int) -> None:
     index.set_seed(1)
     index.on_disk_build(out_path)
     add_item = index.add_item
-    for row, point in enumerate(points.tolist()):
-        add_item(row, point)
+    # In slices: one list of a million rows would hold tens of millions of Python floats at once.
+    for start in range(0, len(points), _ADD_SLICE):
+        for row, point in enumerate(points[start:start + _ADD_SLICE].tolist(), start):
+            add_item(row, point)
     index.build(n_trees, n_jobs=1)
     index.unload()
 

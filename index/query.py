@@ -1,21 +1,52 @@
-"""Top-K recommendations: exact scores for the items that changed since the index was built,
-the Annoy index for the rest."""
+"""Top-K recommendations for a batch of users: exact scores over the items that can win, the
+Annoy index for the long tail.
+
+The score of item ``i`` for user ``u`` is ``s(u, i) = r_i + x_u . q_i`` (``r_i`` the item's
+ranking bias, ``x_u`` the user's query vector: see ``OnlineMF.ranking_biases`` and
+``OnlineMF.query_vectors``). The items split in two:
+
+- the **hot set** ``H``, at most ``exact_items`` items, scored exactly with the live vectors for
+  all users of a batch in one matrix product per chunk: the items in the ring of recent
+  positives (ranking boosts them by ``log1p`` of their count there, so a clickstream's top-K is
+  nearly always among them), then the items of highest potential ``r_i + c |q_i|`` (``c`` the
+  median query norm of the batch): the best any user of typical norm could score them. A
+  catalogue of at most ``exact_items`` items is scored exactly in full;
+- the **tail** (everything else) comes from the Annoy index, for users whose tail could still
+  beat their hot top-K: by Cauchy-Schwarz no tail item scores above
+  ``max_{i in tail} r_i + |x_u| max_{i in tail} |q_i|``, so a user whose ``k``-th best hot score
+  is above that bound needs no lookup and their list is exact. Lookups cost far more than exact
+  scores (a tree walk per user), so at most ``max_lookups`` users per call get one, those with
+  the widest gap between bound and list first; the index's candidates are scored again with the
+  live vectors before they are merged.
+
+Items the user interacted with recently are left out. Call with the model lock held: it reads
+live vectors.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import OnlineMF
 from recstream.index.build import mips_query
 from recstream.index.refresh import BuiltIndex
 
 _EXACT_CHUNK = 4_000_000  # scores per matrix product (float32: 16 MB)
-# With this share of the items changed since the build, one exact product over all items is
-# cheaper than a per-user index query, and the index would add nothing fresh.
-_EXACT_ALL_FRACTION = 0.5
+
+
+@njit(cache=True, nogil=True)
+def _insert(vals, idx, k, x, c):
+    """Put score ``x`` of column ``c`` into the descending buffer ``vals``/``idx`` if it beats the last."""
+    pos = k - 1
+    while pos > 0 and vals[pos - 1] < x:
+        vals[pos] = vals[pos - 1]
+        idx[pos] = idx[pos - 1]
+        pos -= 1
+    vals[pos] = x
+    idx[pos] = c
 
 
 @njit(cache=True, nogil=True)
@@ -37,101 +68,242 @@ def top_k_per_row(scores, k):
         idx[:] = -1
         for c in range(n_cols):
             x = scores[r, c]
-            if x <= vals[k - 1]:
-                continue
-            pos = k - 1
-            while pos > 0 and vals[pos - 1] < x:
-                vals[pos] = vals[pos - 1]
-                idx[pos] = idx[pos - 1]
-                pos -= 1
-            vals[pos] = x
-            idx[pos] = c
+            if x > vals[k - 1]:
+                _insert(vals, idx, k, x, c)
     return out_idx, out_val
 
 
+@njit(cache=True, nogil=True, parallel=True)
+def _top_k_excluding(scores, k, seen_start, seen_columns):
+    """Like :func:`top_k_per_row`, leaving out row ``r``'s columns ``seen_columns[seen_start[r]:seen_start[r+1]]``.
+
+    The exclusion list is checked only for entries that would enter the top-k, so its cost does
+    not grow with the number of columns.
+    """
+    n_rows, n_cols = scores.shape
+    out_idx = np.full((n_rows, k), -1, dtype=np.int64)
+    out_val = np.full((n_rows, k), -np.inf, dtype=np.float32)
+    for r in prange(n_rows):
+        vals = out_val[r]
+        idx = out_idx[r]
+        a, b = seen_start[r], seen_start[r + 1]
+        for c in range(n_cols):
+            x = scores[r, c]
+            if x > vals[k - 1]:
+                excluded = False
+                for s in range(a, b):
+                    if seen_columns[s] == c:
+                        excluded = True
+                        break
+                if not excluded:
+                    _insert(vals, idx, k, x, c)
+    return out_idx, out_val
+
+
+@njit(cache=True, nogil=True)
+def _merge_into(top_rows, top_scores, r, cand_rows, cand_scores, n):
+    """Merge ``n`` candidates (rows, scores) into row ``r`` of the top-k arrays (no duplicates)."""
+    k = top_rows.shape[1]
+    vals = top_scores[r]
+    idx = top_rows[r]
+    for c in range(n):
+        x = cand_scores[c]
+        if x > vals[k - 1]:
+            item = cand_rows[c]
+            duplicate = False
+            for j in range(k):
+                if idx[j] == item:
+                    duplicate = True
+                    break
+            if not duplicate:
+                _insert(vals, idx, k, x, item)
+
+
+class _ItemNorms:
+    """``|q_i|`` of every item, recomputed only for the items changed since the last call."""
+
+    def __init__(self) -> None:
+        self.norms = np.zeros(0, dtype=np.float32)
+        self.model_version = -1
+
+    def update(self, model: OnlineMF) -> np.ndarray:
+        Q = model.items.vectors
+        if self.model_version < 0 or len(self.norms) > len(Q):  # first call, or a restored model
+            changed = np.arange(len(Q))
+        else:
+            changed = model.items_changed_since(self.model_version)
+        if len(self.norms) < len(Q):
+            self.norms = np.concatenate([self.norms, np.zeros(len(Q) - len(self.norms), dtype=np.float32)])
+        rows = Q[changed]
+        self.norms[changed] = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+        self.model_version = model.model_version
+        return self.norms
+
+
 @dataclass
-class Recommendations:
-    user_row: int
-    item_rows: np.ndarray
-    scores: np.ndarray
+class TopK:
+    """The top-k of a batch of users: row ``n`` is ``user_rows[n]``'s list, best first.
+
+    A user with fewer than ``k`` candidates (one who has seen nearly every item) has
+    ``item_rows == -1`` and ``scores == -inf`` at the end of their row.
+    """
+
+    user_rows: np.ndarray  # (B,) int64
+    item_rows: np.ndarray  # (B, k) int64
+    scores: np.ndarray  # (B, k) float32
+
+    def __len__(self) -> int:
+        return len(self.user_rows)
+
+    def of(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n``-th user's item rows and scores, without the padding."""
+        found = self.item_rows[n] >= 0
+        return self.item_rows[n][found], self.scores[n][found]
+
+
+@dataclass
+class QueryStats:
+    """What the last :meth:`Recommender.recommend` call did (for logs, metrics and benchmarks)."""
+
+    users: int = 0
+    exact_items: int = 0  # size of the exactly scored hot set
+    tail_possible: int = 0  # users whose tail could beat their hot top-k (the bound)
+    index_lookups: int = 0  # users whose tail the index was asked for
 
 
 class Recommender:
-    """Ranks items by ``ranking bias + u . q_i`` (see ``OnlineMF.ranking_biases`` and ``OnlineMF.query_vectors``).
+    """Top-k per user: the hot set scored exactly, the tail from the Annoy index when it can matter.
 
-    The items split in two: those that changed since the index was built
-    (and all of them while there is no index) are scored exactly, in one
-    matrix product for all users; the unchanged rest come from the Annoy
-    index, whose vectors for them are still exact. So a stale index can miss
-    nothing that changed; the hot items of a clickstream are the changed ones,
-    and the long tail is what the index serves. Items the user interacted
-    with are left out. Call with the model lock held: it reads live vectors.
+    ``exact_items`` caps the hot set (None: every item is scored exactly, as evaluation wants);
+    ``max_lookups`` caps the index lookups per call. See the module docstring for the rule.
+
+    >>> import numpy as np
+    >>> from recstream.embeddings.model import MFConfig, OnlineMF
+    >>> mf = OnlineMF(MFConfig(dim=4, seed=0))
+    >>> mf.learn(["a", "a", "b"], ["x", "y", "z"])
+    >>> top = Recommender(mf, None, k=2).recommend(np.array([0]), None)
+    >>> top.item_rows.shape, bool(np.isfinite(top.scores).all())
+    ((1, 2), True)
     """
 
     def __init__(self, model: OnlineMF, history: InteractionHistory | None, k: int, search_k: int = -1,
-                 max_index_fetch: int = 200) -> None:
+                 max_index_fetch: int = 50, exact_items: int | None = None, max_lookups: int = 1000) -> None:
         self.model = model
         self.history = history
         self.k = k
         self.search_k = search_k
         self.max_index_fetch = max_index_fetch
+        self.exact_items = exact_items
+        self.max_lookups = max_lookups
+        self.last = QueryStats()
+        self._item_norms = _ItemNorms()
 
-    def recommend(self, user_rows: np.ndarray, index: BuiltIndex | None, now_ms: int = 0) -> list[Recommendations]:
-        """Top-k for each user; ``now_ms`` (event time) fades short-term interest (0: no fading)."""
+    def hot_items(self, query_norm: float, item_norms: np.ndarray, biases: np.ndarray) -> np.ndarray:
+        """Item rows scored exactly (sorted): the recently popular, then the highest potential."""
+        n_items = len(biases)
+        cap = self.exact_items
+        if cap is None or n_items <= cap:
+            return np.arange(n_items)
+        potential = biases + np.float32(query_norm) * item_norms
+        # Recently popular items first, in order of potential among themselves.
+        potential[self.model.recently_popular()] += np.float32(1e9)
+        hot = np.argpartition(-potential, cap - 1)[:cap]
+        hot.sort()
+        return hot
+
+    def recommend(self, user_rows: np.ndarray, index: BuiltIndex | None, now_ms: int = 0,
+                  use_index: bool = True) -> TopK:
+        """Top-k for each of ``user_rows``; ``now_ms`` (event time) fades short-term interest (0: no fading).
+
+        ``use_index=False`` answers from the hot set alone (a catch-up that must not fall behind).
+        """
+        user_rows = np.asarray(user_rows, dtype=np.int64)
         n_items = len(self.model.items)
+        k = self.k
         if len(user_rows) == 0 or n_items == 0:
-            return []
+            self.last = QueryStats(len(user_rows))
+            return TopK(user_rows, np.full((len(user_rows), k), -1, np.int64),
+                        np.full((len(user_rows), k), -np.inf, np.float32))
         users = self.model.query_vectors(user_rows, now_ms)
         Q = self.model.items.vectors
         biases = self.model.ranking_biases()
-        changed = None if index is None else self.model.items_changed_since(index.model_version)
-        if changed is None or len(changed) >= _EXACT_ALL_FRACTION * n_items:
-            rows, scores = self._exact_top(users, user_rows, np.arange(n_items), Q, biases)
-            short = ~np.isfinite(scores).all(axis=1)  # users who have seen nearly everything
-            return [Recommendations(u, r[np.isfinite(s)], s[np.isfinite(s)]) if cut else Recommendations(u, r, s)
-                    for u, r, s, cut in zip(user_rows.tolist(), rows, scores, short.tolist())]
-        rows, scores = self._exact_top(users, user_rows, changed, Q, biases)
-        is_changed = np.zeros(n_items, dtype=bool)
-        is_changed[changed] = True
-        out = []
-        for n, u in enumerate(user_rows.tolist()):
-            seen = self.history.items_of(u) if self.history is not None else {}
-            fetch = self.k + min(len(seen), self.max_index_fetch)
-            found = np.asarray(index.nearest(mips_query(users[n]), fetch, self.search_k), dtype=np.int64)
-            keep = ~is_changed[found]
-            if seen:
-                keep &= np.fromiter((i not in seen for i in found.tolist()), dtype=bool, count=len(found))
-            found = found[keep]
-            cand_rows = np.concatenate([rows[n], found])
-            cand_scores = np.concatenate([scores[n], Q[found] @ users[n] + biases[found]])
-            top = np.argsort(-cand_scores, kind="stable")[: self.k]
-            top = top[np.isfinite(cand_scores[top])]
-            out.append(Recommendations(u, cand_rows[top], cand_scores[top]))
-        return out
+        user_norms = np.sqrt(np.einsum("ij,ij->i", users, users))
+        item_norms = self._item_norms.update(self.model)
+        hot = self.hot_items(float(np.median(user_norms)), item_norms, biases)
+        seen_start, seen_items = self._seen(user_rows)
+        top_rows, top_scores = self._exact_top(users, hot, Q, biases, seen_start, seen_items)
+        stats = QueryStats(len(user_rows), len(hot))
+        if len(hot) < n_items:
+            need = self._tail_possible(user_norms, hot, item_norms, biases, top_scores)
+            stats.tail_possible = len(need)
+            if index is not None and use_index:
+                stats.index_lookups = self._add_tail(users, index, hot, need[: self.max_lookups], Q, biases,
+                                                     seen_start, seen_items, top_rows, top_scores)
+        self.last = stats
+        return TopK(user_rows, top_rows, top_scores)
 
-    def _exact_top(self, users: np.ndarray, user_rows: np.ndarray, items: np.ndarray, Q: np.ndarray,
-                   biases: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per user, the best ``k`` of ``items`` by exact score (seen items at -inf)."""
-        k = min(self.k, len(items))
-        Qc, bc = Q[items], biases[items]
-        column_of = None
-        if self.history is not None and len(items) != len(Q):
+    def _seen(self, user_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each user's remembered items, CSR-style: ``items[start[n]:start[n + 1]]`` for user ``n``."""
+        if self.history is None:
+            return np.zeros(len(user_rows) + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        at_user, items = self.history.pairs(user_rows)
+        start = np.zeros(len(user_rows) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(at_user, minlength=len(user_rows)), out=start[1:])
+        return start, items
+
+    def _exact_top(self, users: np.ndarray, items: np.ndarray, Q: np.ndarray, biases: np.ndarray,
+                   seen_start: np.ndarray, seen_items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per user, the best ``k`` of ``items`` by exact score, remembered items left out."""
+        k = self.k
+        out_rows = np.full((len(users), k), -1, dtype=np.int64)
+        out_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
+        if len(items) == 0:
+            return out_rows, out_scores
+        whole = len(items) == len(Q)
+        Qc, bc = (Q, biases) if whole else (Q[items], biases[items])
+        # Remembered items as columns of this product (-1: not among ``items``, never matches).
+        if whole:
+            seen_columns = seen_items
+        else:
             column_of = np.full(len(Q), -1, dtype=np.int64)
             column_of[items] = np.arange(len(items))
-        out_rows = np.empty((len(users), k), dtype=np.int64)
-        out_scores = np.empty((len(users), k), dtype=np.float32)
-        step = max(1, _EXACT_CHUNK // max(len(items), 1))
+            seen_columns = column_of[seen_items]
+        step = max(1, _EXACT_CHUNK // len(items))
         for start in range(0, len(users), step):
             stop = min(start + step, len(users))
             scores = users[start:stop] @ Qc.T
             scores += bc
-            if self.history is not None:
-                at_user, at_item = self.history.pairs(user_rows[start:stop])
-                if column_of is not None:
-                    at_item = column_of[at_item]
-                    at_user, at_item = at_user[at_item >= 0], at_item[at_item >= 0]
-                scores[at_user, at_item] = -np.inf
-            best, best_scores = top_k_per_row(scores, k)
-            out_rows[start:stop] = np.where(best >= 0, items[best], -1)
+            best, best_scores = _top_k_excluding(scores, k, seen_start[start:stop + 1] - seen_start[start],
+                                                 seen_columns[seen_start[start]:seen_start[stop]])
+            out_rows[start:stop] = np.where(best >= 0, items[np.maximum(best, 0)], -1)
             out_scores[start:stop] = best_scores
         return out_rows, out_scores
+
+    def _tail_possible(self, user_norms: np.ndarray, hot: np.ndarray, item_norms: np.ndarray, biases: np.ndarray,
+                       top_scores: np.ndarray) -> np.ndarray:
+        """Positions of the users whose tail could beat their k-th hot score, widest gap first."""
+        tail = np.ones(len(biases), dtype=bool)
+        tail[hot] = False
+        tail_bias = float(biases[tail].max(initial=-np.inf))
+        tail_norm = float(item_norms[tail].max(initial=0.0))
+        gap = tail_bias + user_norms * tail_norm - top_scores[:, -1]
+        need = np.flatnonzero(gap >= 0)
+        return need[np.argsort(-gap[need], kind="stable")]
+
+    def _add_tail(self, users: np.ndarray, index: BuiltIndex, hot: np.ndarray, need: np.ndarray, Q: np.ndarray,
+                  biases: np.ndarray, seen_start: np.ndarray, seen_items: np.ndarray, top_rows: np.ndarray,
+                  top_scores: np.ndarray) -> int:
+        """Merge the index's candidates into the top-k of the users ``need``; returns the lookups made."""
+        n_indexed = min(index.n_items, len(Q))
+        tail = np.ones(n_indexed, dtype=bool)
+        tail[hot[hot < n_indexed]] = False
+        for n in need.tolist():
+            seen = seen_items[seen_start[n]:seen_start[n + 1]]
+            fetch = self.k + min(len(seen), self.max_index_fetch)
+            found = np.asarray(index.nearest(mips_query(users[n]), fetch, self.search_k), dtype=np.int64)
+            found = found[tail[found]]
+            if len(seen):
+                found = found[~np.isin(found, seen)]
+            if len(found):
+                _merge_into(top_rows, top_scores, n, found, Q[found] @ users[n] + biases[found], len(found))
+        return len(need)

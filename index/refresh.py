@@ -33,8 +33,16 @@ class IndexConfig:
     # but not more often than min_rebuild_interval_s.
     rebuild_changed_fraction: float = 0.1
     min_rebuild_interval_s: float = 10.0
+    # A build that took t seconds is followed by the next no sooner than t / max_build_share
+    # seconds later: a big catalogue is rebuilt less often rather than all the time.
+    max_build_share: float = 0.25
     min_items: int = 1
     build_timeout_s: float = 600.0
+    # At most this many items (the recently popular, then the highest potential) are scored
+    # exactly for every update; the index serves the rest, to at most max_lookups users per
+    # publishing round (see index/query.py).
+    exact_items: int = 8192
+    max_lookups: int = 1000
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,8 @@ class IndexRefresher:
         if current is None:
             return True
         age = time.monotonic() - current.built_at
+        if age < current.build_seconds / self.config.max_build_share - current.build_seconds:
+            return False
         if age >= self.config.rebuild_interval_s:
             return current.model_version < self.model.model_version
         if age < self.config.min_rebuild_interval_s:

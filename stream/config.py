@@ -60,6 +60,11 @@ class OutputConfig:
     # At most one update per user per interval; offsets are committed at the same cadence,
     # after the updates of the interval are delivered.
     flush_interval_s: float = 1.0
+    # While the consumer is behind, rounds are spaced so that publishing takes at most this
+    # share of the time: a backlog is read at least this fast, and each user's final state is
+    # published once it is (see stream/publishing.py).
+    max_publish_share: float = 0.5
+    # A round starts early once this many users are pending (unless the consumer is behind).
     max_pending_users: int = 50_000
     delivery_timeout_s: float = 30.0
 
@@ -177,12 +182,16 @@ _RULES: dict[str, tuple[Any, str]] = {
     "index.rebuild_interval_s": (lambda v: v > 0, "a positive number of seconds"),
     "index.rebuild_changed_fraction": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
     "index.min_rebuild_interval_s": (lambda v: v >= 0, "a non-negative number of seconds"),
+    "index.max_build_share": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
     "index.min_items": (lambda v: v >= 1, "a positive integer"),
     "index.build_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
+    "index.exact_items": (lambda v: v >= 1, "a positive integer"),
+    "index.max_lookups": (lambda v: v >= 0, "a non-negative integer"),
     "output.top_k": (lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
     "output.history_per_user": (lambda v: v >= 0, "a non-negative integer"),
     "output.flush_interval_s": (lambda v: v > 0, "a positive number of seconds"),
     "output.max_pending_users": (lambda v: v >= 1, "a positive integer"),
+    "output.max_publish_share": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
     "output.delivery_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
     "content.refresh_interval_s": (lambda v: v > 0, "a positive number of seconds"),
     "content.cold_count": (lambda v: v >= 1, "a positive integer"),

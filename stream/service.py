@@ -49,6 +49,7 @@ from recstream.index.refresh import IndexRefresher
 from recstream.stream.checkpoint import BackgroundCheckpointWriter, CheckpointStore
 from recstream.stream.config import ConfigError, ServiceConfig
 from recstream.stream.events import EventDecoder
+from recstream.stream.publishing import PendingUpdates, UpdateSchedule, update_messages
 from recstream.stream.state import RecState
 
 log = logging.getLogger(__name__)
@@ -114,19 +115,21 @@ class RecStreamService:
         self.model = self.state.model
         self.model_lock = threading.Lock()
         self.recommender = Recommender(self.model, self.state.history if out.exclude_seen else None,
-                                       out.top_k, config.index.search_k)
+                                       out.top_k, config.index.search_k, exact_items=config.index.exact_items,
+                                       max_lookups=config.index.max_lookups)
         self.decoder = EventDecoder(config.events)
         self.loss_drift = LossDriftDetector(config.monitor.adwin_delta)
         self.item_drift_alarm = ItemDriftAlarm(config.monitor.item_drift_threshold)
         self._reported_index_version = 0
         self.refresher = IndexRefresher(self.model, self.model_lock, index_dir, config.index,
                                         first_version=self.state.index_version + 1)
-        self._pending_users: dict[int, int] = {}  # user row -> last event ts, awaiting an update
+        self._pending = PendingUpdates()
+        self._behind = False  # the last poll came back full: there is a backlog
         self._uncommitted: dict[tuple[str, int], int] = {}  # next offsets applied but not committed
         self._failed: list[tuple[str, bytes | None, bytes | None, list | None]] = []
         self._producer_fatal = False
         self._retrying_delivery = False
-        self._next_flush = time.monotonic() + out.flush_interval_s
+        self._schedule = UpdateSchedule(out.flush_interval_s, out.max_publish_share)
         self._next_checkpoint = time.monotonic() + config.checkpoint.interval_s
         self._next_content_refresh = 0.0
         self._commit_floor: dict[tuple[str, int], int] = {}  # where each partition resumed at assign
@@ -194,11 +197,12 @@ class RecStreamService:
         try:
             while not self.stop.is_set():
                 messages = self.consumer.consume(loop.batch_size, loop.poll_timeout_s)
+                self._behind = len(messages) >= loop.batch_size
                 if messages:
                     self._process(messages)
                 if self._uncommitted and (
-                    time.monotonic() >= self._next_flush
-                    or len(self._pending_users) >= self.config.output.max_pending_users
+                    self._schedule.due()
+                    or (not self._behind and len(self._pending) >= self.config.output.max_pending_users)
                 ):
                     self.flush()
             self.flush(checkpoint=True)
@@ -253,8 +257,7 @@ class RecStreamService:
                             "retrain/reindex recommended", before, after)
             self.stats.loss_mean = self.loss_drift.mean
             if self.config.output.publish:
-                # Latest timestamp per user: a dict built from pairs keeps the last write per key.
-                self._pending_users.update(zip(user_rows.tolist(), stamps.tolist()))
+                self._pending.add(user_rows, stamps)
             self.stats.events_applied += len(batch)
             self.stats.last_event_ts = max(self.stats.last_event_ts, int(stamps.max()))
             self.refresher.poke()
@@ -335,12 +338,15 @@ class RecStreamService:
         rebalance callback) tries delivery once instead of retrying. Returns
         False if output was left undelivered, and so nothing was committed.
         """
-        self._next_flush = time.monotonic() + self.config.output.flush_interval_s
-        # Events applied while deliveries were retried add users to publish: loop until none are left.
-        while self._pending_users:
-            self._publish_updates()
-            if not self._deliver_all(patient):
-                return False  # leave the offsets uncommitted
+        started = time.monotonic()
+        try:
+            # Events applied while deliveries were retried add users to publish: loop until none are left.
+            while self._pending:
+                self._publish_updates()
+                if not self._deliver_all(patient):
+                    return False  # leave the offsets uncommitted
+        finally:
+            self._schedule.round_done(started, time.monotonic() - started, self._behind)
         if not self._deliver_all(patient):
             return False
         if self.store is not None:
@@ -439,30 +445,18 @@ class RecStreamService:
         self.stats.commits += 1
 
     def _publish_updates(self) -> None:
-        pending, self._pending_users = self._pending_users, {}
-        user_rows = np.fromiter(pending.keys(), dtype=np.int64, count=len(pending))
+        user_rows, last_event_ts = self._pending.take()
         index = self.refresher.current
         with self.model_lock:
-            recommendations = self.recommender.recommend(user_rows, index, self.stats.last_event_ts)
+            # Behind, every lookup delays the catch-up: the hot set alone answers until it is over.
+            top = self.recommender.recommend(user_rows, index, self.stats.last_event_ts, use_index=not self._behind)
             model_version = self.model.model_version
-        user_ids = self.model.users.ids.ids
-        item_ids = self.model.items.ids.ids
+        messages = update_messages(top, self.model.users.ids.ids, self.model.items.ids.ids, last_event_ts,
+                                   index.version if index else 0, model_version, _now_ms())
         topic = self.config.topics.output
-        generated_at = _now_ms()
-        index_version = index.version if index else 0
-        for rec in recommendations:
-            user_id = user_ids[rec.user_row]
-            value = orjson.dumps({
-                "user_id": user_id,
-                "items": [{"item_id": item_ids[i], "score": s}
-                          for i, s in zip(rec.item_rows.tolist(), rec.scores.tolist())],
-                "index_version": index_version,
-                "model_version": model_version,
-                "generated_at": generated_at,
-                "last_event_ts": pending[rec.user_row],
-            })
-            self._produce(topic, user_id.encode(), value)
-        self.stats.updates_published += len(recommendations)
+        for key, value in messages:
+            self._produce(topic, key, value)
+        self.stats.updates_published += len(messages)
 
     def _deliver_all(self, patient: bool = True) -> bool:
         """Wait until everything produced is delivered, re-producing failures with backoff.

@@ -93,10 +93,10 @@ def test_items_changed_after_the_build_are_ranked_exactly(tmp_path):
     mf.items.vectors[fresh] = 40 * direction
     mf.items.biases[[target, fresh]] = 0.0
 
-    recs = Recommender(mf, None, k=5).recommend(np.array([user]), index)[0]
-    assert recs.item_rows[0] == target and fresh in recs.item_rows[:2]
+    rows, scores = Recommender(mf, None, k=5).recommend(np.array([user]), index).of(0)
+    assert rows[0] == target and fresh in rows[:2]
     exact = mf.items.vectors @ query + mf.ranking_biases()
-    np.testing.assert_allclose(recs.scores, exact[recs.item_rows], rtol=1e-5)
+    np.testing.assert_allclose(scores, exact[rows], rtol=1e-5)
 
 
 def test_index_path_agrees_with_exact_ranking_and_excludes_seen(tmp_path):
@@ -110,10 +110,10 @@ def test_index_path_agrees_with_exact_ranking_and_excludes_seen(tmp_path):
     exact = recommender.recommend(users, None)
     mf.learn(["u0"], ["i5"])  # a few changed items, so both the index and the exact part are used
     approx = recommender.recommend(users, index)
-    overlap = np.mean([len(set(a.item_rows) & set(b.item_rows)) / 10 for a, b in zip(exact, approx)])
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact.item_rows.tolist(), approx.item_rows.tolist())])
     assert overlap >= 0.8
     seen = mf.items.ids.get("i1")
-    assert all(seen not in r.item_rows for r in exact + approx)
+    assert not (exact.item_rows == seen).any() and not (approx.item_rows == seen).any()
 
 
 def test_item_drift_counts_items_settled_at_both_builds(tmp_path):
@@ -132,3 +132,71 @@ def test_item_drift_counts_items_settled_at_both_builds(tmp_path):
     mf.set_item_rows(old, -mf.items.vectors[old], mf.items.biases[old].copy())
     refresher.rebuild()
     assert calm < 0.05 and refresher.item_drift > 0.9, (calm, refresher.item_drift)  # half the settled items turned
+
+
+def _capped_setup(tmp_path, n_items=3000):
+    """A model whose catalogue is larger than the hot set, with an index built over it."""
+    rng = np.random.default_rng(7)
+    mf = OnlineMF(MFConfig(dim=16, seed=7, negative_pool=64))
+    n = 30_000
+    mf.learn([f"u{x}" for x in rng.integers(0, 300, n)], [f"i{x}" for x in rng.zipf(1.2, n) % n_items])
+    mf.learn(["warm"] * 20, [f"i{x}" for x in range(n_items - 20, n_items)])  # every item exists
+    refresher = IndexRefresher(mf, threading.Lock(), tmp_path, IndexConfig(n_trees=20))
+    return mf, refresher.rebuild()
+
+
+def test_capped_hot_set_holds_the_recently_popular_and_the_index_serves_the_tail(tmp_path):
+    mf, _ = _capped_setup(tmp_path)
+    users = mf.users.rows(["u1", "u2", "u3"])
+    norms = np.linalg.norm(mf.items.vectors, axis=1)
+    recommender = Recommender(mf, None, k=10, exact_items=200, search_k=50_000)
+    hot = set(recommender.hot_items(1.0, norms, mf.ranking_biases()).tolist())
+    assert len(hot) == 200 and set(mf.recently_popular().tolist()) <= hot
+    # u1 gets a strong taste for one direction, and a tail item (low bias, typical norm: its
+    # potential is unchanged, so it stays out of the hot set) is turned to face it.
+    rng = np.random.default_rng(0)
+    direction = rng.normal(size=16).astype(np.float32)
+    direction /= np.linalg.norm(direction)
+    mf.users.vectors[users[0]] = 50 * direction
+    candidates = [i for i in np.argsort(mf.items.biases).tolist() if i not in hot and norms[i] >= 0.5]
+    tail_item = candidates[0]
+    mf.items.vectors[tail_item] = norms[tail_item] * direction
+    index = IndexRefresher(mf, threading.Lock(), tmp_path / "again", IndexConfig(n_trees=20)).rebuild()
+    found = recommender.recommend(users, index)
+    assert tail_item not in recommender.hot_items(1.0, np.linalg.norm(mf.items.vectors, axis=1), mf.ranking_biases())
+    assert found.item_rows[0, 0] == tail_item and recommender.last.index_lookups >= 1
+    without = recommender.recommend(users, index, use_index=False)
+    assert tail_item not in without.item_rows[0]
+
+
+def test_capped_recommendations_match_brute_force_and_skip_lookups_the_bound_rules_out(tmp_path):
+    mf, index = _capped_setup(tmp_path)
+    history = InteractionHistory()
+    users = mf.users.rows([f"u{x}" for x in range(100)])
+    history.add(users, mf.items.rows(["i1"] * 100))
+    recommender = Recommender(mf, history, k=10, exact_items=400, search_k=50_000, max_lookups=10_000)
+    top = recommender.recommend(users, index)
+    scores = mf.query_vectors(users) @ mf.items.vectors.T + mf.ranking_biases()
+    scores[:, mf.items.ids.get("i1")] = -np.inf
+    exact = np.argsort(-scores, axis=1)[:, :10]
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top.item_rows.tolist(), exact.tolist())])
+    assert recall >= 0.97, recall
+    stats = recommender.last
+    assert stats.index_lookups == stats.tail_possible < len(users)  # some users needed no lookup
+    np.testing.assert_allclose(top.scores, np.take_along_axis(scores, top.item_rows, axis=1), rtol=1e-4, atol=1e-5)
+
+
+def test_a_slow_build_spaces_the_next_one(tmp_path):
+    mf = _trained_model()
+    refresher = IndexRefresher(mf, threading.Lock(), tmp_path,
+                               IndexConfig(n_trees=2, rebuild_interval_s=0.01, min_rebuild_interval_s=0,
+                                           max_build_share=0.25))
+    built = refresher.rebuild()
+    mf.learn(["u1"], ["i1"])  # something changed, and the rebuild interval has passed
+    import dataclasses
+    import time
+    time.sleep(0.02)
+    refresher.current = dataclasses.replace(built, build_seconds=3600.0)  # as if it had taken an hour
+    assert not refresher.due()
+    refresher.current = dataclasses.replace(built, build_seconds=0.0)
+    assert refresher.due()

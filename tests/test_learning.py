@@ -29,10 +29,11 @@ def test_recall_at_10_far_above_popularity():
     rows = np.array(sorted(future))
     popular = np.argsort(-np.bincount(items, minlength=len(mf.items)), kind="stable")
     model_recall, popular_recall = [], []
-    for rec in Recommender(mf, history, k=10).recommend(rows, None):
-        truth, seen = future[rec.user_row], history.items_of(rec.user_row)
+    top = Recommender(mf, history, k=10).recommend(rows, None)
+    for n, user in enumerate(top.user_rows.tolist()):
+        truth, seen = future[user], history.items_of(user)
         top_popular = [i for i in popular[:1000].tolist() if i not in seen][:10]
-        model_recall.append(len(truth & set(rec.item_rows.tolist())) / min(10, len(truth)))
+        model_recall.append(len(truth & set(top.of(n)[0].tolist())) / min(10, len(truth)))
         popular_recall.append(len(truth & set(top_popular)) / min(10, len(truth)))
     model, popularity = np.mean(model_recall), np.mean(popular_recall)
     print(f"recall@10 model {model:.3f} popularity {popularity:.3f}")
