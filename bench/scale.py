@@ -97,19 +97,12 @@ def model_bytes(model) -> dict:
             "array_bytes_per_user": user / max(n_users, 1), "array_bytes_per_item": item / max(n_items, 1)}
 
 
-def published_lists(recommender, user_rows: np.ndarray, index, now_ms: int) -> list[np.ndarray]:
-    """Item rows, best first, for each of ``user_rows``: what the service would publish now.
-
-    The one place that knows what ``Recommender.recommend`` returns: a list of
-    objects with ``user_row``/``item_rows``, or arrays ``(item_rows, scores)`` of shape
-    (users, k) padded with -1 rows or non-finite scores.
-    """
-    result = recommender.recommend(user_rows, index, now_ms)
-    if isinstance(result, tuple) and len(result) == 2 and getattr(result[0], "ndim", 0) == 2:
-        rows, scores = result
-        return [r[(r >= 0) & np.isfinite(s)] for r, s in zip(np.asarray(rows), np.asarray(scores))]
-    by_user = {int(rec.user_row): np.asarray(rec.item_rows) for rec in result}
-    return [by_user.get(int(u), np.zeros(0, dtype=np.int64)) for u in user_rows.tolist()]
+def published_lists(recommender, user_rows: np.ndarray, index, now_ms: int, use_index: bool = True
+                    ) -> list[np.ndarray]:
+    """Item rows, best first, for each of ``user_rows``: what the service would publish now
+    (``use_index=False``: what it publishes while behind, from the hot set alone)."""
+    top = recommender.recommend(user_rows, index, now_ms, use_index=use_index)
+    return [top.of(n)[0] for n in range(len(top))]
 
 
 def exact_top(model, history, user_rows: np.ndarray, now_ms: int, k: int) -> list[np.ndarray]:
@@ -152,6 +145,8 @@ def measure_recall(service: RecStreamService, user_ids: list[str]) -> dict:
         started = time.perf_counter()
         published = published_lists(service.recommender, rows, index, now_ms)
         service_s = time.perf_counter() - started
+        lookups = service.recommender.last.index_lookups
+        hot_only = published_lists(service.recommender, rows, index, now_ms, use_index=False)
         started = time.perf_counter()
         exact = exact_top(model, history, rows, now_ms, K)
         exact_s = time.perf_counter() - started
@@ -159,6 +154,7 @@ def measure_recall(service: RecStreamService, user_ids: list[str]) -> dict:
     exact_items = np.concatenate(exact) if exact else np.zeros(0, dtype=np.int64)
     return {
         "users": len(rows), "recall_at_10": recall_at_k(published, exact),
+        "recall_at_10_hot_set_only": recall_at_k(hot_only, exact), "index_lookups": lookups,
         "service_ms_per_user": 1000 * service_s / max(len(rows), 1),
         "brute_force_ms_per_user": 1000 * exact_s / max(len(rows), 1),
         "index_items": index.n_items if index is not None else 0, "model_items": len(model.items),
