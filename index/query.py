@@ -10,7 +10,8 @@ ranking bias, ``x_u`` the user's query vector: see ``OnlineMF.ranking_biases`` a
   positives (ranking boosts them by ``log1p`` of their count there, so a clickstream's top-K is
   nearly always among them), then the items of highest potential ``r_i + c |q_i|`` (``c`` the
   median query norm of the batch): the best any user of typical norm could score them. A
-  catalogue of at most ``exact_items`` items is scored exactly in full;
+  catalogue of at most ``exact_items`` items is scored exactly in full. Exact, but not by brute
+  force: ``index/exact.py`` visits only the clusters of items that can still win;
 - the **tail** (everything else) comes from the Annoy index, for users whose tail could still
   beat their hot top-K: by Cauchy-Schwarz no tail item scores above
   ``max_{i in tail} r_i + |x_u| max_{i in tail} |q_i|``, so a user whose ``k``-th best hot score
@@ -28,76 +29,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import OnlineMF
 from recstream.index.build import mips_query
+from recstream.index.exact import ClusteredItems, insert_descending
 from recstream.index.refresh import BuiltIndex
-
-_EXACT_CHUNK = 4_000_000  # scores per matrix product (float32: 16 MB)
-
-
-@njit(cache=True, nogil=True)
-def _insert(vals, idx, k, x, c):
-    """Put score ``x`` of column ``c`` into the descending buffer ``vals``/``idx`` if it beats the last."""
-    pos = k - 1
-    while pos > 0 and vals[pos - 1] < x:
-        vals[pos] = vals[pos - 1]
-        idx[pos] = idx[pos - 1]
-        pos -= 1
-    vals[pos] = x
-    idx[pos] = c
-
-
-@njit(cache=True, nogil=True)
-def top_k_per_row(scores, k):
-    """Column indices and values of the ``k`` largest entries of each row, best first.
-
-    One pass with a sorted buffer per row: after the first few columns nearly
-    every entry fails a single comparison, which beats ``argpartition``
-    several times over for small ``k``.
-    """
-    n_rows, n_cols = scores.shape
-    k = min(k, n_cols)
-    out_idx = np.empty((n_rows, k), dtype=np.int64)
-    out_val = np.empty((n_rows, k), dtype=np.float32)
-    for r in range(n_rows):
-        vals = out_val[r]
-        idx = out_idx[r]
-        vals[:] = -np.inf
-        idx[:] = -1
-        for c in range(n_cols):
-            x = scores[r, c]
-            if x > vals[k - 1]:
-                _insert(vals, idx, k, x, c)
-    return out_idx, out_val
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def _top_k_excluding(scores, k, seen_start, seen_columns):
-    """Like :func:`top_k_per_row`, leaving out row ``r``'s columns ``seen_columns[seen_start[r]:seen_start[r+1]]``.
-
-    The exclusion list is checked only for entries that would enter the top-k, so its cost does
-    not grow with the number of columns.
-    """
-    n_rows, n_cols = scores.shape
-    out_idx = np.full((n_rows, k), -1, dtype=np.int64)
-    out_val = np.full((n_rows, k), -np.inf, dtype=np.float32)
-    for r in prange(n_rows):
-        vals = out_val[r]
-        idx = out_idx[r]
-        a, b = seen_start[r], seen_start[r + 1]
-        for c in range(n_cols):
-            x = scores[r, c]
-            if x > vals[k - 1]:
-                excluded = False
-                for s in range(a, b):
-                    if seen_columns[s] == c:
-                        excluded = True
-                        break
-                if not excluded:
-                    _insert(vals, idx, k, x, c)
-    return out_idx, out_val
 
 
 @njit(cache=True, nogil=True)
@@ -116,7 +53,7 @@ def _merge_into(top_rows, top_scores, r, cand_rows, cand_scores, n):
                     duplicate = True
                     break
             if not duplicate:
-                _insert(vals, idx, k, x, item)
+                insert_descending(vals, idx, k, x, item)
 
 
 class _ItemNorms:
@@ -254,30 +191,10 @@ class Recommender:
     def _exact_top(self, users: np.ndarray, items: np.ndarray, Q: np.ndarray, biases: np.ndarray,
                    seen_start: np.ndarray, seen_items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per user, the best ``k`` of ``items`` by exact score, remembered items left out."""
-        k = self.k
-        out_rows = np.full((len(users), k), -1, dtype=np.int64)
-        out_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
         if len(items) == 0:
-            return out_rows, out_scores
-        whole = len(items) == len(Q)
-        Qc, bc = (Q, biases) if whole else (Q[items], biases[items])
-        # Remembered items as columns of this product (-1: not among ``items``, never matches).
-        if whole:
-            seen_columns = seen_items
-        else:
-            column_of = np.full(len(Q), -1, dtype=np.int64)
-            column_of[items] = np.arange(len(items))
-            seen_columns = column_of[seen_items]
-        step = max(1, _EXACT_CHUNK // len(items))
-        for start in range(0, len(users), step):
-            stop = min(start + step, len(users))
-            scores = users[start:stop] @ Qc.T
-            scores += bc
-            best, best_scores = _top_k_excluding(scores, k, seen_start[start:stop + 1] - seen_start[start],
-                                                 seen_columns[seen_start[start]:seen_start[stop]])
-            out_rows[start:stop] = np.where(best >= 0, items[np.maximum(best, 0)], -1)
-            out_scores[start:stop] = best_scores
-        return out_rows, out_scores
+            return (np.full((len(users), self.k), -1, dtype=np.int64),
+                    np.full((len(users), self.k), -np.inf, dtype=np.float32))
+        return ClusteredItems(Q[items], biases[items], items).top_k(users, seen_start, seen_items, self.k)
 
     def _tail_possible(self, user_norms: np.ndarray, hot: np.ndarray, item_norms: np.ndarray, biases: np.ndarray,
                        top_scores: np.ndarray) -> np.ndarray:

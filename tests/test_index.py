@@ -7,7 +7,7 @@ from annoy import AnnoyIndex
 from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import MFConfig, OnlineMF
 from recstream.index.build import build_in_subprocess, mips_item_vectors, mips_query
-from recstream.index.query import Recommender, top_k_per_row
+from recstream.index.query import Recommender
 from recstream.index.refresh import IndexConfig, IndexRefresher
 
 
@@ -32,14 +32,6 @@ def test_mips_reduction_finds_the_true_inner_product_top_k(tmp_path):
         found = index.get_nns_by_vector(mips_query(user), 10, search_k=20_000)
         recall.append(len(set(truth) & set(found)) / 10)
     assert np.mean(recall) >= 0.95
-
-
-def test_top_k_per_row_matches_a_full_sort():
-    rng = np.random.default_rng(2)
-    scores = rng.normal(size=(30, 500)).astype(np.float32)
-    idx, vals = top_k_per_row(scores, 7)
-    np.testing.assert_array_equal(idx, np.argsort(-scores, axis=1)[:, :7])
-    np.testing.assert_array_equal(vals, -np.sort(-scores, axis=1)[:, :7])
 
 
 def test_swaps_are_atomic_under_concurrent_queries(tmp_path):
@@ -200,3 +192,27 @@ def test_a_slow_build_spaces_the_next_one(tmp_path):
     assert not refresher.due()
     refresher.current = dataclasses.replace(built, build_seconds=0.0)
     assert refresher.due()
+
+
+def test_clustered_exact_search_equals_brute_force_with_exclusions():
+    from recstream.index.exact import ClusteredItems
+
+    rng = np.random.default_rng(5)
+    centres = rng.normal(size=(20, 16)) * 2
+    vectors = (centres[rng.integers(0, 20, 5000)] + 0.3 * rng.normal(size=(5000, 16))).astype(np.float32)
+    biases = rng.normal(size=5000).astype(np.float32)
+    rows = rng.permutation(100_000)[:5000]  # item rows of a bigger catalogue
+    users = (rng.normal(size=(300, 16)) * rng.lognormal(0, 1, (300, 1))).astype(np.float32)
+    scores = users @ vectors.T + biases
+    # Each user has seen their true best three items and a few random ones: all must be left out.
+    best = np.argsort(-scores, axis=1)[:, :3]
+    seen = [np.concatenate([rows[best[u]], rng.choice(rows, 5)]) for u in range(300)]
+    seen_start = np.concatenate([[0], np.cumsum([len(s) for s in seen])])
+    found_rows, found_scores = ClusteredItems(vectors, biases, rows).top_k(users, seen_start, np.concatenate(seen), 10)
+    column_of = {r: c for c, r in enumerate(rows.tolist())}
+    for u in range(300):
+        allowed = scores[u].copy()
+        allowed[[column_of[r] for r in seen[u].tolist() if r in column_of]] = -np.inf
+        truth = np.argsort(-allowed)[:10]
+        np.testing.assert_array_equal(found_rows[u], rows[truth])
+        np.testing.assert_allclose(found_scores[u], allowed[truth], rtol=1e-5, atol=1e-5)
