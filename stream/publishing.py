@@ -15,8 +15,6 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import orjson
-from recstream.index.query import TopK
 
 
 class UpdateSchedule:
@@ -68,22 +66,3 @@ class PendingUpdates:
         latest, self._latest = self._latest, {}
         rows = np.fromiter(latest.keys(), dtype=np.int64, count=len(latest))
         return rows, list(latest.values())
-
-
-def update_messages(top: TopK, user_ids: list[str], item_ids: list[str], last_event_ts: list[int],
-                    index_version: int, model_version: int, generated_at: int) -> list[tuple[bytes, bytes]]:
-    """(key, value) of the output message of each user in ``top`` (the output contract in the README)."""
-    dumps = orjson.dumps
-    out = []
-    scores = top.scores.tolist()
-    for n, (user, rows) in enumerate(zip(top.user_rows.tolist(), top.item_rows.tolist())):
-        user_id = user_ids[user]
-        out.append((user_id.encode(), dumps({
-            "user_id": user_id,
-            "items": [{"item_id": item_ids[i], "score": s} for i, s in zip(rows, scores[n]) if i >= 0],
-            "index_version": index_version,
-            "model_version": model_version,
-            "generated_at": generated_at,
-            "last_event_ts": last_event_ts[n],
-        })))
-    return out

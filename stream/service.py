@@ -48,9 +48,10 @@ from recstream.index.query import Recommender
 from recstream.index.refresh import IndexRefresher
 from recstream.stream.checkpoint import BackgroundCheckpointWriter, CheckpointStore
 from recstream.stream.config import ConfigError, ServiceConfig
-from recstream.stream.events import EventDecoder
-from recstream.stream.publishing import PendingUpdates, UpdateSchedule, update_messages
+from recstream.stream.events import EventBatch, EventDecoder
+from recstream.stream.publishing import PendingUpdates, UpdateSchedule
 from recstream.stream.state import RecState
+from recstream.stream.update_json import update_values
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,22 @@ class ServiceStats:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _compile_kernels(config: ServiceConfig) -> None:
+    """Run every compiled kernel of the loop once on a throwaway model (numba compiles on first
+    call, or loads its on-disk cache), so that no batch waits for a compiler."""
+    state = RecState(config.model)
+    n = 64
+    rng = np.random.default_rng(0)
+    batch = EventBatch([f"u{u}" for u in rng.integers(0, 8, n)], [f"i{i}" for i in range(n)],
+                       np.where(np.arange(n) % 2, np.float32(4.0), np.float32(np.nan)).astype(np.float32),
+                       np.ones(n, dtype=np.float32), np.arange(n, dtype=np.int64), list(range(n)))
+    users, _, _ = state.apply(batch)
+    recommender = Recommender(state.model, state.history, config.output.top_k, exact_items=n // 2)
+    top = recommender.recommend(np.unique(users), None, n)
+    update_values(state.model.users.ids, state.model.items.ids, top.user_rows, top.item_rows,
+                  np.nan_to_num(top.scores, neginf=0.0), [0] * len(top), 0, 0, 0)
 
 
 class RecStreamService:
@@ -182,6 +199,7 @@ class RecStreamService:
         # is millions of small containers: with the default thresholds the cyclic GC rescans them
         # constantly. Measured with bench/throughput.py: steady end to end 159k -> 241k events/s.
         gc.set_threshold(50_000, 20, 100)
+        _compile_kernels(self.config)  # before joining the group: a first compile can outlast max.poll.interval.ms
         consumer_cfg, producer_cfg = self._client_configs()
         self.producer = Producer(producer_cfg)
         self._check_topics()
@@ -451,12 +469,16 @@ class RecStreamService:
             # Behind, every lookup delays the catch-up: the hot set alone answers until it is over.
             top = self.recommender.recommend(user_rows, index, self.stats.last_event_ts, use_index=not self._behind)
             model_version = self.model.model_version
-        messages = update_messages(top, self.model.users.ids.ids, self.model.items.ids.ids, last_event_ts,
-                                   index.version if index else 0, model_version, _now_ms())
+            values, ends = update_values(self.model.users.ids, self.model.items.ids, top.user_rows, top.item_rows,
+                                         top.scores, last_event_ts, index.version if index else 0, model_version,
+                                         _now_ms())
+            user_ids = self.model.users.ids.ids
         topic = self.config.topics.output
-        for key, value in messages:
-            self._produce(topic, key, value)
-        self.stats.updates_published += len(messages)
+        start = 0
+        for user, end in zip(top.user_rows.tolist(), ends.tolist()):
+            self._produce(topic, user_ids[user].encode(), values[start:end])
+            start = end
+        self.stats.updates_published += len(top)
 
     def _deliver_all(self, patient: bool = True) -> bool:
         """Wait until everything produced is delivered, re-producing failures with backoff.
