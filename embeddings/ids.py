@@ -48,13 +48,23 @@ class IdMap:
         return row
 
     def rows(self, keys: Sequence[object]) -> np.ndarray:
-        """Rows for ``keys`` (int64), adding the ids seen for the first time."""
-        row_of = self._row_of
-        out = [row_of.get(k) if k.__class__ is str else None for k in keys]
-        if None in out:
-            add = self._add
-            out = [r if r is not None else add(str(k)) for r, k in zip(out, keys)]
-        return np.fromiter(out, dtype=np.int64, count=len(out))
+        """Rows for ``keys`` (int64), adding the ids seen for the first time, in order of first appearance.
+
+        One C-level pass looks all keys up; only the keys not found (new ids, and keys that are
+        not strings) are looked at one by one.
+        """
+        try:
+            found = list(map(self._row_of.get, keys))
+        except TypeError:  # an unhashable key: it is its text that is the id
+            found = [self._row_of.get(k) if k.__class__ is str else None for k in keys]
+        if None not in found:
+            return np.array(found, dtype=np.int64)
+        rows = np.array(found, dtype=np.float64)  # None becomes NaN; rows stay exact far past 2**31
+        add = self._add
+        for n in np.flatnonzero(np.isnan(rows)).tolist():
+            key = keys[n]
+            rows[n] = add(key if key.__class__ is str else str(key))
+        return rows.astype(np.int64)
 
     def get(self, key: object) -> int | None:
         """Row of ``key``, or None if it was never seen."""
