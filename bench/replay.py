@@ -10,8 +10,9 @@ as JSON lines and as Parquet, beside the update alone on the same events, in one
 
 The log (``--events`` events, ``--users`` users with Zipf(0.8) activity, ``--items`` items with
 Zipf(1.0) popularity, ids like ``"u123"``/``"i456"``, view/click/purchase, ms timestamps) is
-generated once and kept in ``--cache`` (outside the repository). Medians of ``--repeats`` runs;
-ratios against (a). Writes JSON and prints a table.
+generated once and kept in ``--cache`` (outside the repository). Medians of ``--repeats`` runs of
+wall-clock and of CPU time (the machine is shared: CPU time is the steadier measure); ratios
+against (a). Writes JSON and prints a table.
 
     python bench/replay.py [--events 3000000] [--users 1000000] [--items 1000000] [--repeats 3]
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -80,31 +82,34 @@ def decoded_batches(jsonl: Path) -> list:
     return [decoder.decode(lines[s:s + BATCH])[0] for s in range(0, len(lines), BATCH)]
 
 
-def model_update(batches: list, cfg: MFConfig) -> float:
+def timed(run) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of ``run()``: on a shared machine the CPU time
+    is the steadier measure of the work done (the wall time also counts waiting for a core)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def model_update(batches: list, cfg: MFConfig) -> tuple[float, float]:
+    """Decoded batches through the id maps and the kernel, as ``bench/throughput.py``'s update."""
     mf = OnlineMF(cfg)
-    n = 0
-    started = time.perf_counter()
-    for batch in batches:
-        mf.learn_rows(mf.users.rows(batch.user_ids), mf.items.rows(batch.item_ids), batch.ratings, batch.weights,
-                      timestamps=batch.timestamps)
-        n += len(batch)
-    return n / (time.perf_counter() - started)
+
+    def run() -> None:
+        for batch in batches:
+            mf.learn_rows(mf.users.rows(batch.user_ids), mf.items.rows(batch.item_ids), batch.ratings,
+                          batch.weights, timestamps=batch.timestamps)
+
+    return timed(run)
 
 
-def state_update(batches: list, cfg: MFConfig) -> float:
+def state_update(batches: list, cfg: MFConfig) -> tuple[float, float]:
     state = RecState(cfg)
-    n = 0
-    started = time.perf_counter()
-    for batch in batches:
-        state.apply(batch)
-        n += len(batch)
-    return n / (time.perf_counter() - started)
+    return timed(lambda: [state.apply(batch) for batch in batches])
 
 
-def replay(path: Path, cfg: MFConfig) -> tuple[float, RecState]:
-    state = RecState(cfg)
-    result = replay_file(state, EventDecoder(EventsConfig()), path)
-    return result.events_per_s, state
+def replay(path: Path, cfg: MFConfig, states: dict) -> tuple[float, float]:
+    state = states[path.suffix] = RecState(cfg)
+    return timed(lambda: replay_file(state, EventDecoder(EventsConfig()), path))
 
 
 def main() -> None:
@@ -126,37 +131,47 @@ def main() -> None:
     print(f"log: {jsonl} ({jsonl.stat().st_size / 1e6:.0f} MB), {parquet} ({parquet.stat().st_size / 1e6:.0f} MB) "
           f"in {time.perf_counter() - started:.1f}s")
     cfg = MFConfig(dim=args.dim)
-    batches = decoded_batches(jsonl)
-    model_update(batches[:1], cfg)  # compile the kernels outside the timings
+    model_update(decoded_batches(jsonl)[:1], cfg)  # compile the kernels outside the timings
 
-    runs: dict[str, list[float]] = {"model_update": [], "state_update": [], "replay_jsonl": [], "replay_parquet": []}
+    names = ("model_update", "state_update", "replay_jsonl", "replay_parquet")
+    wall: dict[str, list[float]] = {k: [] for k in names}
+    cpu: dict[str, list[float]] = {k: [] for k in names}
     for r in range(args.repeats):
-        runs["model_update"].append(model_update(batches, cfg))
-        runs["state_update"].append(state_update(batches, cfg))
-        rate, from_json = replay(jsonl, cfg)
-        runs["replay_jsonl"].append(rate)
-        rate, from_parquet = replay(parquet, cfg)
-        runs["replay_parquet"].append(rate)
+        states: dict = {}
+        # Freshly decoded ids for each update-only run: a string looked up before has its hash
+        # cached, which a replay, whose ids are always new strings, never has.
+        for name, run in zip(names, (lambda: model_update(decoded_batches(jsonl), cfg),
+                                     lambda: state_update(decoded_batches(jsonl), cfg),
+                                     lambda: replay(jsonl, cfg, states), lambda: replay(parquet, cfg, states))):
+            seconds, cpu_seconds = run()
+            wall[name].append(args.events / seconds)
+            cpu[name].append(args.events / cpu_seconds)
         # The two inputs must have taught the same model (the tests check this on small logs too).
-        assert np.array_equal(from_json.model.items.vectors, from_parquet.model.items.vectors)
-        print(f"run {r + 1}/{args.repeats}: " + ", ".join(f"{k} {v[-1]:,.0f}/s" for k, v in runs.items()))
-        del from_json, from_parquet
+        assert np.array_equal(states[".jsonl"].model.items.vectors, states[".parquet"].model.items.vectors)
+        states.clear()  # free the four models before the next run
+        print(f"run {r + 1}/{args.repeats}: " + ", ".join(f"{k} {wall[k][-1]:,.0f}/s (CPU {cpu[k][-1]:,.0f}/s)"
+                                                         for k in names))
 
-    medians = {k: statistics.median(v) for k, v in runs.items()}
-    base = medians["model_update"]
+    medians = {k: statistics.median(v) for k, v in wall.items()}
+    cpu_medians = {k: statistics.median(v) for k, v in cpu.items()}
     result = {
         "events": args.events, "users": args.users, "items": args.items, "dim": args.dim, "seed": args.seed,
-        "repeats": args.repeats, "machine": f"{platform.machine()}, {platform.python_version()}",
-        "runs": runs, "median_events_per_s": medians,
-        "ratio_to_model_update": {k: v / base for k, v in medians.items()},
+        "repeats": args.repeats, "machine": f"{platform.machine()}, {platform.python_version()}, "
+                                            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+        "events_per_s": wall, "events_per_cpu_s": cpu,
+        "median_events_per_s": medians, "median_events_per_cpu_s": cpu_medians,
+        "ratio_to_model_update": {k: v / medians["model_update"] for k, v in medians.items()},
+        "cpu_ratio_to_model_update": {k: v / cpu_medians["model_update"] for k, v in cpu_medians.items()},
         "bytes": {"jsonl": jsonl.stat().st_size, "parquet": parquet.stat().st_size},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n| measure ({args.events:,} events, median of {args.repeats}) | events/s | x model update |")
-    print("|---|---:|---:|")
-    for name, value in medians.items():
-        print(f"| {name} | {value:,.0f} | {value / base:.2f} |")
+    print(f"\n| measure ({args.events:,} events, median of {args.repeats}) | events/s | x model update "
+          f"| events per CPU s | x model update |")
+    print("|---|---:|---:|---:|---:|")
+    for name in names:
+        print(f"| {name} | {medians[name]:,.0f} | {medians[name] / medians['model_update']:.2f} "
+              f"| {cpu_medians[name]:,.0f} | {cpu_medians[name] / cpu_medians['model_update']:.2f} |")
     print(f"\nwritten to {args.out}")
 
 

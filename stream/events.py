@@ -10,6 +10,7 @@ from itertools import compress
 import msgspec
 import numpy as np
 import orjson
+from recstream.embeddings.ids import CodedIds
 from recstream.stream.config import EventsConfig
 
 # Ratings are learned in float32; a bound far beyond any rating scale keeps every update finite.
@@ -33,8 +34,8 @@ class _Event(msgspec.Struct, gc=False):
 class EventBatch:
     """Valid events of one batch, in input order."""
 
-    user_ids: list[str]
-    item_ids: list[str]
+    user_ids: list[str] | CodedIds  # CodedIds: from a columnar source (Parquet); IdMap.rows takes both
+    item_ids: list[str] | CodedIds
     ratings: np.ndarray  # float32, NaN for implicit events
     weights: np.ndarray  # float32
     timestamps: np.ndarray  # int64 epoch ms; -1 where the event had none (caller fills it in)
@@ -218,9 +219,12 @@ class EventDecoder:
         run(previous, len(ends_list))
         return self._checked(columns, positions, bad)
 
-    def decode_columns(self, columns: tuple[list, list, list, list, list]) -> tuple[EventBatch, list[tuple[int, str]]]:
+    def decode_columns(self, columns: tuple[list | CodedIds, list | CodedIds, list | CodedIds, list | np.ndarray,
+                                            list | np.ndarray]) -> tuple[EventBatch, list[tuple[int, str]]]:
         """Events given as five columns (user_id, item_id, event_type, rating, ts; None where
-        absent), e.g. from Parquet: the same checks as messages get."""
+        absent), e.g. from Parquet: the same checks as messages get. Ids and types may come as
+        :class:`CodedIds` (each distinct value is then checked once), ratings (float64) and times
+        (integers) as arrays without missing values."""
         return self._checked(columns, list(range(len(columns[0]))), [])
 
     # -- checking ----------------------------------------------------------------------------
@@ -234,16 +238,20 @@ class EventDecoder:
         """
         users, items, event_types, ratings, stamps = columns
         reasons: dict[int, str] = {}  # row -> the first failed check (fields in order: user, item, type, rating, ts)
-        users = _ids(users, "user_id", self.max_id_length, reasons)
-        items = _ids(items, "item_id", self.max_id_length, reasons)
-        weights = self._weights(event_types, reasons)
+        max_id = self.max_id_length
+        users = _per_value(lambda values, why: _ids(values, "user_id", max_id, why), users, reasons)
+        items = _per_value(lambda values, why: _ids(values, "item_id", max_id, why), items, reasons)
+        weights = _per_value(self._weights, event_types, reasons)
+        if isinstance(weights, CodedIds):
+            weights = np.asarray(weights.values, dtype=np.float32)[weights.codes]
         rating_values = _ratings(ratings, reasons)
         stamp_values = _stamps(stamps, reasons)
         if reasons:
             keep = np.ones(len(users), dtype=bool)
             keep[list(reasons)] = False
             kept = keep.tolist()
-            users, items = list(compress(users, kept)), list(compress(items, kept))
+            users, items = (ids.kept(keep) if isinstance(ids, CodedIds) else list(compress(ids, kept))
+                            for ids in (users, items))
             weights, rating_values, stamp_values = weights[keep], rating_values[keep], stamp_values[keep]
             bad = sorted(bad + [(positions[row], reason) for row, reason in reasons.items()])
             positions = list(compress(positions, kept))
@@ -264,6 +272,22 @@ class EventDecoder:
                     reasons.setdefault(row, f"unknown event_type {kind!r} (configure it in events.weights)")
                     weights[row] = 0.0
         return np.array(weights, dtype=np.float32)
+
+
+def _per_value(check, column: list | CodedIds, reasons: dict[int, str]) -> list | CodedIds:
+    """``check(values, reasons)`` on a column; on :class:`CodedIds` once per distinct value, its
+    reasons passed on to every row holding that value."""
+    if not isinstance(column, CodedIds):
+        return check(column, reasons)
+    why: dict[int, str] = {}
+    values = check(column.values, why)
+    if why:
+        bad = np.zeros(len(column.values), dtype=bool)
+        bad[list(why)] = True
+        codes = column.codes
+        for row in np.flatnonzero(bad[codes]).tolist():
+            reasons.setdefault(row, why[int(codes[row])])
+    return CodedIds(values if isinstance(values, list) else values.tolist(), column.codes)
 
 
 def _ids(values: list, field: str, max_length: int, reasons: dict[int, str]) -> list[str]:
@@ -304,11 +328,13 @@ def _ids(values: list, field: str, max_length: int, reasons: dict[int, str]) -> 
 def _ratings(values: list, reasons: dict[int, str]) -> np.ndarray:
     """Ratings as float32, NaN for implicit events (None); bad ones are named in ``reasons``."""
     n = len(values)
-    absent = values.count(None)
+    if isinstance(values, np.ndarray):  # numbers, none missing
+        ratings, absent = values.astype(np.float64), 0
+    else:
+        ratings, absent = None, values.count(None)
     if absent == n:
         return np.full(n, np.nan, dtype=np.float32)
-    ratings = None
-    if set(map(type, values)) <= {float, int, _NONE}:
+    if ratings is None and set(map(type, values)) <= {float, int, _NONE}:
         try:
             ratings = np.array(values, dtype=np.float64)  # None becomes NaN
         except OverflowError:
@@ -340,11 +366,13 @@ def _ratings(values: list, reasons: dict[int, str]) -> np.ndarray:
 def _stamps(values: list, reasons: dict[int, str]) -> np.ndarray:
     """Event times (int64 epoch ms), -1 where absent; bad ones are named in ``reasons``."""
     n = len(values)
-    absent = values.count(None)
+    if isinstance(values, np.ndarray):  # integers, none missing
+        stamps, absent = values, 0
+    else:
+        stamps, absent = None, values.count(None)
     if absent == n:
         return np.full(n, -1, dtype=np.int64)
-    stamps = None
-    if set(map(type, values)) <= {int, _NONE}:
+    if stamps is None and set(map(type, values)) <= {int, _NONE}:
         try:
             stamps = np.array([0 if v is None else v for v in values] if absent else values, dtype=np.int64)
         except OverflowError:
@@ -356,8 +384,13 @@ def _stamps(values: list, reasons: dict[int, str]) -> np.ndarray:
                 stamps[row] = value
             elif value is not None:
                 stamps[row] = -1  # marked bad below
-    for row in np.flatnonzero((stamps < 0) | (stamps >= 2**62)).tolist():
-        reasons.setdefault(row, f"ts must be a non-negative integer epoch in milliseconds, got {values[row]!r}")
+    outside = (stamps < 0) | (stamps >= 2**62)
+    for row in np.flatnonzero(outside).tolist():
+        value = values[row]
+        reasons.setdefault(row, f"ts must be a non-negative integer epoch in milliseconds, got "
+                                f"{int(value) if isinstance(value, np.integer) else value!r}")
+    if stamps.dtype != np.int64:  # e.g. unsigned: the rows that do not fit are rejected above
+        stamps = np.where(outside, 0, stamps).astype(np.int64)
     if absent:
         stamps[np.fromiter((v is None for v in values), dtype=bool, count=n)] = -1
     return stamps
