@@ -78,14 +78,13 @@ class EventDecoder:
 
     # -- parsing -----------------------------------------------------------------------------
 
-    def _parse(self, value: bytes | dict | None) -> tuple:
-        """The five fields of one message, unchecked; raises ValueError naming why it is not an event."""
+    def _parse(self, value: bytes | dict | None) -> _Event:
+        """The fields of one message, unchecked; raises ValueError naming why it is not an event."""
         if value.__class__ is bytes and len(value) <= self.max_message_bytes:
             # msgspec parses and type-checks in one C call, about 3x faster than parsing to a
             # dict; anything it rejects takes the path below, which names the problem.
             try:
-                e = self._typed.decode(value)
-                return e.user_id, e.item_id, e.event_type, e.rating, e.ts
+                return self._typed.decode(value)
             except msgspec.DecodeError:
                 pass
         if value.__class__ is dict:
@@ -101,22 +100,22 @@ class EventDecoder:
                 raise ValueError(f"invalid JSON: {exc}") from None
         if event.__class__ is not dict:
             raise ValueError("not a JSON object")
-        return tuple(event.get(f) for f in _FIELDS)
+        # A Struct's constructor checks no types: the fields are carried as they are, to be checked.
+        return _Event(*(event.get(f) for f in _FIELDS))
 
     def decode(self, values: Sequence[bytes | dict | None]) -> tuple[EventBatch, list[tuple[int, str]]]:
         """Valid events of ``values`` (JSON bytes, or dicts already parsed, e.g. from CSV) and the reasons for the rest."""
-        fields: list[tuple] = []
+        events: list[_Event] = []
         positions: list[int] = []
         bad: list[tuple[int, str]] = []
         parse = self._parse
         for n, value in enumerate(values):
             try:
-                fields.append(parse(value))
+                events.append(parse(value))
                 positions.append(n)
             except ValueError as exc:
                 bad.append((n, str(exc)))
-        columns = tuple(map(list, zip(*fields))) if fields else ([], [], [], [], [])
-        return self._checked(columns, positions, bad)
+        return self._checked(_columns(events), positions, bad)
 
     def decode_lines(self, block: bytes) -> tuple[EventBatch, list[tuple[int, str]]]:
         """``decode`` of the non-blank lines of ``block`` (JSON lines), with runs of ordinary lines
@@ -146,21 +145,16 @@ class EventDecoder:
         last = ends - 1 - (data[np.maximum(ends - 1, 0)] == 13)
         ordinary = ((ends - starts >= 2) & (ends - starts <= self.max_message_bytes)
                     & (data[np.minimum(starts, len(data) - 1)] == 123) & (data[np.maximum(last, 0)] == 125))
-        columns: tuple[list, ...] = ([], [], [], [], [])
+        events: list[_Event] = []
         positions: list[int] = []
         bad: list[tuple[int, str]] = []
         view = memoryview(block)
         starts_list, ends_list = starts.tolist(), ends.tolist()
         position = 0  # index among the non-blank lines, as in decode(lines)
 
-        def emit_run(a: int, b: int, events: list) -> None:
+        def emit_run(a: int, b: int, run_events: list) -> None:
             nonlocal position
-            users, items, event_types, ratings, stamps = columns
-            users += [e.user_id for e in events]  # a comprehension per field: faster than one loop
-            items += [e.item_id for e in events]
-            event_types += [e.event_type for e in events]
-            ratings += [e.rating for e in events]
-            stamps += [e.ts for e in events]
+            events.extend(run_events)
             positions.extend(range(position, position + b - a))
             position += b - a
 
@@ -170,8 +164,7 @@ class EventDecoder:
             if not line:
                 return  # blank lines are not events
             try:
-                for column, value in zip(columns, self._parse(line)):
-                    column.append(value)
+                events.append(self._parse(line))
                 positions.append(position)
             except ValueError as exc:
                 bad.append((position, str(exc)))
@@ -217,7 +210,7 @@ class EventDecoder:
             emit_line(odd)
             previous = odd + 1
         run(previous, len(ends_list))
-        return self._checked(columns, positions, bad)
+        return self._checked(_columns(events), positions, bad)
 
     def decode_columns(self, columns: tuple[list | CodedIds, list | CodedIds, list | CodedIds, list | np.ndarray,
                                             list | np.ndarray]) -> tuple[EventBatch, list[tuple[int, str]]]:
@@ -272,6 +265,12 @@ class EventDecoder:
                     reasons.setdefault(row, f"unknown event_type {kind!r} (configure it in events.weights)")
                     weights[row] = 0.0
         return np.array(weights, dtype=np.float32)
+
+
+def _columns(events: list[_Event]) -> tuple[list, list, list, list, list]:
+    """The five fields of ``events`` as columns (a comprehension per field: faster than one loop)."""
+    return ([e.user_id for e in events], [e.item_id for e in events], [e.event_type for e in events],
+            [e.rating for e in events], [e.ts for e in events])
 
 
 def _per_value(check, column: list | CodedIds, reasons: dict[int, str]) -> list | CodedIds:
