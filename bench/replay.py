@@ -1,8 +1,8 @@
 """Backfill speed: ``replay_file`` (what ``recstream replay --events`` runs) on one generated log,
 as JSON lines and as Parquet, beside the update alone on the same events, in one invocation:
 
-(a) model update alone: id mapping + the compiled SGD kernel (``OnlineMF.rows`` + ``learn_rows``),
-    10k-event batches, ids already Python strings; the issue's "compiled update";
+(a) model update alone: id mapping + the compiled SGD kernel (``EmbeddingTable.rows`` + ``learn_rows``),
+    10k-event batches decoded beforehand (fresh strings each run); the issue's "compiled update";
 (b) state update alone: ``RecState.apply`` on the same events already decoded (model + interaction
     history): everything a replay does except reading and decoding;
 (c) ``replay_file`` on the JSON-lines log;

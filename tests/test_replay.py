@@ -291,3 +291,22 @@ def test_a_missing_mapped_column_is_named_for_csv_and_parquet(tmp_path):
     float_ids = _parquet(tmp_path / "floats.parquet", {"user_id": [1.0], "item_id": ["a"]})
     with pytest.raises(ConfigError, match="ids must be strings or integers"):
         list(read_event_log(float_ids, EventDecoder(EventsConfig())))
+
+
+def test_eval_reads_parquet_with_a_weight_column_as_it_reads_csv(tmp_path):
+    from recstream.stream.cli import _load_interactions, build_parser
+    from recstream.stream.config import load_config
+
+    rows = [("a", 1, 3.0), ("b", 2, None), ("a", 2, 0.5), (None, 3, 1.0), ("c", 1, 12.0)]
+    parquet = _parquet(tmp_path / "plays.parquet", {"who": [r[0] for r in rows], "what": [r[1] for r in rows],
+                                                    "plays": [r[2] for r in rows]})
+    csv_path = tmp_path / "plays.csv"
+    csv_path.write_text("who,what,plays\n" + "".join(",".join("" if v is None else str(v) for v in r) + "\n"
+                                                     for r in rows))
+    loaded = []
+    for path in (parquet, csv_path):
+        args = build_parser().parse_args(["eval", "--events", str(path), "--mode", "implicit",
+                                          "--columns", "user_id=who,item_id=what,weight=plays"])
+        data, rejected = _load_interactions(args, load_config(None, {}))
+        loaded.append((list(data.user_ids), list(data.item_ids), data.weights.tolist(), rejected))
+    assert loaded[0] == loaded[1] == (["a", "b", "a", "c"], ["1", "2", "2", "1"], [3.0, 1.0, 0.5, 12.0], 1)
