@@ -7,6 +7,54 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 
+class CodedIds(Sequence):
+    """A column of ids given as its distinct values and a code per entry (as Arrow's
+    ``dictionary_encode`` gives them): ``IdMap.rows`` then looks each distinct id up once.
+
+    ``values`` must be in order of first appearance in ``codes``, so that new ids get their rows
+    in the same order as from the plain list of ids (see :meth:`first_appearance`).
+
+    >>> ids = CodedIds.first_appearance(["b", "a", "c"], np.array([1, 1, 0, 1]))
+    >>> ids.values, ids.codes.tolist(), list(ids)
+    (['a', 'b'], [0, 0, 1, 0], ['a', 'a', 'b', 'a'])
+    >>> IdMap().rows(ids).tolist() == IdMap().rows(list(ids)).tolist()
+    True
+    """
+
+    def __init__(self, values: list[str], codes: np.ndarray) -> None:
+        self.values = values
+        self.codes = codes
+
+    @classmethod
+    def first_appearance(cls, values: list, codes: np.ndarray) -> CodedIds:
+        """The used ``values`` reordered by first appearance in ``codes`` (unused ones dropped)."""
+        codes = np.asarray(codes, dtype=np.int64)
+        peak = np.maximum.accumulate(codes) if len(codes) else codes
+        if len(codes) == 0 or (codes[0] == 0 and (codes[1:] <= peak[:-1] + 1).all() and peak[-1] == len(values) - 1):
+            return cls(values, codes)  # already in order, every value used (Arrow's encoding gives this)
+        used, first = np.unique(codes, return_index=True)
+        order = used[np.argsort(first)]
+        recode = np.empty(len(values), dtype=np.int64)
+        recode[order] = np.arange(len(order))
+        return cls([values[c] for c in order.tolist()], recode[codes])
+
+    def kept(self, keep: np.ndarray) -> CodedIds:
+        """The entries where ``keep`` is true."""
+        return CodedIds.first_appearance(self.values, self.codes[keep])
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, n):  # type: ignore[override]
+        if isinstance(n, slice):
+            return [self.values[c] for c in self.codes[n].tolist()]
+        return self.values[self.codes[n]]
+
+    def __iter__(self):
+        values = self.values
+        return (values[c] for c in self.codes.tolist())
+
+
 class IdMap:
     """Assigns each distinct external id the next free row, forever.
 
@@ -48,13 +96,31 @@ class IdMap:
         return row
 
     def rows(self, keys: Sequence[object]) -> np.ndarray:
-        """Rows for ``keys`` (int64), adding the ids seen for the first time."""
+        """Rows for ``keys`` (int64), adding the ids seen for the first time, in order of first appearance.
+
+        One C-level pass looks all keys up; only the keys not found (new ids, and keys that are
+        not strings) are looked at one by one.
+        """
+        if isinstance(keys, CodedIds):
+            return self.rows(keys.values)[keys.codes]
+        try:
+            found = list(map(self._row_of.get, keys))
+        except TypeError:  # an unhashable key: it is its text that is the id
+            found = [self._row_of.get(k) if k.__class__ is str else None for k in keys]
+        if None not in found:
+            return np.array(found, dtype=np.int64)
+        rows = np.array(found, dtype=np.float64)  # None becomes NaN; rows stay exact far past 2**31
+        missing = np.flatnonzero(np.isnan(rows))
+        new = [keys[n] for n in missing.tolist()]
+        new = [k if k.__class__ is str else str(k) for k in new]
         row_of = self._row_of
-        out = [row_of.get(k) if k.__class__ is str else None for k in keys]
-        if None in out:
-            add = self._add
-            out = [r if r is not None else add(str(k)) for r, k in zip(out, keys)]
-        return np.fromiter(out, dtype=np.int64, count=len(out))
+        # New ids in order of first appearance (dict.fromkeys keeps it); a key that was not a
+        # string may name an id already known.
+        fresh = [k for k in dict.fromkeys(new) if k not in row_of]
+        row_of.update(zip(fresh, range(len(self._ids), len(self._ids) + len(fresh))))
+        self._ids += fresh
+        rows[missing] = list(map(row_of.__getitem__, new))
+        return rows.astype(np.int64)
 
     def get(self, key: object) -> int | None:
         """Row of ``key``, or None if it was never seen."""

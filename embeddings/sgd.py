@@ -42,7 +42,7 @@ def init_rows(out, id_hashes, seed, std):
     it is the same whatever order ids arrive in and in every process.
     """
     dim = out.shape[1]
-    state = np.empty(1, dtype=np.uint64)
+    state = np.empty(1, dtype=np.uint64)  # reset for each row: one allocation, not one per row
     for r in range(out.shape[0]):
         state[0] = _mix64(id_hashes[r] ^ _mix64(seed))
         f = 0

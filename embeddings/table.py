@@ -10,9 +10,15 @@ from recstream.embeddings.ids import IdMap
 from recstream.embeddings.sgd import init_rows
 
 
-def id_hash(key: str) -> int:
-    """A stable 64-bit hash of an id (unlike ``hash()``, the same in every process)."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+def id_hashes(keys: Sequence[str]) -> np.ndarray:
+    """Stable 64-bit hashes of ids (uint64; unlike ``hash()``, the same in every process).
+
+    >>> id_hashes(["a", "b"]).dtype, len(set(id_hashes(["a", "b"]).tolist()))
+    (dtype('uint64'), 2)
+    """
+    blake2b = hashlib.blake2b
+    digests = b"".join([blake2b(key.encode(), digest_size=8).digest() for key in keys])
+    return np.frombuffer(digests, dtype="<u8").astype(np.uint64)
 
 
 class EmbeddingTable:
@@ -58,9 +64,7 @@ class EmbeddingTable:
         out = np.zeros((len(rows), self.dim), dtype=np.float32)
         if self.init_std == 0:  # N(0, 0): no need to hash the ids (users start at the origin by default)
             return out
-        ids = self.ids.ids
-        hashes = np.fromiter((id_hash(ids[r]) for r in rows.tolist()), dtype=np.uint64, count=len(rows))
-        init_rows(out, hashes, np.uint64(self.seed), self.init_std)
+        init_rows(out, id_hashes(self.ids.ids_of(rows.tolist())), np.uint64(self.seed), self.init_std)
         return out
 
     def _grow(self, needed: int) -> None:

@@ -130,18 +130,14 @@ def _load_interactions(args: argparse.Namespace, config: ServiceConfig):
     decoder = EventDecoder(config.events)
     users, items, ratings, weights, stamps, rejected = [], [], [], [], [], 0
     delimiter = "\t" if args.delimiter in ("tab", "\\t") else args.delimiter
-    for events, _ in read_event_log(args.events, columns, args.ts_unit, delimiter=delimiter):
-        batch, bad = decoder.decode(events)
-        rejected += len(bad)
+    for chunk in read_event_log(args.events, decoder, columns, args.ts_unit, delimiter=delimiter):
+        batch = chunk.batch
+        rejected += len(chunk.bad)
         users += batch.user_ids
         items += batch.item_ids
         ratings.append(batch.ratings)
         stamps.append(batch.timestamps)
-        if columns and "weight" in columns:
-            good = [events[p] for p in batch.positions]
-            weights.append(np.array([float(e.get("weight", 1.0)) for e in good], dtype=np.float32))
-        else:
-            weights.append(batch.weights)
+        weights.append(batch.weights if chunk.weights is None else chunk.weights)  # a mapped weight column
     data = Interactions(users, items, np.concatenate(ratings), np.concatenate(weights),
                         np.maximum(np.concatenate(stamps), 0))
     if args.order == "time":
@@ -342,9 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     replay = sub.add_parser("replay", parents=[kafka], help="apply an event log (file or topic) at full speed")
-    replay.add_argument("--events", help="JSON lines or CSV event log (.gz accepted)")
-    replay.add_argument("--columns", help="CSV column mapping, e.g. user_id=userId,item_id=movieId,rating=rating,ts=timestamp")
-    replay.add_argument("--ts-unit", choices=("ms", "s"), default="ms", help="unit of the CSV ts column")
+    replay.add_argument("--events", help="JSON lines, CSV (.gz accepted) or Parquet event log")
+    replay.add_argument("--columns", help="CSV/Parquet column mapping, e.g. user_id=userId,item_id=movieId,rating=rating,ts=timestamp")
+    replay.add_argument("--ts-unit", choices=("ms", "s"), default="ms", help="unit of a numeric CSV/Parquet ts column")
     replay.add_argument("--epochs", type=int, default=1, help="passes over the file")
     replay.add_argument("--from-topic", help="replay a topic instead (own group id, assign())")
     replay.add_argument("--bootstrap-servers")
@@ -358,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay.set_defaults(func=cmd_replay)
 
     evaluate = sub.add_parser("eval", help="learning quality on an event log, beside a baseline")
-    evaluate.add_argument("--events", required=True, help="JSON lines or CSV/TSV event log (.gz accepted)")
+    evaluate.add_argument("--events", required=True, help="JSON lines, CSV/TSV (.gz accepted) or Parquet event log")
     evaluate.add_argument("--columns", help="column mapping, e.g. user_id=userId,item_id=movieId,rating=rating; "
                                             "weight=COLUMN gives implicit weights")
     evaluate.add_argument("--delimiter", default=",", help="CSV delimiter ('tab' for TSV)")
