@@ -1,7 +1,8 @@
 """A synthetic clickstream with planted tastes, for the demo, the tests and the benchmarks.
 
 Items have one or two genres and Zipf popularity; users have a few favourite
-genres (a sparse Dirichlet taste) and Zipf-like activity. An event picks a
+genres (a sparse Dirichlet taste) and lognormal activity (or Zipf activity with
+``user_zipf_exponent``, as in the scale benchmark). An event picks a
 user, a genre from the user's taste and a popular item of that genre (or,
 with probability ``noise``, any popular item). Tastes drift: every
 ``drift_every`` events a fraction of users take new tastes.
@@ -56,6 +57,9 @@ class SyntheticClickstream:
     >>> ev = gen.events(1000)
     >>> len(ev), int(ev.items.max()) < 50, gen.genres_of(0)[0] in GENRES
     (1000, True, True)
+    >>> zipf = SyntheticClickstream(n_users=1000, n_items=50, seed=1, user_zipf_exponent=1.0)
+    >>> round(float(np.sort(zipf.activity)[-1] / zipf.activity.sum()), 3)  # the top user: 1 / H(1000)
+    0.134
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class SyntheticClickstream:
         drift_fraction: float = 0.1,
         events_per_second: float = 1000.0,
         start_ms: int = 1_700_000_000_000,
+        user_zipf_exponent: float | None = None,
     ) -> None:
         self.rng = np.random.default_rng(seed)
         self.n_users, self.n_items = n_users, n_items
@@ -93,7 +98,13 @@ class SyntheticClickstream:
             members = np.flatnonzero((primary == g) | (secondary == g))
             weights = self.popularity[members]
             self._genre_items.append((members, weights / weights.sum()))
-        activity = rng.lognormal(0.0, 1.0, n_users)
+        if user_zipf_exponent is None:
+            activity = rng.lognormal(0.0, 1.0, n_users)
+        else:
+            # Heavier-headed than the lognormal: a few users make a large share of the events,
+            # as in a production clickstream. Shuffled so that activity is unrelated to the id.
+            activity = 1.0 / np.arange(1, n_users + 1) ** user_zipf_exponent
+            rng.shuffle(activity)
         self.activity = activity / activity.sum()
         self.tastes = self._draw_tastes(n_users)
 
