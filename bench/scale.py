@@ -571,7 +571,8 @@ def main() -> None:
     parser.add_argument("--probe-fraction", type=float, default=0.01, help="share of live events that are probes")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--recall-users", type=int, default=2000)
-    parser.add_argument("--phase-timeout", type=float, default=1800, help="stop a catch-up run after this many s")
+    parser.add_argument("--phase-timeout", type=float, default=900,
+                        help="stop a catch-up run after this many s (its rates are then over what it applied)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="100k users and items, 300k events, 15 s live (a smoke test of a few minutes)")
