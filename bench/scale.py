@@ -125,6 +125,14 @@ def exact_top(model, history, user_rows: np.ndarray, now_ms: int, k: int) -> lis
     return out
 
 
+def recall_sample(stream_users: np.ndarray, applied: int, n: int, seed: int) -> list[str]:
+    """``n`` ids of users with events in the last 10% of what was applied (a run stopped by
+    ``--phase-timeout`` applied a prefix of the stream, roughly: partitions advance unevenly)."""
+    tail = np.unique(stream_users[int(0.9 * applied):applied])
+    chosen = np.random.default_rng(seed).choice(tail, size=min(n, len(tail)), replace=False)
+    return [f"u{u}" for u in chosen.tolist()]
+
+
 def recall_at_k(published: list[np.ndarray], exact: list[np.ndarray]) -> float:
     """Mean over users of |published ∩ exact| / |exact| (users with an empty exact list skipped).
 
@@ -185,9 +193,13 @@ def catch_up_child(conn, progress, settings: dict) -> None:
     timeline: list[tuple[float, int, int]] = []  # (wall time, events applied, updates published) per flush
     deadline = time.time() + settings["timeout_s"]
 
+    index_timeline: list[tuple[float, int, int, int]] = []
+
     def on_flush(service: RecStreamService) -> None:
         applied = service.stats.events_applied
         timeline.append((time.time(), applied, service.stats.updates_published))
+        if settings["publish"]:
+            index_timeline.append((time.time(), *index_state(service)))
         progress.value = applied
         if applied >= n or time.time() > deadline:
             service.stop.set()
@@ -200,8 +212,12 @@ def catch_up_child(conn, progress, settings: dict) -> None:
               "index_builds": service.refresher.builds, "baseline_rss": baseline, "peak_rss": peak_rss(),
               "rss_after": current_rss(), **model_bytes(service.model)}
     result.update(rates(started, timeline))
+    if settings["publish"]:
+        result["index"] = index_summary(started, index_timeline)
     if settings.get("recall_users"):
-        result["recall"] = measure_recall(service, settings["recall_users"])
+        result["recall"] = measure_recall(service, recall_sample(np.load(settings["stream_users_path"]),
+                                                                 service.stats.events_applied,
+                                                                 settings["recall_users"], settings["seed"]))
     if settings.get("save_state_dir"):
         store = CheckpointStore(Path(settings["save_state_dir"]) / "checkpoints", config.checkpoint.keep)
         service.state.save(store)
@@ -209,6 +225,26 @@ def catch_up_child(conn, progress, settings: dict) -> None:
         np.save(settings["points_path"], mips_item_vectors(service.model.items.vectors,
                                                            service.model.ranking_biases()))
     conn.send(result)
+
+
+def index_state(service: RecStreamService) -> tuple[int, int, int]:
+    """(items in the model, items in the current index, items changed since its build)."""
+    index = service.refresher.current
+    with service.model_lock:
+        n_items = len(service.model.items)
+        changed = len(service.model.items_changed_since(index.model_version)) if index is not None else n_items
+    return n_items, index.n_items if index is not None else 0, changed
+
+
+def index_summary(started: float, index_timeline: list[tuple[float, int, int, int]]) -> dict:
+    """How publishing found the index at each flush: while there is none, or once half the items
+    changed since its build, ``Recommender`` scores every item exactly for every user."""
+    built = [t for t, _, index_items, _ in index_timeline if index_items]
+    shares = np.array([changed / max(n, 1) for _, n, _, changed in index_timeline])
+    return {"first_index_s": built[0] - started if built else None, "flushes": len(index_timeline),
+            "flush_share_without_index": float(np.mean([i == 0 for _, _, i, _ in index_timeline])) if shares.size else 0.0,
+            "flush_share_exact_all": float(np.mean(shares >= 0.5)) if shares.size else 0.0,
+            "median_changed_share": float(np.median(shares)) if shares.size else 0.0}
 
 
 def rates(started: float, timeline: list[tuple[float, int, int]]) -> dict:
@@ -228,8 +264,11 @@ def live_service_child(conn, progress, ready, stop, settings: dict) -> None:
                             settings["state_dir"])
     timeline: list[tuple[float, int, int]] = []
 
+    index_timeline: list[tuple[float, int, int, int]] = []
+
     def on_flush(service: RecStreamService) -> None:
         timeline.append((time.time(), service.stats.events_applied, service.stats.updates_published))
+        index_timeline.append((time.time(), *index_state(service)))
         progress.value = service.stats.events_applied
 
     started = time.time()
@@ -241,7 +280,7 @@ def live_service_child(conn, progress, ready, stop, settings: dict) -> None:
     conn.send({"pid": os.getpid(), "restore_s": restore_s, "events_applied": service.stats.events_applied,
                "updates_published": service.stats.updates_published, "checkpoints": service.stats.checkpoints,
                "index_builds": service.refresher.builds, "baseline_rss": baseline, "peak_rss": peak_rss(),
-               "timeline": timeline, **model_bytes(service.model)})
+               "timeline": timeline, "index": index_summary(started, index_timeline), **model_bytes(service.model)})
 
 
 def live_producer_child(conn, settings: dict) -> None:
@@ -507,6 +546,11 @@ def table(result: dict) -> str:
         ("(a) publishing / no publishing, steady", f"{a['publish_ratio_steady']:.2f}"),
         ("(a) output messages per event (publishing)", f"{a['publish']['output_per_event']:.2f}"),
     ]
+    index = result["runs"]["publish"][0].get("index")
+    if index:
+        rows.append(("(a) publishing flushes scoring all items exactly (no index yet, or >= half the items changed since it) / with no index",
+                     f"{index['flush_share_exact_all']:.2f} / {index['flush_share_without_index']:.2f} "
+                     f"(first index after {index['first_index_s'] or float('nan'):.0f} s)"))
     if not a["all_finished"]:
         rows.append(("(a) WARNING", "a run hit --phase-timeout: rates are over the events it applied"))
     live = result.get("live")
@@ -567,7 +611,8 @@ def main() -> None:
     parser.add_argument("--probe-fraction", type=float, default=0.01, help="share of live events that are probes")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--recall-users", type=int, default=2000)
-    parser.add_argument("--phase-timeout", type=float, default=1800, help="stop a catch-up run after this many s")
+    parser.add_argument("--phase-timeout", type=float, default=900,
+                        help="stop a catch-up run after this many s (its rates are then over what it applied)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help="100k users and items, 300k events, 15 s live (a smoke test of a few minutes)")
@@ -594,16 +639,14 @@ def main() -> None:
     started = time.time()
     events = gen.events(args.events + live_n)
     catch_users = events.users[: args.events]
-    tail = np.unique(catch_users[int(0.9 * args.events):])  # users touched in the last 10% of the stream
-    rng = np.random.default_rng(args.seed)
-    recall_users = [f"u{u}" for u in rng.choice(tail, size=min(args.recall_users, len(tail)), replace=False).tolist()]
     messages = SyntheticEvents(events.users[: args.events], events.items[: args.events],
                                events.event_types[: args.events], events.ts[: args.events]).messages()
     say(f"generated {args.events:,} + {live_n:,} events in {time.time() - started:.0f}s: "
         f"{len(np.unique(catch_users)):,} users, {len(np.unique(events.items[: args.events])):,} items in the catch-up")
 
     with tempfile.TemporaryDirectory(prefix="scale-") as tmp, EmbeddedBroker() as bootstrap:
-        live_path = f"{tmp}/live.npz"
+        live_path, stream_users_path = f"{tmp}/live.npz", f"{tmp}/stream-users.npy"
+        np.save(stream_users_path, catch_users)
         np.savez(live_path, users=events.users[args.events:], items=events.items[args.events:],
                  event_types=events.event_types[args.events:])
         topic = f"scale-{uuid.uuid4().hex[:6]}"
@@ -618,7 +661,8 @@ def main() -> None:
             runs["no_publish"].append(catch_up(bootstrap, topic, args.events, False, args.phase_timeout))
             say(f"run {r + 1}: no publishing {runs['no_publish'][-1]['events_per_s']:,.0f}/s total, "
                 f"{runs['no_publish'][-1]['steady_events_per_s']:,.0f}/s steady")
-            extra = {"recall_users": recall_users, "save_state_dir": state_dir, "points_path": points_path} if r == 0 else {}
+            extra = {"recall_users": args.recall_users, "stream_users_path": stream_users_path, "seed": args.seed,
+                     "save_state_dir": state_dir, "points_path": points_path} if r == 0 else {}
             runs["publish"].append(catch_up(bootstrap, topic, args.events, True, args.phase_timeout, **extra))
             say(f"run {r + 1}: publishing {runs['publish'][-1]['events_per_s']:,.0f}/s total, "
                 f"{runs['publish'][-1]['steady_events_per_s']:,.0f}/s steady, "
