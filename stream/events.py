@@ -105,6 +105,9 @@ class EventDecoder:
 
     def decode(self, values: Sequence[bytes | dict | None]) -> tuple[EventBatch, list[tuple[int, str]]]:
         """Valid events of ``values`` (JSON bytes, or dicts already parsed, e.g. from CSV) and the reasons for the rest."""
+        block = _as_lines(values, self.max_message_bytes)
+        if block is not None:  # each value is one ordinary JSON line: parsed in bulk, one event per line
+            return self.decode_lines(block)
         events: list[_Event] = []
         positions: list[int] = []
         bad: list[tuple[int, str]] = []
@@ -265,6 +268,24 @@ class EventDecoder:
                     reasons.setdefault(row, f"unknown event_type {kind!r} (configure it in events.weights)")
                     weights[row] = 0.0
         return np.array(weights, dtype=np.float32)
+
+
+def _as_lines(values: Sequence[bytes | dict | None], limit: int) -> bytes | None:
+    """``values`` joined as JSON lines if every one is an ordinary line for ``decode_lines``
+    (bytes of 2 to ``limit`` bytes, starting with ``{`` and ending with ``}``, with no newline), else None."""
+    try:
+        block = b"\n".join(values)
+    except TypeError:  # a null value, or parsed dicts
+        return None
+    if not values:
+        return None
+    lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    data = np.frombuffer(block, dtype=np.uint8)
+    ends = np.cumsum(lengths + 1) - 1  # where each value's newline is (or would be, for the last)
+    if (lengths.min() < 2 or lengths.max() > limit or np.count_nonzero(data == 10) != len(values) - 1
+            or not (data[ends - lengths] == 123).all() or not (data[ends - 1] == 125).all()):
+        return None
+    return block
 
 
 def _columns(events: list[_Event]) -> tuple[list, list, list, list, list]:

@@ -1,5 +1,6 @@
 """Decoding input messages: every kind of bad input is named, good ones pass through."""
 
+import numpy as np
 import orjson
 import pytest
 from recstream.stream.config import EventsConfig
@@ -58,3 +59,21 @@ def test_bad_input_is_rejected_with_its_reason(value, reason):
     assert len(batch) == 2 and batch.positions == [0, 2]
     assert len(bad) == 1 and bad[0][0] == 1
     assert reason in bad[0][1], bad[0][1]
+
+
+def test_a_batch_of_ordinary_messages_decodes_in_bulk_exactly_as_one_by_one():
+    decoder = EventDecoder(EventsConfig())
+    values = [b'{"user_id": "u1", "item_id": 7, "rating": 4.5, "ts": 1700000000000}',
+              b'{"user_id": 1}',  # missing item_id
+              b'{"user_id": "a", "item_id": "b"}{"user_id": "c", "item_id": "d"}',  # two values in one message
+              b'{"user_id": "u2", "item_id": "i", "event_type": "nope"}',
+              b'{"user_id": "u3", "item_id": "i", "rating": "x"}',
+              b'{"user_id": "u4", "item_id": "i9", "event_type": "purchase"}']
+    bulk, bulk_bad = decoder.decode(values)
+    one_by_one, one_bad = decoder.decode(values + [None])  # a null value: no bulk path for this batch
+    assert bulk_bad == one_bad[:-1] and len(bulk_bad) == 4
+    assert (bulk.user_ids, bulk.item_ids, bulk.positions) == (one_by_one.user_ids, one_by_one.item_ids,
+                                                              one_by_one.positions)
+    np.testing.assert_array_equal(bulk.ratings, one_by_one.ratings)
+    np.testing.assert_array_equal(bulk.weights, one_by_one.weights)
+    np.testing.assert_array_equal(bulk.timestamps, one_by_one.timestamps)
