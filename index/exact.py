@@ -12,7 +12,6 @@ visited, never what is found, so it may be stale or rough; it is rebuilt from th
 at every call.
 
 >>> import numpy as np
->>> from recstream.index.exact import ClusteredItems  # the cached kernels' module name (see history.py)
 >>> rng = np.random.default_rng(0)
 >>> Q = rng.normal(size=(500, 8)).astype(np.float32)
 >>> b = rng.normal(size=500).astype(np.float32)

@@ -7,7 +7,6 @@ end offset of each message.
 
 >>> import orjson, numpy as np
 >>> from recstream.embeddings.ids import IdMap
->>> from recstream.stream.update_json import update_values  # the cached kernels' module name
 >>> users, items = IdMap(["u1", 'say "hi"']), IdMap(["i0", "i1", "i2"])
 >>> buf, ends = update_values(users, items, np.array([1, 0]), np.array([[2, 0], [1, -1]]),
 ...                           np.array([[1.5, -0.25], [3.0, -np.inf]], dtype=np.float32),
