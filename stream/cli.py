@@ -163,7 +163,7 @@ def _load_interactions(args: argparse.Namespace, config: ServiceConfig):
 
 def _read_item_metadata(path: str) -> dict[str, tuple[dict | None, str | None]]:
     """``{"item_id", "features", "text"}`` JSON lines (the item-metadata topic's format)."""
-    import orjson
+    from recstream.stream.metadata import parse_item_metadata
 
     out: dict[str, tuple[dict | None, str | None]] = {}
     with open(path, "rb") as f:
@@ -171,10 +171,10 @@ def _read_item_metadata(path: str) -> dict[str, tuple[dict | None, str | None]]:
             if not line.strip():
                 continue
             try:
-                item = orjson.loads(line)
-                out[str(item["item_id"])] = (item.get("features"), item.get("text"))
-            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                item_id, features, text = parse_item_metadata(line)
+            except ValueError as exc:
                 raise ConfigError(f"--item-metadata: {path} line {n}: {exc}") from exc
+            out[item_id] = (features, text)
     return out
 
 

@@ -151,6 +151,11 @@ class EventDecoder:
             except (ValueError, OverflowError) as exc:
                 bad.append((n, str(exc)))
                 continue
+            except RecursionError:
+                # msgspec skips unknown fields recursively: ~1,000 levels of nesting in 2 KB
+                # exhaust the stack. Uncaught, it would stop the consumer at this message forever.
+                bad.append((n, "nested too deeply to decode"))
+                continue
             users.append(user)
             items.append(item)
             ratings.append(rating)

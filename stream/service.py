@@ -49,6 +49,7 @@ from recstream.index.refresh import IndexRefresher
 from recstream.stream.checkpoint import BackgroundCheckpointWriter, CheckpointStore
 from recstream.stream.config import ConfigError, ServiceConfig
 from recstream.stream.events import EventDecoder
+from recstream.stream.metadata import parse_item_metadata
 from recstream.stream.state import RecState
 
 log = logging.getLogger(__name__)
@@ -271,22 +272,13 @@ class RecStreamService:
         ids, features, texts = [], [], []
         for m in messages:
             try:
-                item = orjson.loads(m.value()) if m.value() is not None else None
-                if item.__class__ is not dict:
-                    raise ValueError("not a JSON object")
-                item_id = item.get("item_id")
-                if item_id.__class__ not in (str, int) or item_id == "":  # (bool is not int here)
-                    raise ValueError("item_id must be a non-empty string or an integer")
-                if item.get("features") is not None and item["features"].__class__ is not dict:
-                    raise ValueError("features must be an object")
-                if item.get("text") is not None and item["text"].__class__ is not str:
-                    raise ValueError("text must be a string")
-            except (ValueError, AttributeError, orjson.JSONDecodeError) as exc:
+                item_id, item_features, text = parse_item_metadata(m.value())
+            except ValueError as exc:
                 self._dead_letter(m, f"bad item metadata: {exc}")
                 continue
-            ids.append(str(item_id))
-            features.append(item.get("features"))
-            texts.append(item.get("text"))
+            ids.append(item_id)
+            features.append(item_features)
+            texts.append(text)
         if ids:
             encoded = self.state.encode_item_metadata(features, texts)  # the slow part, without the lock
             with self.model_lock:
@@ -310,6 +302,28 @@ class RecStreamService:
                 return
             except BufferError:  # local queue full: let deliveries drain, then retry
                 self.producer.poll(0.05)
+            except KafkaException as exc:  # refused before sending, e.g. over the producer's message.max.bytes
+                error = exc.args[0]
+                if error.code() == KafkaError.MSG_SIZE_TOO_LARGE and topic == self.config.topics.dlq:
+                    shorter, headers = self._truncated_letter(value, headers)
+                    if len(shorter) < len(value or b""):
+                        value = shorter
+                        continue
+                # Kept with the failed deliveries: retried with backoff, offsets held, the log says why.
+                log.error("producing to %s failed: %s", topic, error.str())
+                self.stats.delivery_failures += 1
+                self._failed.append((topic, key, value, headers))
+                return
+
+    def _truncated_letter(self, value: bytes | None, headers: list | None) -> tuple[bytes, list]:
+        """A dead letter the producer cannot send whole: its head, and a header saying how big it was
+        (rather than retry forever and stall the partition)."""
+        value = value or b""
+        limit = int(self._client_configs()[1].get("message.max.bytes", DLQ_TRUNCATE_BYTES * 2))
+        keep = min(DLQ_TRUNCATE_BYTES, limit // 2)
+        if not any(name == "recstream.truncated_from" for name, _ in headers or []):
+            headers = [*(headers or []), ("recstream.truncated_from", str(len(value)).encode())]
+        return value[:keep], headers
 
     def _delivered(self, err: KafkaError | None, message: Message) -> None:
         if err is None:
@@ -319,10 +333,7 @@ class RecStreamService:
             self._producer_fatal = True
         value, headers = message.value(), message.headers()
         if err.code() == KafkaError.MSG_SIZE_TOO_LARGE and message.topic() == self.config.topics.dlq:
-            # The broker will never take it whole: keep the head and say how big it was,
-            # rather than retry forever and stall the partition.
-            headers = [*(headers or []), ("recstream.truncated_from", str(len(value)).encode())]
-            value = value[:DLQ_TRUNCATE_BYTES]
+            value, headers = self._truncated_letter(value, headers)  # the broker will never take it whole
         self._failed.append((message.topic(), message.key(), value, headers))
 
     # -- publishing, checkpointing and committing ----------------------------------------------
