@@ -86,7 +86,13 @@ class CheckpointStore:
         return sorted(found, reverse=True)
 
     def save(self, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> Path:
-        """Write a new checkpoint durably; returns the path of its metadata file."""
+        """Write a new checkpoint durably; returns the path of its metadata file.
+
+        Refuses (ValueError) state holding NaN or inf: restored, it would poison the model again
+        after every restart, and the previous checkpoint is a better place to resume from."""
+        for name, array in arrays.items():
+            if array.dtype.kind in "fc" and not np.isfinite(array).all():
+                raise ValueError(f"{name} holds NaN or inf: refusing to write it to a checkpoint")
         existing = self._existing()
         seq = existing[0][0] + 1 if existing else 1
         data_path = self.directory / f"ckpt-{seq:012d}.npz"

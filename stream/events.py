@@ -11,9 +11,6 @@ import numpy as np
 import orjson
 from recstream.stream.config import EventsConfig
 
-# Ratings are learned in float32; a bound far beyond any rating scale keeps every update finite.
-MAX_ABS_RATING = 1e6
-
 
 class _Event(msgspec.Struct):
     """The input-event shape, for msgspec's typed decoder (unknown fields are ignored)."""
@@ -75,6 +72,7 @@ class EventDecoder:
         self.default_event_type = config.default_event_type
         self.max_message_bytes = config.max_message_bytes
         self.max_id_length = config.max_id_length
+        self.rating_min, self.rating_max = config.rating_min, config.rating_max
         self._typed = msgspec.json.Decoder(_Event)
 
     def decode(self, values: Sequence[bytes | dict | None]) -> tuple[EventBatch, list[tuple[int, str]]]:
@@ -142,8 +140,9 @@ class EventDecoder:
                         rating = float(rating)
                     elif rating.__class__ is not float:
                         raise ValueError(f"rating must be a number, got {type(rating).__name__}")
-                    if not -MAX_ABS_RATING <= rating <= MAX_ABS_RATING:
-                        raise ValueError(f"rating {rating!r} outside [-{MAX_ABS_RATING:g}, {MAX_ABS_RATING:g}]")
+                    if not self.rating_min <= rating <= self.rating_max:
+                        raise ValueError(f"rating {rating!r} outside [{self.rating_min:g}, {self.rating_max:g}] "
+                                         "(events.rating_min, rating_max)")
                 if ts is None:
                     ts = -1
                 elif ts.__class__ is not int or ts < 0 or ts >= 2**62:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import numpy as np
 import orjson
 import pytest
 from conftest import event, produce, read_all, running, service_config, wait_for
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from recstream.embeddings.model import MFConfig, OnlineMF
 from recstream.stream.broker import create_topics
-from recstream.stream.config import EventsConfig
+from recstream.stream.checkpoint import CheckpointStore
+from recstream.stream.config import ConfigError, EventsConfig, load_config
 from recstream.stream.events import EventDecoder
 from recstream.stream.metadata import parse_item_metadata
 from recstream.stream.service import DLQ_REASON_HEADER
+from recstream.stream.state import RecState
 
 
 def _nested(depth: int) -> bytes:
@@ -58,3 +64,91 @@ def test_poison_pills_and_oversized_dead_letters_leave_the_service_running(kafka
     assert "exceeds max_message_bytes" in reasons[b"huge"]
     assert dict(letters[b"huge"].headers())["recstream.truncated_from"] == str(len(huge)).encode()
     assert huge.startswith(letters[b"huge"].value()) and len(letters[b"huge"].value()) <= 50_000
+
+
+# -- numbers that poison the model ----------------------------------------------------------------
+
+def _ratings_stream(n: int, scale: float, seed: int = 0) -> tuple[list[str], list[str], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    users = [f"u{k}" for k in rng.integers(0, 50, n)]
+    items = [f"i{k}" for k in rng.integers(0, 80, n)]
+    return users, items, (rng.integers(0, 11, n) * scale / 10).astype(np.float32)
+
+
+def _all_finite(model: OnlineMF) -> bool:
+    return all(np.isfinite(a).all() for a in model.state_arrays().values() if a.dtype.kind == "f")
+
+
+@pytest.mark.parametrize("scale", [10.0, 100.0])
+def test_a_rating_stream_on_a_0_to_100_scale_stays_finite_with_default_settings(scale):
+    users, items, ratings = _ratings_stream(5000, scale)
+    model = OnlineMF(MFConfig(dim=16))
+    for s in range(0, 5000, 500):
+        model.learn(users[s:s + 500], items[s:s + 500], ratings[s:s + 500])
+    assert _all_finite(model)
+    assert np.isfinite(model.predict_rating("u1", "i1"))
+
+
+def test_a_rating_unit_learns_another_scale_as_well_as_stars():
+    users, items, ratings = _ratings_stream(3000, 5.0)
+    stars, percent = OnlineMF(MFConfig(dim=8)), OnlineMF(MFConfig(dim=8, rating_unit=20.0))
+    stars.learn(users, items, ratings)
+    percent.learn(users, items, ratings * 20)
+    assert percent.predict_rating("u3", "i7") == pytest.approx(20 * stars.predict_rating("u3", "i7"), rel=1e-4)
+
+
+def test_ratings_outside_the_configured_range_are_bad_events():
+    decoder = EventDecoder(load_config(overrides={"events.rating_min": 0, "events.rating_max": 5}).events)
+    batch, bad = decoder.decode([orjson.dumps({"user_id": 1, "item_id": 2, "rating": r}) for r in (0, 5, 5.5, -1)])
+    assert batch.ratings.tolist() == [0.0, 5.0]
+    assert [n for n, _ in bad] == [2, 3] and "outside [0, 5] (events.rating_min, rating_max)" in bad[0][1]
+    with pytest.raises(ConfigError, match="events.rating_max: must be above events.rating_min"):
+        load_config(overrides={"events.rating_min": 5, "events.rating_max": 5})
+
+
+def test_non_finite_state_is_reset_with_an_error_not_spread(caplog):
+    model = OnlineMF(MFConfig(dim=8))
+    model.learn(["a", "b"], ["x", "y"])
+    Q, _ = model.items.storage
+    Q[model.items.ids.get("x"), 0] = np.nan  # as if something had slipped past the kernel's bounds
+    model.learn(["a", "c"], ["x", "x"], ratings=np.array([4.0, 3.0], dtype=np.float32))
+    assert _all_finite(model) and model.non_finite_resets >= 1
+    assert "non-finite state after a batch" in caplog.text
+
+
+def test_a_checkpoint_of_non_finite_state_is_refused(tmp_path):
+    store = CheckpointStore(tmp_path)
+    with pytest.raises(ValueError, match="model.items.vectors holds NaN or inf"):
+        store.save({"model.items.vectors": np.array([[1.0, np.inf]], dtype=np.float32)}, {})
+    assert not list(tmp_path.iterdir())
+
+
+_accepted_rating = st.one_of(st.none(), st.sampled_from([-1e9, 1e9, 0.0, 1e-30, -1e-30, 3.5]),
+                             st.floats(-1e9, 1e9, allow_nan=False, allow_infinity=False))
+
+
+@settings(max_examples=40, deadline=None)
+@given(events=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 8), _accepted_rating,
+                                  st.sampled_from(["view", "click", "huge"]),
+                                  st.one_of(st.none(), st.sampled_from([0, 1, 2**62 - 1]), st.integers(0, 2**62 - 1))),
+                       min_size=1, max_size=400),
+       learning_rate=st.sampled_from([0.08, 1.0, 9.99]), batch=st.integers(1, 400))
+def test_random_streams_of_extreme_accepted_values_leave_every_exported_array_finite(events, learning_rate, batch):
+    config = load_config(overrides={"events.rating_min": -1e9, "events.rating_max": 1e9, "model.dim": 8,
+                                    "events.weights": {"view": 1e-30, "click": 1.0, "huge": 1e30},
+                                    "model.learning_rate": learning_rate, "model.new_item_learning_rate": learning_rate,
+                                    "model.transition_learning_rate": learning_rate})
+    decoder, state = EventDecoder(config.events), RecState(config.model)
+    values = [orjson.dumps({"user_id": u, "item_id": i, "event_type": t,
+                            **({} if r is None else {"rating": r}), **({} if ts is None else {"ts": ts})})
+              for u, i, r, t, ts in events]
+    for s in range(0, len(values), batch):
+        decoded, bad = decoder.decode(values[s:s + batch])
+        assert not bad
+        _, _, losses = state.apply(decoded)
+        assert np.isfinite(losses).all()
+    arrays, _ = state.snapshot()
+    assert all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f")
+    rows = np.arange(len(state.model.users))
+    assert np.isfinite(state.model.query_vectors(rows, 2**62)).all()
+    assert state.model.non_finite_resets == 0  # the kernel's bounds held: the guard had nothing to do
