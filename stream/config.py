@@ -52,6 +52,9 @@ class EventsConfig:
     # 0-10, 0-100 and +-100 scales); set it to the stream's scale to catch broken producers.
     rating_min: float = -100.0
     rating_max: float = 100.0
+    # An event time more than this after its record's timestamp is taken as a clock accident and
+    # replaced by the record's time (see stream/clock.py); "now" never passes the wall clock by more.
+    clock_tolerance_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +179,7 @@ _RULES: dict[str, tuple[Any, str]] = {
                        "a non-empty table of event type = positive number"),
     "events.max_message_bytes": (lambda v: v >= 64, "an integer >= 64"),
     "events.max_id_length": (lambda v: v >= 1, "a positive integer"),
+    "events.clock_tolerance_s": (lambda v: 0 <= v <= 365 * 86400, "a number of seconds from 0 to 31536000"),
     "events.rating_min": (lambda v: abs(v) <= 1e9, "a number from -1e9 to 1e9"),
     "events.rating_max": (lambda v: abs(v) <= 1e9, "a number from -1e9 to 1e9"),
     "model.rating_unit": (lambda v: 0 < v <= 1e9, "a positive number (rating points per learning unit)"),

@@ -73,6 +73,7 @@ class EventDecoder:
         self.max_message_bytes = config.max_message_bytes
         self.max_id_length = config.max_id_length
         self.rating_min, self.rating_max = config.rating_min, config.rating_max
+        self.clock_tolerance_ms = int(config.clock_tolerance_s * 1000)  # for settle_timestamps (stream/clock.py)
         self._typed = msgspec.json.Decoder(_Event)
 
     def decode(self, values: Sequence[bytes | dict | None]) -> tuple[EventBatch, list[tuple[int, str]]]:

@@ -47,6 +47,7 @@ from recstream.embeddings.drift import ItemDriftAlarm, LossDriftDetector
 from recstream.index.query import Recommender
 from recstream.index.refresh import IndexRefresher
 from recstream.stream.checkpoint import BackgroundCheckpointWriter, CheckpointStore
+from recstream.stream.clock import batch_now, settle_timestamps
 from recstream.stream.config import ConfigError, ServiceConfig
 from recstream.stream.events import EventDecoder
 from recstream.stream.metadata import parse_item_metadata
@@ -70,7 +71,8 @@ class ServiceStats:
     checkpoints: int = 0
     last_checkpoint_s: float = 0.0
     delivery_failures: int = 0
-    last_event_ts: int = 0
+    last_event_ts: int = 0  # "now" for fading short-term interest (see stream/clock.py)
+    clock_ahead: int = 0  # events whose time was past their record's (+ tolerance): given the record's
     loss_mean: float = 0.0  # ADWIN's estimate of the prequential loss per event
     loss_drifts: int = 0  # times the loss rose significantly: retrain recommended
     item_drift: float = 0.0  # mean cosine distance of item vectors between the last two index builds
@@ -242,8 +244,8 @@ class RecStreamService:
         next_offsets = {p: good[n].offset() + 1 for p, n in last_of.items()}
         if len(batch):
             stamps = batch.timestamps
-            for n in np.flatnonzero(stamps < 0).tolist():
-                stamps[n] = good[batch.positions[n]].timestamp()[1]
+            record_ts = np.fromiter((good[p].timestamp()[1] for p in batch.positions), np.int64, len(batch))
+            self.stats.clock_ahead += settle_timestamps(stamps, record_ts, self.decoder.clock_tolerance_ms)
             partitions = np.array(parts, dtype=np.int64)
             with self.model_lock:
                 user_rows, _, losses = self.state.apply(batch, topic, partitions[batch.positions])
@@ -257,7 +259,7 @@ class RecStreamService:
                 # Latest timestamp per user: a dict built from pairs keeps the last write per key.
                 self._pending_users.update(zip(user_rows.tolist(), stamps.tolist()))
             self.stats.events_applied += len(batch)
-            self.stats.last_event_ts = max(self.stats.last_event_ts, int(stamps.max()))
+            self.stats.last_event_ts = max(self.stats.last_event_ts, batch_now(stamps, self.decoder.clock_tolerance_ms))
             self.refresher.poke()
         self._advance({(topic, p): o for p, o in next_offsets.items()})
         self.stats.messages += len(good)  # last: a reader seeing the count sees the batch applied

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import orjson
 import pytest
-from conftest import event, produce, read_all, running, service_config, wait_for
+from confluent_kafka import Producer
+from conftest import FAST_GROUP, event, produce, read_all, running, service_config, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from recstream.embeddings.model import MFConfig, OnlineMF
@@ -14,6 +17,7 @@ from recstream.stream.checkpoint import CheckpointStore
 from recstream.stream.config import ConfigError, EventsConfig, load_config
 from recstream.stream.events import EventDecoder
 from recstream.stream.metadata import parse_item_metadata
+from recstream.stream.replay import replay_topic
 from recstream.stream.service import DLQ_REASON_HEADER
 from recstream.stream.state import RecState
 
@@ -152,3 +156,51 @@ def test_random_streams_of_extreme_accepted_values_leave_every_exported_array_fi
     rows = np.arange(len(state.model.users))
     assert np.isfinite(state.model.query_vectors(rows, 2**62)).all()
     assert state.model.non_finite_resets == 0  # the kernel's bounds held: the guard had nothing to do
+
+
+# -- clocks ----------------------------------------------------------------------------------------
+
+@pytest.mark.kafka
+def test_one_event_from_the_far_future_moves_neither_now_nor_its_user_into_the_future(kafka_bootstrap, topics):
+    start = int(time.time() * 1000)
+    produce(kafka_bootstrap, topics["input"], [event(f"u{n % 5}", f"i{n % 9}") for n in range(40)]
+            + [event("u1", "i3", ts=2**62 - 1)] + [event(f"u{n % 5}", f"i{n % 9}") for n in range(40)])
+    config = service_config(kafka_bootstrap, topics, **{"events.clock_tolerance_s": 60})
+    with running(config) as service:
+        wait_for(lambda: service.stats.events_applied == 81 and not service._uncommitted, what="all applied")
+        assert service.stats.clock_ahead == 1
+        assert start <= service.stats.last_event_ts <= int(time.time() * 1000) + 60_000
+        model = service.model
+        row = model.users.ids.get("u1")
+        assert start <= int(model._short_ts[row]) <= int(time.time() * 1000)  # the record's time, not 2^62
+        # Short-term interest of everyone is still there to rank with at "now".
+        rows = np.arange(len(model.users))
+        faded = model.query_vectors(rows, service.stats.last_event_ts) - model.users.vectors[rows]
+        assert np.abs(faded).sum(axis=1).min() > 0
+
+
+@pytest.mark.kafka
+def test_replay_from_the_topic_equals_consumption_for_events_without_ts(kafka_bootstrap, topics, tmp_path):
+    single = dict(topics, input=topics["input"] + "-1p")
+    create_topics(kafka_bootstrap, {single["input"]: 1})
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    base = int(time.time() * 1000) - 3_600_000
+    for n in range(3000):  # record times a minute apart; a third of the events carry their own time
+        body = {"user_id": f"u{n % 40}", "item_id": f"i{(n * 7) % 60}"}
+        if n % 3 == 0:
+            body["ts"] = base + n * 60_000 - 5_000
+        producer.produce(single["input"], key=body["user_id"].encode(), value=orjson.dumps(body),
+                         timestamp=base + n * 60_000)
+    assert producer.flush(30) == 0
+    config = service_config(kafka_bootstrap, single, **{"model.dim": 8, "model.seed": 3})
+    with running(config) as service:
+        wait_for(lambda: service.stats.events_applied == 3000, what="all consumed")
+        with service.model_lock:
+            live_items, live_users = service.model.items.vectors.copy(), service.model.users.vectors.copy()
+            live_transitions = service.model._transition[: len(service.model.items)].copy()
+    replayed = RecState(config.model)
+    replay_topic(replayed, EventDecoder(config.events), {"bootstrap.servers": kafka_bootstrap, **FAST_GROUP},
+                 single["input"])
+    np.testing.assert_array_equal(replayed.model.items.vectors, live_items)
+    np.testing.assert_array_equal(replayed.model.users.vectors, live_users)
+    np.testing.assert_array_equal(replayed.model._transition[: len(replayed.model.items)], live_transitions)
