@@ -104,6 +104,8 @@ class LoopConfig:
     batch_size: int = 10_000
     poll_timeout_s: float = 0.2
     status_interval_s: float = 10.0
+    # How long start-up waits for the Kafka cluster (retrying with backoff) before giving up.
+    startup_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "loop.batch_size": (lambda v: 1 <= v <= 1_000_000, "an integer from 1 to 1000000"),
     "loop.poll_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
     "loop.status_interval_s": (lambda v: v > 0, "a positive number of seconds"),
+    "loop.startup_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
 }
 
 

@@ -43,10 +43,12 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 from recstream.embeddings.drift import ItemDriftAlarm, LossDriftDetector
 from recstream.index.query import Recommender
 from recstream.index.refresh import IndexRefresher
-from recstream.stream.checkpoint import BackgroundCheckpointWriter, CheckpointStore
+from recstream.stream.broker import topic_ids, wait_for_cluster
+from recstream.stream.checkpoint import BackgroundCheckpointWriter, CheckpointStore, StateDirLock
 from recstream.stream.clock import batch_now, settle_timestamps
 from recstream.stream.config import ConfigError, ServiceConfig
 from recstream.stream.events import EventDecoder
@@ -103,8 +105,10 @@ class RecStreamService:
         self.on_flush = on_flush
         self.stats = ServiceStats()
         out = config.output
+        self._lock: StateDirLock | None = None
         if config.state_dir:
             state_dir = Path(config.state_dir)
+            self._lock = StateDirLock(state_dir)  # first: a second process on the dir stops here
             self.store: CheckpointStore | None = CheckpointStore(state_dir / "checkpoints", config.checkpoint.keep)
             self.writer = BackgroundCheckpointWriter(self.store)
             index_dir = state_dir / "index"
@@ -133,10 +137,13 @@ class RecStreamService:
         self._next_checkpoint = time.monotonic() + config.checkpoint.interval_s
         self._next_content_refresh = 0.0
         self._commit_floor: dict[tuple[str, int], int] = {}  # where each partition resumed at assign
+        self._checkpointed: dict[tuple[str, int], int] = {}  # offsets the newest written checkpoint covers
+        self._committed: dict[tuple[str, int], int] = {}  # offsets last committed to the group
         self._state_changed = False  # anything applied or skipped since the last checkpoint
         self._checkpointed_events = self.model.events_applied
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
+        self._admin: AdminClient | None = None  # for topic ids (see _forget_recreated_topics)
 
     # -- Kafka clients -------------------------------------------------------------------------
 
@@ -168,7 +175,8 @@ class RecStreamService:
 
     def _check_topics(self) -> None:
         topics = self.config.topics
-        metadata = self.producer.list_topics(timeout=30)
+        metadata = wait_for_cluster(self.producer, self.config.bootstrap_servers, self.config.loop.startup_timeout_s,
+                                    self.stop)
         for field_name, topic in (("topics.input", topics.input), ("topics.output", topics.output),
                                   ("topics.dead_letter", topics.dlq), ("topics.item_metadata", topics.item_metadata)):
             if topic and topic not in metadata.topics:
@@ -185,6 +193,7 @@ class RecStreamService:
         consumer_cfg, producer_cfg = self._client_configs()
         self.producer = Producer(producer_cfg)
         self._check_topics()
+        self._admin = AdminClient({**self.config.kafka, **self.config.kafka_consumer})
         self.consumer = Consumer(consumer_cfg)
         topics = [self.config.topics.input] + [t for t in [self.config.topics.item_metadata] if t]
         self.consumer.subscribe(
@@ -211,6 +220,8 @@ class RecStreamService:
                 self.consumer.close()  # revokes: _on_revoke flushes what is left
             finally:
                 self.producer.flush(self.config.output.delivery_timeout_s)
+                if self._lock is not None:
+                    self._lock.release()
         log.info("stopped after %d events", self.stats.events_applied)
 
     def _process(self, messages: list[Message]) -> None:
@@ -418,6 +429,7 @@ class RecStreamService:
     def _collect_checkpoint(self) -> None:
         outcome = self.writer.take_outcome()
         if outcome is None:
+            self._commit_checkpointed()
             return
         (covered, events), path, error = outcome
         if error is not None:
@@ -428,10 +440,21 @@ class RecStreamService:
         self._checkpointed_events = events
         self.stats.checkpoints += 1
         log.info("checkpoint %s: %d events (snapshot %.2fs)", path.name, events, self.stats.last_checkpoint_s)
+        self._checkpointed.update(covered)
+        self._commit_checkpointed()
+
+    def _commit_checkpointed(self) -> None:
+        """Commit what the newest written checkpoint covers and the group does not have yet.
+
+        Usually that is the checkpoint just written; it is also a commit that failed (the broker
+        was away) or partitions lost before their commit and assigned back: on an idle stream no
+        new checkpoint would ever come to commit them.
+        """
         assigned = set(self.stats.assigned)
         # Only for partitions still ours, and never behind where they resumed since the snapshot.
-        self._commit({tp: offset for tp, offset in covered.items()
-                      if tp in assigned and offset >= self._commit_floor.get(tp, 0)})
+        self._commit({tp: offset for tp, offset in self._checkpointed.items()
+                      if tp in assigned and offset >= self._commit_floor.get(tp, 0)
+                      and self._committed.get(tp) != offset})
 
     def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
         if not offsets:
@@ -444,8 +467,14 @@ class RecStreamService:
             # already holds these offsets; without one the events will be read again.
             log.warning("commit failed (%s); will retry with the next flush", exc.args[0])
             return
+        self._committed.update(offsets)
         if self.store is not None:
-            self.store.record_commit({f"{t}/{p}": o for (t, p), o in offsets.items()})
+            try:
+                self.store.record_commit({f"{t}/{p}": o for (t, p), o in offsets.items()})
+            except OSError as exc:
+                # The commit itself succeeded; only the note that it was ours is missing. It matters
+                # only after a fall back to an older checkpoint (see _start_offsets).
+                log.error("committed, but could not record it in %s (%s)", self.store.directory, exc)
         for tp, offset in offsets.items():
             if self._uncommitted.get(tp) == offset:
                 del self._uncommitted[tp]
@@ -542,8 +571,28 @@ class RecStreamService:
 
     # -- rebalance -----------------------------------------------------------------------------
 
+    def _forget_recreated_topics(self, topics: set[str]) -> set[str]:
+        """Topics of ``topics`` deleted and created again since the state last saw them (their id
+        changed): their offsets start again at 0, so the state's positions in them mean nothing.
+        Forgets those positions, says so, and returns the topics (read from their start)."""
+        ids = topic_ids(self._admin, sorted(topics)) if self._admin is not None else {}
+        recreated = {t for t, i in ids.items() if self.state.topic_ids.get(t, i) != i}
+        for topic in sorted(recreated):
+            stale = {k: v for k, v in self.state.positions.items() if k.rsplit("/", 1)[0] == topic}
+            log.error("input topic %s was deleted and created again (id %s in the state, %s now): its offsets "
+                      "start again at 0, so the state's positions %s mean nothing there. Reading it from its "
+                      "start; the model keeps what it learned. (To start over instead, use a new --state-dir.)",
+                      topic, self.state.topic_ids[topic], ids[topic], stale)
+            for key in stale:
+                del self.state.positions[key]
+        if ids != {t: self.state.topic_ids.get(t) for t in ids}:
+            self.state.topic_ids.update(ids)
+            self._state_changed = True
+        return recreated
+
     def _start_offsets(self, partitions: list[TopicPartition]) -> None:
         """Set where each newly assigned partition resumes (in place)."""
+        recreated = self._forget_recreated_topics({tp.topic for tp in partitions})
         committed = {(tp.topic, tp.partition): tp.offset for tp in self.consumer.committed(partitions, timeout=30)}
         our_commits = self.store.last_commits() if self.store is not None else {}
         start = self.config.topics.start_from
@@ -553,7 +602,9 @@ class RecStreamService:
             position = self.state.positions.get(key)
             group_offset = committed.get((tp.topic, tp.partition), -1)
             ours = our_commits.get(key) == group_offset
-            if position is not None:
+            if tp.topic in recreated:
+                tp.offset = OFFSET_BEGINNING  # the group's offsets, if any, were the old topic's
+            elif position is not None:
                 # Our own commit never outranks our state (after falling back to an older
                 # checkpoint, the events since it must be read again). Another member's may:
                 # it went further while it owned the partition, and those events are in its state.
@@ -580,6 +631,11 @@ class RecStreamService:
                     self._state_changed = True
                 self.state.positions[key] = tp.offset
                 self._commit_floor[(tp.topic, tp.partition)] = tp.offset
+                if self.store is not None and tp.offset != committed.get((tp.topic, tp.partition), -1):
+                    # Ahead of the group (e.g. lost before its commit, or a crash between checkpoint
+                    # and commit): the next checkpoint covers it and commits it, even on an idle stream.
+                    self._state_changed = True
+                    self._uncommitted.setdefault((tp.topic, tp.partition), tp.offset)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._start_offsets(partitions)

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
 
 import numpy as np
 import orjson
 import pytest
 from confluent_kafka import Producer
-from conftest import FAST_GROUP, event, produce, read_all, running, service_config, wait_for
+from confluent_kafka.admin import AdminClient
+from conftest import (
+    FAST_GROUP,
+    cli_run_args,
+    committed_offsets,
+    event,
+    produce,
+    read_all,
+    running,
+    service_config,
+    wait_for,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from recstream.embeddings.model import MFConfig, OnlineMF
@@ -204,3 +217,128 @@ def test_replay_from_the_topic_equals_consumption_for_events_without_ts(kafka_bo
     np.testing.assert_array_equal(replayed.model.items.vectors, live_items)
     np.testing.assert_array_equal(replayed.model.users.vectors, live_users)
     np.testing.assert_array_equal(replayed.model._transition[: len(replayed.model.items)], live_transitions)
+
+
+# -- state dir, commits ------------------------------------------------------------------------------
+
+def test_checkpoints_are_private_to_the_service_user(tmp_path):
+    store = CheckpointStore(tmp_path / "state" / "checkpoints")
+    meta = store.save({"model.users.vectors": np.zeros((2, 2), dtype=np.float32)}, {})
+    store.record_commit({"clicks/0": 5})
+    assert (tmp_path / "state" / "checkpoints").stat().st_mode & 0o777 == 0o700
+    for path in (meta, meta.with_suffix(".npz"), tmp_path / "state" / "checkpoints" / "commits.json"):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+
+
+@pytest.mark.kafka
+def test_a_second_process_on_the_same_state_dir_refuses_with_a_message(kafka_bootstrap, topics, tmp_path):
+    state_dir = tmp_path / "state"
+    args = cli_run_args(kafka_bootstrap, topics, "g-lock", "--state-dir", str(state_dir))
+    first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (state_dir / "lock").exists() and (state_dir / "lock").read_text().strip() == str(first.pid),
+                 what="the first process to lock the state dir")
+        second = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"recstream: state dir {state_dir} is in use by another recstream process (pid {first.pid}); "
+            "stop it, or give this one another --state-dir")
+        assert "Traceback" not in second.stderr
+        assert first.poll() is None  # the first one goes on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+
+
+@pytest.mark.kafka
+def test_an_unwritable_commit_record_does_not_stop_the_service(kafka_bootstrap, topics, tmp_path, caplog):
+    state_dir = tmp_path / "state"
+    (state_dir / "checkpoints" / "commits.json").mkdir(parents=True)  # replacing it fails: IsADirectoryError
+    produce(kafka_bootstrap, topics["input"], [event(f"u{n}", f"i{n % 5}") for n in range(90)])
+    config = service_config(kafka_bootstrap, topics, **{"state_dir": str(state_dir), "checkpoint.interval_s": 0.5})
+    with running(config) as service:
+        wait_for(lambda: service.stats.events_applied == 90 and service.stats.commits > 0 and not service._uncommitted,
+                 what="applied, checkpointed and committed")
+    assert sum(committed_offsets(kafka_bootstrap, config.topics.group_id, topics["input"], 3).values()) == 90
+    assert "committed, but could not record it" in caplog.text
+
+
+@pytest.mark.kafka
+def test_offsets_not_committed_while_the_broker_was_away_are_committed_on_an_idle_stream(kafka_bootstrap, kafka_proxy,
+                                                                                        topics, tmp_path, caplog):
+    """The consumer reaches the broker through a proxy, cut before the first checkpoint is due: the
+    group loses the partitions (or the commit fails). No event follows, so nothing but a commit of
+    what the checkpoint covers, made once the broker is back, can commit those offsets."""
+    config = service_config(kafka_bootstrap, topics, **{
+        "kafka.consumer.bootstrap.servers": kafka_proxy.bootstrap_servers, "state_dir": str(tmp_path / "state"),
+        "output.publish": False, "checkpoint.interval_s": 8})
+    produce(kafka_bootstrap, topics["input"], [event(f"u{n}", f"i{n % 5}") for n in range(60)])
+    with running(config) as service:
+        wait_for(lambda: service.stats.events_applied == 60, what="all applied")
+        assert service.stats.commits == 0, "the checkpoint came before the cut: raise checkpoint.interval_s"
+        kafka_proxy.stop()
+        wait_for(lambda: "lost" in caplog.text or "commit failed" in caplog.text, timeout_s=60,
+                 what="a lost group or a failed commit")
+        kafka_proxy.start()
+        wait_for(lambda: sum(committed_offsets(kafka_bootstrap, config.topics.group_id, topics["input"], 3).values())
+                 == 60, timeout_s=60, what="the offsets committed once the broker is back")
+
+
+# -- start-up and shutdown ---------------------------------------------------------------------------
+
+def test_an_unreachable_cluster_at_start_is_retried_then_one_clear_line(tmp_path):
+    from recstream.stream.broker import free_port
+
+    topics = {"input": "clicks", "output": "recs", "dlq": "clicks.dlq"}
+    args = cli_run_args(f"127.0.0.1:{free_port()}", topics, "g", "--set", "loop.startup_timeout_s=3")
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3 and "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("%")]  # (librdkafka's own lines)
+    assert "unreachable" in lines[0] and "retrying in" in lines[0]
+    assert lines[-1].startswith("recstream: cannot reach the Kafka cluster at 127.0.0.1:") and "within 3 s" in lines[-1]
+
+
+@pytest.mark.kafka
+def test_sigterm_during_an_index_build_kills_the_build_and_exits(kafka_bootstrap, topics, tmp_path):
+    """The build is made slow (40,000 items, 1,000 trees) and starts only once all items are there;
+    SIGTERM then must kill it rather than wait for it."""
+    produce(kafka_bootstrap, topics["input"], [event(f"u{n % 500}", f"i{n}") for n in range(40_000)])
+    state_dir = tmp_path / "state"
+    log_path = tmp_path / "run.log"
+    args = cli_run_args(kafka_bootstrap, topics, "g-build", "--state-dir", str(state_dir), "--set", "index.n_trees=1000",
+                        "--set", "index.min_items=40000", "--set", "model.dim=16")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=log)
+    try:
+        wait_for(lambda: list((state_dir / "index").glob("*.building")), timeout_s=120, what="the build to start")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    text = log_path.read_text()
+    assert "index build cancelled" in text and "index v1:" not in text  # killed, not waited for
+    assert not list((state_dir / "index").glob("items-v*"))
+
+
+# -- topics ------------------------------------------------------------------------------------------
+
+@pytest.mark.kafka
+def test_an_input_topic_deleted_and_created_again_is_read_from_its_start_and_committed(kafka_bootstrap, topics,
+                                                                                      tmp_path, caplog):
+    config = service_config(kafka_bootstrap, topics, **{"state_dir": str(tmp_path / "state"),
+                                                        "checkpoint.interval_s": 0.3})
+    produce(kafka_bootstrap, topics["input"], [event(f"u{n}", f"i{n % 5}") for n in range(90)])
+    with running(config) as service:
+        wait_for(lambda: service.stats.events_applied == 90 and not service._uncommitted, what="the old topic done")
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
+    admin.delete_topics([topics["input"]])[topics["input"]].result()
+    wait_for(lambda: topics["input"] not in admin.list_topics(timeout=10).topics, what="the topic gone")
+    create_topics(kafka_bootstrap, {topics["input"]: 3})
+    produce(kafka_bootstrap, topics["input"], [event(f"v{n}", f"i{n % 5}") for n in range(30)])
+    with running(config) as service:
+        wait_for(lambda: service.stats.events_applied == 30 and service.stats.commits > 0 and not service._uncommitted,
+                 what="the new topic's events applied and committed")
+        assert service.model.events_applied == 120
+    assert "was deleted and created again" in caplog.text
+    assert sum(committed_offsets(kafka_bootstrap, config.topics.group_id, topics["input"], 3).values()) == 30
