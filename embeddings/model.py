@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from recstream.embeddings.sgd import item_popularity, sgd_batch
+from recstream.embeddings.sgd import item_popularity, rows_finite, sgd_batch
 from recstream.embeddings.table import EmbeddingTable
+
+log = logging.getLogger(__name__)
 
 
 def _grown(array: np.ndarray, needed: int, fill: float = 0) -> np.ndarray:
@@ -131,6 +134,11 @@ class MFConfig:
     short_term_weight: float = 3.0
     short_term_half_life_s: float = 1800.0
     short_term_keep: float = 0.8
+    # Ratings are learned in units of this many points: the step sizes above suit errors of a few
+    # units (1-5 stars). Another scale learns as well with its own unit (0-10: 2, 0-100: 20);
+    # without one the kernel's bounds (sgd.MAX_*) still keep every value finite, but learning
+    # is poor. Biases, mean and predictions are reported in the ratings' own units.
+    rating_unit: float = 1.0
 
 
 class OnlineMF:
@@ -166,10 +174,11 @@ class OnlineMF:
             setattr(self, spec.attr, np.full(shape, spec.fill, dtype=spec.dtype))
         self.model_version = 0
         self.events_applied = 0
+        self.non_finite_resets = 0  # users/items reset by the finiteness guard (see _reset_non_finite)
 
     @property
     def global_mean(self) -> float:
-        return float(self._mean_state[0])
+        return float(self._mean_state[0]) * self.config.rating_unit
 
     def learn(
         self,
@@ -204,6 +213,9 @@ class OnlineMF:
             predictions = np.empty(len(user_rows), dtype=np.float64)
         if timestamps is None:
             timestamps = np.zeros(len(user_rows), dtype=np.int64)
+        unit = self.config.rating_unit
+        if unit != 1.0:
+            ratings = np.asarray(ratings, dtype=np.float32) / np.float32(unit)
         self._fit_user_arrays()
         self._fit_item_arrays()
         self.model_version += 1
@@ -233,7 +245,48 @@ class OnlineMF:
             np.float32(cfg.rating_replay_regularization),
         )
         self.events_applied += len(user_rows)
+        if unit != 1.0:
+            explicit = ~np.isnan(ratings)
+            predictions[explicit] *= unit
+            loss *= unit * unit
+        self._reset_non_finite(user_rows)
         return float(loss)
+
+    def _reset_non_finite(self, user_rows: np.ndarray) -> None:
+        """The backstop behind the kernel's bounds (``sgd.MAX_*``): after a batch, a user or item
+        whose learned values are not all finite is reset to a new id's state, with an error in the
+        log, rather than spreading NaN to everyone it meets, into the index and into checkpoints.
+        Checks only the batch's users and the items it moved, vectorised: it runs on every batch."""
+        P, bu = self.users.storage
+        Q, bi = self.items.storage
+        items = np.flatnonzero(self._item_seq[: len(self.items)] == self.model_version)
+        mean_ok = bool(np.isfinite(self._mean_state).all())
+        # The common case, fast: raw bits of the rows, no copies (see rows_finite).
+        checks = (((P, self._short, bu, self._user_scale, self._pop_taste), user_rows),
+                  ((Q, self._transition, bi), items))
+        if mean_ok and all(rows_finite(a.reshape(len(a), -1).view(np.uint32), rows)
+                           for arrays, rows in checks for a in arrays):
+            return
+        users_ok = (np.isfinite(P[user_rows].sum(axis=1) + bu[user_rows] + self._short[user_rows].sum(axis=1)
+                                + self._user_scale[user_rows] + self._pop_taste[user_rows]))
+        items_ok = np.isfinite(Q[items].sum(axis=1) + bi[items] + self._transition[items].sum(axis=1))
+        bad_users, bad_items = np.unique(user_rows[~users_ok]), items[~items_ok]
+        self.non_finite_resets += len(bad_users) + len(bad_items) + (not mean_ok)
+        log.error("non-finite state after a batch: reset %d user(s), %d item(s)%s to a new id's state "
+                  "(refusing to keep NaN/inf: it would spread to every vector it meets)",
+                  len(bad_users), len(bad_items), "" if mean_ok else " and the running means")
+        P[bad_users] = self.users.initial_vectors(bad_users)
+        bu[bad_users] = 0
+        Q[bad_items] = self.items.initial_vectors(bad_items)
+        bi[bad_items] = 0
+        for spec in _USER_ARRAYS:
+            getattr(self, spec.attr)[bad_users] = spec.fill
+        for spec in _ITEM_ARRAYS:
+            if spec.key is not None:  # (the pool count is the ring's, not learned)
+                getattr(self, spec.attr)[bad_items] = spec.fill
+        self._item_seq[bad_items] = self.model_version
+        if not mean_ok:
+            self._mean_state[:] = 0.0
 
     def _fit_user_arrays(self) -> None:
         self._fit_arrays(_USER_ARRAYS, len(self.users))
@@ -365,10 +418,11 @@ class OnlineMF:
             item_part += float(self.items.biases[i])
         if u is not None and i is not None:
             item_part += float(self.users.vectors[u] @ self.items.vectors[i])
+        unit = self.config.rating_unit
         if u is None:
-            return self.global_mean + item_part
+            return self.global_mean + item_part * unit
         taste = 0.0
         if i is not None:
             self._fit_item_arrays()
             taste = float(self._pop_taste[u]) * item_popularity(float(self._item_events[i]))
-        return self.global_mean + float(self.users.biases[u]) + taste + float(self._user_scale[u]) * item_part
+        return self.global_mean + unit * (float(self.users.biases[u]) + taste + float(self._user_scale[u]) * item_part)

@@ -58,6 +58,25 @@ def init_rows(out, id_hashes, seed, std):
             f += 2
 
 
+# Bounds that keep every learned value finite for any accepted input, whatever the rating scale:
+# rating errors (in rating units, see MFConfig.rating_unit) are clipped before they become
+# gradients, and every learned value (vector components, biases, scales) is clipped after its
+# step. A box on components rather than a ball on rows: an elementwise clip keeps the loops
+# vectorisable, a row norm is a reduction that stops LLVM from vectorising them. The bounds are
+# far above what learning reaches on the usual scales (MovieLens: |err| < 5, components < 2,
+# biases < 3), so there they never bind and results are bit-identical; on a scale the step sizes
+# do not suit (0-100 without a rating unit) they keep the state finite instead of letting it
+# overflow to inf and NaN.
+MAX_ERROR = 50.0
+MAX_COMPONENT = 30.0
+MAX_SCALAR = 100.0
+
+
+@njit(cache=True, inline="always")
+def _clip(x, bound):
+    return min(max(x, -bound), bound)
+
+
 @njit(cache=True, inline="always")
 def _sigmoid(x):
     if x >= 0:
@@ -98,10 +117,10 @@ def _step(P, Q, bu, bi, u, j, g, lr, lr_item, lr_bu, lr_bi, reg):
     for f in range(dim):
         pu = P[u, f]
         qj = Q[j, f]
-        P[u, f] = pu + lr * (g * qj - reg * pu)
-        Q[j, f] = qj + lr_item * (g * pu - reg * qj)
-    bi[j] += lr_bi * (g - reg * bi[j])
-    bu[u] += lr_bu * (g - reg * bu[u])
+        P[u, f] = _clip(pu + lr * (g * qj - reg * pu), MAX_COMPONENT)
+        Q[j, f] = _clip(qj + lr_item * (g * pu - reg * qj), MAX_COMPONENT)
+    bi[j] = _clip(bi[j] + lr_bi * (g - reg * bi[j]), MAX_SCALAR)
+    bu[u] = _clip(bu[u] + lr_bu * (g - reg * bu[u]), MAX_SCALAR)
 
 
 @njit(cache=True, inline="always")
@@ -112,10 +131,10 @@ def _step_seq(P, Q, F, bi, u, prev, phi, j, g, lr, lr_seq, lr_item, reg):
         pu = P[u, f]
         fp = F[prev, f]
         qj = Q[j, f]
-        P[u, f] = pu + lr * (g * qj - reg * pu)
-        F[prev, f] = fp + lr_seq * (g * phi * qj - reg * fp)
-        Q[j, f] = qj + lr_item * (g * (pu + phi * fp) - reg * qj)
-    bi[j] += lr_item * (g - reg * bi[j])
+        P[u, f] = _clip(pu + lr * (g * qj - reg * pu), MAX_COMPONENT)
+        F[prev, f] = _clip(fp + lr_seq * (g * phi * qj - reg * fp), MAX_COMPONENT)
+        Q[j, f] = _clip(qj + lr_item * (g * (pu + phi * fp) - reg * qj), MAX_COMPONENT)
+    bi[j] = _clip(bi[j] + lr_item * (g - reg * bi[j]), MAX_SCALAR)
 
 
 @njit(cache=True, inline="always")
@@ -148,9 +167,9 @@ def _replay_ratings(P, Q, bu, bi, scale, pop_taste, item_events, item_seq, seq, 
         for f in range(dim):
             dot += P[v, f] * Q[j, f]
         taste = pop_taste[v] * item_popularity(item_events[j])
-        g = (ring_ratings[k] - _rating(mu, bu[v], taste, scale[v], bi[j] + dot)) * scale[v]
+        g = _clip(ring_ratings[k] - _rating(mu, bu[v], taste, scale[v], bi[j] + dot), MAX_ERROR) * scale[v]
         for f in range(dim):
-            Q[j, f] += lr * (g * P[v, f] - reg * Q[j, f])
+            Q[j, f] = _clip(Q[j, f] + lr * (g * P[v, f] - reg * Q[j, f]), MAX_COMPONENT)
         item_seq[j] = seq
 
 
@@ -251,11 +270,13 @@ def sgd_batch(
             mean_state[0] += (r - mean_state[0]) / mean_state[1]
             err = r - _rating(mean_state[0], bu[u], taste, s, item_part)
             loss += err * err
-            pop_taste[u] += lr_taste * (err * popularity - taste_reg * pop_taste[u])
+            err = _clip(err, MAX_ERROR)
+            pop_taste[u] = _clip(pop_taste[u] + lr_taste * (err * popularity - taste_reg * pop_taste[u]), MAX_SCALAR)
             # The item part reaches the rating through the user's scale: its gradient carries s.
             _step(P, Q, bu, bi, u, i, err * s, lr, lr_i, 0.0, _bias_rate(lr_bias, events_i, bias_prior, rate_scale), reg)
-            bu[u] += _bias_rate(lr_bias, events_u, bias_prior, rate_scale) * (err - reg * bu[u])
-            scale[u] = s + lr_scale * (err * item_part - scale_reg * (s - 1.0))
+            bu[u] = _clip(bu[u] + _bias_rate(lr_bias, events_u, bias_prior, rate_scale) * (err - reg * bu[u]),
+                          MAX_SCALAR)
+            scale[u] = _clip(s + lr_scale * (err * item_part - scale_reg * (s - 1.0)), MAX_SCALAR)
             _replay_ratings(P, Q, bu, bi, scale, pop_taste, item_events, item_seq, seq, mean_state[0], u, i, r,
                             replay_users, replay_items, replay_ratings, replay_state, replay_steps, rng_state,
                             lr_replay, replay_reg)
@@ -317,3 +338,16 @@ def sgd_batch(
         if filled < cap:
             recent_state[1] = filled + 1
     return loss
+
+
+@njit(cache=True, nogil=True)
+def rows_finite(bits, rows):
+    """Whether every value of ``M[rows]`` is finite, given ``bits = M.view(np.uint32)`` (``M`` a
+    2-D float32 array), without copying the rows: the finiteness guard runs on every batch. A
+    float32 is NaN or inf exactly when its exponent bits are all set; an integer test keeps the
+    loop vectorisable where a float one (``x * 0 != 0``) is a serial chain."""
+    bad = np.uint32(0)
+    for r in rows:
+        for f in range(bits.shape[1]):
+            bad |= np.uint32((bits[r, f] & np.uint32(0x7F800000)) == np.uint32(0x7F800000))
+    return bad == 0

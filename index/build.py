@@ -17,6 +17,8 @@ import argparse
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,26 +45,43 @@ def mips_query(user_vector: np.ndarray) -> list[float]:
     return [*user_vector.tolist(), 1.0, 0.0]
 
 
-def build_in_subprocess(points: np.ndarray, out_path: Path, n_trees: int, timeout_s: float) -> None:
+class BuildCancelled(RuntimeError):
+    """The build was asked to stop (the service is shutting down); its child was killed."""
+
+
+def build_in_subprocess(points: np.ndarray, out_path: Path, n_trees: int, timeout_s: float,
+                        cancel: threading.Event | None = None) -> None:
     """Build an angular Annoy index of ``points`` into ``out_path`` in a child process.
 
     The file appears at ``out_path`` only once complete (written to a temp
-    name, then renamed), so a reader never maps a half-written index.
+    name, then renamed), so a reader never maps a half-written index. Setting
+    ``cancel`` kills the child within a tenth of a second (BuildCancelled): a
+    build takes minutes on a large catalogue, and SIGTERM must not wait for it.
     """
     out_path = Path(out_path)
     points_path = out_path.with_suffix(".points.npy")
     tmp_path = out_path.with_suffix(".building")
     np.save(points_path, points)
+    errors: list[bytes] = []
+    stop = cancel or threading.Event()
     try:
-        subprocess.run(
-            [sys.executable, "-m", "recstream.index.build", str(points_path), str(tmp_path), str(n_trees)],
-            check=True,
-            timeout=timeout_s,
-            capture_output=True,
-        )
+        with subprocess.Popen([sys.executable, "-m", "recstream.index.build", str(points_path), str(tmp_path),
+                               str(n_trees)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as child:
+            # Read as it comes: a full pipe would block the child.
+            reader = threading.Thread(target=lambda: errors.append(child.stderr.read()), daemon=True)
+            reader.start()
+            deadline = time.monotonic() + timeout_s
+            while child.poll() is None:
+                if stop.wait(0.1) or time.monotonic() > deadline:
+                    child.kill()
+                    child.wait()
+                    if stop.is_set():
+                        raise BuildCancelled("index build cancelled")
+                    raise subprocess.TimeoutExpired(child.args, timeout_s)
+            reader.join()
+            if child.returncode != 0:
+                raise RuntimeError(f"index build failed: {b''.join(errors).decode(errors='replace').strip()}")
         os.replace(tmp_path, out_path)
-    except subprocess.CalledProcessError as exc:
-        raise RuntimeError(f"index build failed: {exc.stderr.decode(errors='replace').strip()}") from exc
     finally:
         points_path.unlink(missing_ok=True)
         tmp_path.unlink(missing_ok=True)

@@ -12,7 +12,7 @@ import numpy as np
 from annoy import AnnoyIndex
 from recstream.embeddings.drift import mean_cosine_drift
 from recstream.embeddings.model import OnlineMF
-from recstream.index.build import build_in_subprocess, mips_item_vectors
+from recstream.index.build import BuildCancelled, build_in_subprocess, mips_item_vectors
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,9 @@ class IndexRefresher:
             try:
                 if self.due():
                     self.rebuild()
+            except BuildCancelled:
+                log.info("index build cancelled: stopping")
+                return
             except Exception:  # a failed build must not kill the refresher: the old index stays
                 self.failures += 1
                 log.exception("index rebuild failed; keeping index version %s",
@@ -166,7 +169,7 @@ class IndexRefresher:
         version = self.next_version
         self.next_version += 1
         path = self.directory / f"items-v{version}.ann"
-        build_in_subprocess(points, path, self.config.n_trees, self.config.build_timeout_s)
+        build_in_subprocess(points, path, self.config.n_trees, self.config.build_timeout_s, cancel=self._stop)
         annoy = AnnoyIndex(points.shape[1], "angular")
         annoy.load(str(path))  # memory-maps: no copy, ~0 ms
         built = BuiltIndex(annoy, version, model_version, len(points), time.monotonic(), time.monotonic() - started, path)

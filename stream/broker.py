@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
+
+log = logging.getLogger(__name__)
 
 
 def tansu_binary() -> Path:
@@ -106,3 +110,50 @@ def create_topics(bootstrap_servers: str, partitions: dict[str, int], settings: 
         except KafkaException as exc:
             if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                 raise RuntimeError(f"cannot create topic {name}: {exc.args[0].str()}") from exc
+
+
+class ClusterUnreachable(RuntimeError):
+    """The Kafka cluster did not answer within the start-up timeout."""
+
+
+def wait_for_cluster(client, servers: str, timeout_s: float, stop: threading.Event | None = None):
+    """The cluster's metadata from ``client`` (a Producer or AdminClient), retried with backoff and a
+    one-line log per try for up to ``timeout_s``: brokers restart, and a service started with them
+    should wait rather than exit with a traceback (and be restarted into the same wait)."""
+    deadline = time.monotonic() + timeout_s
+    backoff = 1.0
+    while True:
+        try:
+            return client.list_topics(timeout=min(max((deadline - time.monotonic()) / 2, 0.5), 5.0))
+        except KafkaException as exc:
+            reason = exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
+            left = deadline - time.monotonic()
+            if left <= 0 or (stop is not None and stop.is_set()):
+                raise ClusterUnreachable(f"cannot reach the Kafka cluster at {servers} within {timeout_s:g} s "
+                                         f"({reason})") from None
+            wait = min(backoff, left)
+            log.warning("Kafka cluster at %s unreachable (%s); retrying in %.0f s", servers, reason, wait)
+            (stop or threading.Event()).wait(wait)
+            backoff = min(backoff * 2, 30.0)
+
+
+def topic_ids(admin: AdminClient, topics: list[str], timeout_s: float = 30.0) -> dict[str, str]:
+    """The broker's id of each topic (Kafka 2.8+ gives every topic one; a topic deleted and created
+    again under the same name gets a new one). Topics whose id cannot be had are left out."""
+    from confluent_kafka import TopicCollection
+
+    out = {}
+    try:
+        futures = admin.describe_topics(TopicCollection(topics), request_timeout=timeout_s)
+    except (KafkaException, ValueError, TypeError) as exc:
+        log.debug("topic ids unavailable: %s", exc)
+        return out
+    for topic, future in futures.items():
+        try:
+            topic_id = future.result().topic_id
+        except KafkaException as exc:
+            log.debug("no id for topic %s: %s", topic, exc)
+            continue
+        if topic_id is not None:
+            out[topic] = str(topic_id)
+    return out

@@ -83,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from recstream.stream.checkpoint import CheckpointStore
+    from recstream.stream.checkpoint import CheckpointStore, StateDirLock
     from recstream.stream.events import EventDecoder
     from recstream.stream.replay import Progress, parse_columns, replay_file, replay_topic
     from recstream.stream.state import RecState
@@ -95,6 +95,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value not in ("earliest", "latest") and not value.isdigit():
             raise ConfigError(f"--{name}: expected earliest/latest or an epoch time in ms, got {value!r}")
+    lock = StateDirLock(config.state_dir) if config.state_dir else None  # noqa: F841 (held until exit)
     store = CheckpointStore(f"{config.state_dir}/checkpoints", config.checkpoint.keep) if config.state_dir else None
     state = RecState.load_or_new(store, config.model, config.output.history_per_user)
     decoder = EventDecoder(config.events)
@@ -159,7 +160,7 @@ def _load_interactions(args: argparse.Namespace, config: ServiceConfig):
 
 def _read_item_metadata(path: str) -> dict[str, tuple[dict | None, str | None]]:
     """``{"item_id", "features", "text"}`` JSON lines (the item-metadata topic's format)."""
-    import orjson
+    from recstream.stream.metadata import parse_item_metadata
 
     out: dict[str, tuple[dict | None, str | None]] = {}
     with open(path, "rb") as f:
@@ -167,10 +168,10 @@ def _read_item_metadata(path: str) -> dict[str, tuple[dict | None, str | None]]:
             if not line.strip():
                 continue
             try:
-                item = orjson.loads(line)
-                out[str(item["item_id"])] = (item.get("features"), item.get("text"))
-            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                item_id, features, text = parse_item_metadata(line)
+            except ValueError as exc:
                 raise ConfigError(f"--item-metadata: {path} line {n}: {exc}") from exc
+            out[item_id] = (features, text)
     return out
 
 
@@ -414,13 +415,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from recstream.stream.checkpoint import IncompatibleCheckpoint
+    from recstream.stream.broker import ClusterUnreachable
+    from recstream.stream.checkpoint import IncompatibleCheckpoint, StateDirInUse
 
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"recstream: config error: {exc}", file=sys.stderr)
         return 2
+    except StateDirInUse as exc:
+        print(f"recstream: {exc}", file=sys.stderr)
+        return 2
+    except ClusterUnreachable as exc:
+        print(f"recstream: {exc}", file=sys.stderr)
+        return 3
     except IncompatibleCheckpoint as exc:
         print(f"recstream: {exc}", file=sys.stderr)
         return 2

@@ -48,6 +48,13 @@ class EventsConfig:
     default_event_type: str = "click"
     max_message_bytes: int = 65536
     max_id_length: int = 256
+    # Ratings outside [rating_min, rating_max] are dead letters. Wide by default (it covers 1-5,
+    # 0-10, 0-100 and +-100 scales); set it to the stream's scale to catch broken producers.
+    rating_min: float = -100.0
+    rating_max: float = 100.0
+    # An event time more than this after its record's timestamp is taken as a clock accident and
+    # replaced by the record's time (see stream/clock.py); "now" never passes the wall clock by more.
+    clock_tolerance_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,8 @@ class LoopConfig:
     batch_size: int = 10_000
     poll_timeout_s: float = 0.2
     status_interval_s: float = 10.0
+    # How long start-up waits for the Kafka cluster (retrying with backoff) before giving up.
+    startup_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -177,6 +186,10 @@ _RULES: dict[str, tuple[Any, str]] = {
                        "a non-empty table of event type = positive number"),
     "events.max_message_bytes": (lambda v: v >= 64, "an integer >= 64"),
     "events.max_id_length": (lambda v: v >= 1, "a positive integer"),
+    "events.clock_tolerance_s": (lambda v: 0 <= v <= 365 * 86400, "a number of seconds from 0 to 31536000"),
+    "events.rating_min": (lambda v: abs(v) <= 1e9, "a number from -1e9 to 1e9"),
+    "events.rating_max": (lambda v: abs(v) <= 1e9, "a number from -1e9 to 1e9"),
+    "model.rating_unit": (lambda v: 0 < v <= 1e9, "a positive number (rating points per learning unit)"),
     "index.n_trees": (lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
     "index.search_k": (lambda v: v == -1 or v >= 1, "-1 (annoy's default) or a positive integer"),
     "index.rebuild_interval_s": (lambda v: v > 0, "a positive number of seconds"),
@@ -201,6 +214,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "loop.batch_size": (lambda v: 1 <= v <= 1_000_000, "an integer from 1 to 1000000"),
     "loop.poll_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
     "loop.status_interval_s": (lambda v: v > 0, "a positive number of seconds"),
+    "loop.startup_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
 }
 
 
@@ -288,6 +302,9 @@ def build_config(data: dict[str, Any]) -> ServiceConfig:
             MiniLMText.check_installed()  # fail at start-up, not at the first metadata message
         except ImportError as exc:
             raise ConfigError(f"content.text_encoder: {exc}") from exc
+    if not sections["events"].rating_min < sections["events"].rating_max:
+        raise ConfigError(f"events.rating_max: must be above events.rating_min ({sections['events'].rating_min!r}), "
+                          f"got {sections['events'].rating_max!r}")
     for event_type in [sections["events"].default_event_type]:
         if event_type not in sections["events"].weights:
             raise ConfigError(f"events.default_event_type: {event_type!r} has no weight in events.weights")

@@ -13,9 +13,6 @@ import orjson
 from recstream.embeddings.ids import CodedIds
 from recstream.stream.config import EventsConfig
 
-# Ratings are learned in float32; a bound far beyond any rating scale keeps every update finite.
-MAX_ABS_RATING = 1e6
-
 
 class _Event(msgspec.Struct, gc=False):
     """The input-event shape, for msgspec's typed decoder (unknown fields are ignored).
@@ -72,6 +69,8 @@ class EventDecoder:
         self.default_event_type = config.default_event_type
         self.max_message_bytes = config.max_message_bytes
         self.max_id_length = config.max_id_length
+        self.rating_min, self.rating_max = config.rating_min, config.rating_max
+        self.clock_tolerance_ms = int(config.clock_tolerance_s * 1000)  # for settle_timestamps (stream/clock.py)
         self._typed = msgspec.json.Decoder(_Event)
         # An absent event_type is the default type (its weight, or None when that type is unknown).
         self._weight_of = {**self.weights, None: self.weights.get(self.default_event_type)}
@@ -87,6 +86,10 @@ class EventDecoder:
                 return self._typed.decode(value)
             except msgspec.DecodeError:
                 pass
+            except RecursionError:
+                # msgspec skips unknown fields recursively: ~1,000 levels of nesting in 2 KB
+                # exhaust the stack. Uncaught, it would stop the consumer at this message forever.
+                raise ValueError("nested too deeply to decode") from None
         if value.__class__ is dict:
             event = value
         else:
@@ -177,6 +180,8 @@ class EventDecoder:
             """The events of lines a..b-1 parsed at once, or (None, the line that failed if known)."""
             try:
                 events = self._typed.decode_lines(view[starts_list[a]:ends_list[b - 1]])
+            except RecursionError:  # a deeply nested line: each line on its own names it
+                return None, None
             except msgspec.DecodeError as exc:
                 message = str(exc)
                 element, offset = _ELEMENT.search(message), _BYTE.search(message)
@@ -240,7 +245,7 @@ class EventDecoder:
         weights = _per_value(self._weights, event_types, reasons)
         if isinstance(weights, CodedIds):
             weights = np.asarray(weights.values, dtype=np.float32)[weights.codes]
-        rating_values = _ratings(ratings, reasons)
+        rating_values = _ratings(ratings, reasons, self.rating_min, self.rating_max)
         stamp_values = _stamps(stamps, reasons)
         if reasons:
             keep = np.ones(len(users), dtype=bool)
@@ -345,8 +350,9 @@ def _ids(values: list, field: str, max_length: int, reasons: dict[int, str]) -> 
     return ids
 
 
-def _ratings(values: list, reasons: dict[int, str]) -> np.ndarray:
-    """Ratings as float32, NaN for implicit events (None); bad ones are named in ``reasons``."""
+def _ratings(values: list, reasons: dict[int, str], low: float, high: float) -> np.ndarray:
+    """Ratings as float32, NaN for implicit events (None); bad ones, and ones outside [low, high],
+    are named in ``reasons``."""
     n = len(values)
     if isinstance(values, np.ndarray):  # numbers, none missing
         ratings, absent = values.astype(np.float64), 0
@@ -373,13 +379,13 @@ def _ratings(values: list, reasons: dict[int, str]) -> np.ndarray:
                 reasons.setdefault(row, str(exc))
                 continue
             ratings[row] = value
-    outside = ~(np.abs(ratings) <= MAX_ABS_RATING)  # NaN too: a NaN rating (from CSV) is no rating
+    outside = ~((ratings >= low) & (ratings <= high))  # NaN too: a NaN rating (from CSV) is no rating
     if absent:
         outside &= np.fromiter((v is not None for v in values), dtype=bool, count=n)
     ratings[outside] = np.nan  # dropped; NaN keeps the float32 cast quiet
     for row in np.flatnonzero(outside).tolist():
         if row not in reasons:
-            reasons[row] = f"rating {float(values[row])!r} outside [-{MAX_ABS_RATING:g}, {MAX_ABS_RATING:g}]"
+            reasons[row] = f"rating {float(values[row])!r} outside [{low:g}, {high:g}] (events.rating_min, rating_max)"
     return ratings.astype(np.float32)
 
 

@@ -32,6 +32,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from recstream.embeddings.ids import CodedIds
 from recstream.embeddings.model import epoch_rate_scale
 from recstream.stream.checkpoint import CheckpointStore
+from recstream.stream.clock import settle_timestamps
 from recstream.stream.config import ConfigError
 from recstream.stream.events import EventBatch, EventDecoder
 from recstream.stream.state import RecState
@@ -336,7 +337,7 @@ def replay_topic(state: RecState, decoder: EventDecoder, kafka: dict[str, str], 
         open_partitions = {tp.partition for tp in partitions}
         while open_partitions:
             messages = consumer.consume(CHUNK, 1.0)
-            values, parts, finished = [], [], set()
+            values, parts, record_ts, finished = [], [], [], set()
             for m in messages:
                 p = m.partition()
                 if p not in open_partitions or p in finished:
@@ -357,10 +358,14 @@ def replay_topic(state: RecState, decoder: EventDecoder, kafka: dict[str, str], 
                     continue
                 values.append(m.value())
                 parts.append(p)
+                record_ts.append(ts)
             if values:
                 batch, bad = decoder.decode(values)
                 result.rejected += len(bad)
                 if len(batch):
+                    # Event times as live consumption settles them (stream/clock.py): the same state.
+                    settle_timestamps(batch.timestamps, np.asarray(record_ts, dtype=np.int64)[batch.positions],
+                                      decoder.clock_tolerance_ms)
                     state.apply(batch, topic, np.asarray(parts, dtype=np.int64)[batch.positions])
                     result.events_applied += len(batch)
             open_partitions -= finished

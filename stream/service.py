@@ -43,12 +43,16 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 from recstream.embeddings.drift import ItemDriftAlarm, LossDriftDetector
 from recstream.index.query import Recommender
 from recstream.index.refresh import IndexRefresher
-from recstream.stream.checkpoint import BackgroundCheckpointWriter, CheckpointStore
+from recstream.stream.broker import topic_ids, wait_for_cluster
+from recstream.stream.checkpoint import BackgroundCheckpointWriter, CheckpointStore, StateDirLock
+from recstream.stream.clock import batch_now, settle_timestamps
 from recstream.stream.config import ConfigError, ServiceConfig
 from recstream.stream.events import EventBatch, EventDecoder
+from recstream.stream.metadata import parse_item_metadata
 from recstream.stream.publishing import PendingUpdates, UpdateSchedule
 from recstream.stream.state import RecState
 from recstream.stream.update_json import update_values
@@ -71,7 +75,8 @@ class ServiceStats:
     checkpoints: int = 0
     last_checkpoint_s: float = 0.0
     delivery_failures: int = 0
-    last_event_ts: int = 0
+    last_event_ts: int = 0  # "now" for fading short-term interest (see stream/clock.py)
+    clock_ahead: int = 0  # events whose time was past their record's (+ tolerance): given the record's
     loss_mean: float = 0.0  # ADWIN's estimate of the prequential loss per event
     loss_drifts: int = 0  # times the loss rose significantly: retrain recommended
     item_drift: float = 0.0  # mean cosine distance of item vectors between the last two index builds
@@ -118,8 +123,10 @@ class RecStreamService:
         self.on_flush = on_flush
         self.stats = ServiceStats()
         out = config.output
+        self._lock: StateDirLock | None = None
         if config.state_dir:
             state_dir = Path(config.state_dir)
+            self._lock = StateDirLock(state_dir)  # first: a second process on the dir stops here
             self.store: CheckpointStore | None = CheckpointStore(state_dir / "checkpoints", config.checkpoint.keep)
             self.writer = BackgroundCheckpointWriter(self.store)
             index_dir = state_dir / "index"
@@ -150,10 +157,13 @@ class RecStreamService:
         self._next_checkpoint = time.monotonic() + config.checkpoint.interval_s
         self._next_content_refresh = 0.0
         self._commit_floor: dict[tuple[str, int], int] = {}  # where each partition resumed at assign
+        self._checkpointed: dict[tuple[str, int], int] = {}  # offsets the newest written checkpoint covers
+        self._committed: dict[tuple[str, int], int] = {}  # offsets last committed to the group
         self._state_changed = False  # anything applied or skipped since the last checkpoint
         self._checkpointed_events = self.model.events_applied
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
+        self._admin: AdminClient | None = None  # for topic ids (see _forget_recreated_topics)
 
     # -- Kafka clients -------------------------------------------------------------------------
 
@@ -185,7 +195,8 @@ class RecStreamService:
 
     def _check_topics(self) -> None:
         topics = self.config.topics
-        metadata = self.producer.list_topics(timeout=30)
+        metadata = wait_for_cluster(self.producer, self.config.bootstrap_servers, self.config.loop.startup_timeout_s,
+                                    self.stop)
         for field_name, topic in (("topics.input", topics.input), ("topics.output", topics.output),
                                   ("topics.dead_letter", topics.dlq), ("topics.item_metadata", topics.item_metadata)):
             if topic and topic not in metadata.topics:
@@ -203,6 +214,7 @@ class RecStreamService:
         consumer_cfg, producer_cfg = self._client_configs()
         self.producer = Producer(producer_cfg)
         self._check_topics()
+        self._admin = AdminClient({**self.config.kafka, **self.config.kafka_consumer})
         self.consumer = Consumer(consumer_cfg)
         topics = [self.config.topics.input] + [t for t in [self.config.topics.item_metadata] if t]
         self.consumer.subscribe(
@@ -230,6 +242,8 @@ class RecStreamService:
                 self.consumer.close()  # revokes: _on_revoke flushes what is left
             finally:
                 self.producer.flush(self.config.output.delivery_timeout_s)
+                if self._lock is not None:
+                    self._lock.release()
         log.info("stopped after %d events", self.stats.events_applied)
 
     def _process(self, messages: list[Message]) -> None:
@@ -263,8 +277,8 @@ class RecStreamService:
         next_offsets = {p: good[n].offset() + 1 for p, n in last_of.items()}
         if len(batch):
             stamps = batch.timestamps
-            for n in np.flatnonzero(stamps < 0).tolist():
-                stamps[n] = good[batch.positions[n]].timestamp()[1]
+            record_ts = np.fromiter((good[p].timestamp()[1] for p in batch.positions), np.int64, len(batch))
+            self.stats.clock_ahead += settle_timestamps(stamps, record_ts, self.decoder.clock_tolerance_ms)
             partitions = np.array(parts, dtype=np.int64)
             with self.model_lock:
                 user_rows, _, losses = self.state.apply(batch, topic, partitions[batch.positions])
@@ -277,7 +291,7 @@ class RecStreamService:
             if self.config.output.publish:
                 self._pending.add(user_rows, stamps)
             self.stats.events_applied += len(batch)
-            self.stats.last_event_ts = max(self.stats.last_event_ts, int(stamps.max()))
+            self.stats.last_event_ts = max(self.stats.last_event_ts, batch_now(stamps, self.decoder.clock_tolerance_ms))
             self.refresher.poke()
         self._advance({(topic, p): o for p, o in next_offsets.items()})
         self.stats.messages += len(good)  # last: a reader seeing the count sees the batch applied
@@ -292,22 +306,13 @@ class RecStreamService:
         ids, features, texts = [], [], []
         for m in messages:
             try:
-                item = orjson.loads(m.value()) if m.value() is not None else None
-                if item.__class__ is not dict:
-                    raise ValueError("not a JSON object")
-                item_id = item.get("item_id")
-                if item_id.__class__ not in (str, int) or item_id == "":  # (bool is not int here)
-                    raise ValueError("item_id must be a non-empty string or an integer")
-                if item.get("features") is not None and item["features"].__class__ is not dict:
-                    raise ValueError("features must be an object")
-                if item.get("text") is not None and item["text"].__class__ is not str:
-                    raise ValueError("text must be a string")
-            except (ValueError, AttributeError, orjson.JSONDecodeError) as exc:
+                item_id, item_features, text = parse_item_metadata(m.value())
+            except ValueError as exc:
                 self._dead_letter(m, f"bad item metadata: {exc}")
                 continue
-            ids.append(str(item_id))
-            features.append(item.get("features"))
-            texts.append(item.get("text"))
+            ids.append(item_id)
+            features.append(item_features)
+            texts.append(text)
         if ids:
             encoded = self.state.encode_item_metadata(features, texts)  # the slow part, without the lock
             with self.model_lock:
@@ -331,6 +336,28 @@ class RecStreamService:
                 return
             except BufferError:  # local queue full: let deliveries drain, then retry
                 self.producer.poll(0.05)
+            except KafkaException as exc:  # refused before sending, e.g. over the producer's message.max.bytes
+                error = exc.args[0]
+                if error.code() == KafkaError.MSG_SIZE_TOO_LARGE and topic == self.config.topics.dlq:
+                    shorter, headers = self._truncated_letter(value, headers)
+                    if len(shorter) < len(value or b""):
+                        value = shorter
+                        continue
+                # Kept with the failed deliveries: retried with backoff, offsets held, the log says why.
+                log.error("producing to %s failed: %s", topic, error.str())
+                self.stats.delivery_failures += 1
+                self._failed.append((topic, key, value, headers))
+                return
+
+    def _truncated_letter(self, value: bytes | None, headers: list | None) -> tuple[bytes, list]:
+        """A dead letter the producer cannot send whole: its head, and a header saying how big it was
+        (rather than retry forever and stall the partition)."""
+        value = value or b""
+        limit = int(self._client_configs()[1].get("message.max.bytes", DLQ_TRUNCATE_BYTES * 2))
+        keep = min(DLQ_TRUNCATE_BYTES, limit // 2)
+        if not any(name == "recstream.truncated_from" for name, _ in headers or []):
+            headers = [*(headers or []), ("recstream.truncated_from", str(len(value)).encode())]
+        return value[:keep], headers
 
     def _delivered(self, err: KafkaError | None, message: Message) -> None:
         if err is None:
@@ -340,10 +367,7 @@ class RecStreamService:
             self._producer_fatal = True
         value, headers = message.value(), message.headers()
         if err.code() == KafkaError.MSG_SIZE_TOO_LARGE and message.topic() == self.config.topics.dlq:
-            # The broker will never take it whole: keep the head and say how big it was,
-            # rather than retry forever and stall the partition.
-            headers = [*(headers or []), ("recstream.truncated_from", str(len(value)).encode())]
-            value = value[:DLQ_TRUNCATE_BYTES]
+            value, headers = self._truncated_letter(value, headers)  # the broker will never take it whole
         self._failed.append((message.topic(), message.key(), value, headers))
 
     # -- publishing, checkpointing and committing ----------------------------------------------
@@ -429,6 +453,7 @@ class RecStreamService:
     def _collect_checkpoint(self) -> None:
         outcome = self.writer.take_outcome()
         if outcome is None:
+            self._commit_checkpointed()
             return
         (covered, events), path, error = outcome
         if error is not None:
@@ -439,10 +464,21 @@ class RecStreamService:
         self._checkpointed_events = events
         self.stats.checkpoints += 1
         log.info("checkpoint %s: %d events (snapshot %.2fs)", path.name, events, self.stats.last_checkpoint_s)
+        self._checkpointed.update(covered)
+        self._commit_checkpointed()
+
+    def _commit_checkpointed(self) -> None:
+        """Commit what the newest written checkpoint covers and the group does not have yet.
+
+        Usually that is the checkpoint just written; it is also a commit that failed (the broker
+        was away) or partitions lost before their commit and assigned back: on an idle stream no
+        new checkpoint would ever come to commit them.
+        """
         assigned = set(self.stats.assigned)
         # Only for partitions still ours, and never behind where they resumed since the snapshot.
-        self._commit({tp: offset for tp, offset in covered.items()
-                      if tp in assigned and offset >= self._commit_floor.get(tp, 0)})
+        self._commit({tp: offset for tp, offset in self._checkpointed.items()
+                      if tp in assigned and offset >= self._commit_floor.get(tp, 0)
+                      and self._committed.get(tp) != offset})
 
     def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
         if not offsets:
@@ -455,8 +491,14 @@ class RecStreamService:
             # already holds these offsets; without one the events will be read again.
             log.warning("commit failed (%s); will retry with the next flush", exc.args[0])
             return
+        self._committed.update(offsets)
         if self.store is not None:
-            self.store.record_commit({f"{t}/{p}": o for (t, p), o in offsets.items()})
+            try:
+                self.store.record_commit({f"{t}/{p}": o for (t, p), o in offsets.items()})
+            except OSError as exc:
+                # The commit itself succeeded; only the note that it was ours is missing. It matters
+                # only after a fall back to an older checkpoint (see _start_offsets).
+                log.error("committed, but could not record it in %s (%s)", self.store.directory, exc)
         for tp, offset in offsets.items():
             if self._uncommitted.get(tp) == offset:
                 del self._uncommitted[tp]
@@ -545,8 +587,28 @@ class RecStreamService:
 
     # -- rebalance -----------------------------------------------------------------------------
 
+    def _forget_recreated_topics(self, topics: set[str]) -> set[str]:
+        """Topics of ``topics`` deleted and created again since the state last saw them (their id
+        changed): their offsets start again at 0, so the state's positions in them mean nothing.
+        Forgets those positions, says so, and returns the topics (read from their start)."""
+        ids = topic_ids(self._admin, sorted(topics)) if self._admin is not None else {}
+        recreated = {t for t, i in ids.items() if self.state.topic_ids.get(t, i) != i}
+        for topic in sorted(recreated):
+            stale = {k: v for k, v in self.state.positions.items() if k.rsplit("/", 1)[0] == topic}
+            log.error("input topic %s was deleted and created again (id %s in the state, %s now): its offsets "
+                      "start again at 0, so the state's positions %s mean nothing there. Reading it from its "
+                      "start; the model keeps what it learned. (To start over instead, use a new --state-dir.)",
+                      topic, self.state.topic_ids[topic], ids[topic], stale)
+            for key in stale:
+                del self.state.positions[key]
+        if ids != {t: self.state.topic_ids.get(t) for t in ids}:
+            self.state.topic_ids.update(ids)
+            self._state_changed = True
+        return recreated
+
     def _start_offsets(self, partitions: list[TopicPartition]) -> None:
         """Set where each newly assigned partition resumes (in place)."""
+        recreated = self._forget_recreated_topics({tp.topic for tp in partitions})
         committed = {(tp.topic, tp.partition): tp.offset for tp in self.consumer.committed(partitions, timeout=30)}
         our_commits = self.store.last_commits() if self.store is not None else {}
         start = self.config.topics.start_from
@@ -556,7 +618,9 @@ class RecStreamService:
             position = self.state.positions.get(key)
             group_offset = committed.get((tp.topic, tp.partition), -1)
             ours = our_commits.get(key) == group_offset
-            if position is not None:
+            if tp.topic in recreated:
+                tp.offset = OFFSET_BEGINNING  # the group's offsets, if any, were the old topic's
+            elif position is not None:
                 # Our own commit never outranks our state (after falling back to an older
                 # checkpoint, the events since it must be read again). Another member's may:
                 # it went further while it owned the partition, and those events are in its state.
@@ -583,6 +647,11 @@ class RecStreamService:
                     self._state_changed = True
                 self.state.positions[key] = tp.offset
                 self._commit_floor[(tp.topic, tp.partition)] = tp.offset
+                if self.store is not None and tp.offset != committed.get((tp.topic, tp.partition), -1):
+                    # Ahead of the group (e.g. lost before its commit, or a crash between checkpoint
+                    # and commit): the next checkpoint covers it and commits it, even on an idle stream.
+                    self._state_changed = True
+                    self._uncommitted.setdefault((tp.topic, tp.partition), tp.offset)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._start_offsets(partitions)

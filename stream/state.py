@@ -41,6 +41,7 @@ class RecState:
         self.positions: dict[str, int] = {}  # next offset to read
         self.applied: dict[str, int] = {}  # valid events applied to the model
         self.index_version = 0
+        self.topic_ids: dict[str, str] = {}  # input topic -> the broker's id for it (a recreated topic has a new one)
 
     def apply(self, batch: EventBatch, topic: str | None = None, partition_of_event: np.ndarray | None = None,
               rate_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -122,6 +123,7 @@ class RecState:
             "positions": dict(self.positions),
             "applied": dict(self.applied),
             "index_version": self.index_version,
+            "topic_ids": dict(self.topic_ids),
             "events_applied": self.model.events_applied,
         }
         return arrays, meta
@@ -157,6 +159,7 @@ class RecState:
         state.positions = {k: int(v) for k, v in checkpoint.meta.get("positions", {}).items()}
         state.applied = {k: int(v) for k, v in checkpoint.meta.get("applied", {}).items()}
         state.index_version = int(checkpoint.meta.get("index_version", 0))
+        state.topic_ids = dict(checkpoint.meta.get("topic_ids", {}))
         return state
 
     @classmethod

@@ -240,8 +240,17 @@ def test_unwritable_output_holds_commits_back_and_retries(kafka_bootstrap, kafka
 
 
 def _fuzz(rng: random.Random, valid: list[bytes]) -> bytes | None:
-    kind = rng.randrange(9)
+    kind = rng.randrange(13)
     good = rng.choice(valid)
+    if kind == 9:  # an unknown field nested ~1,000 levels deep (msgspec recurses into it)
+        depth = rng.randrange(1000, 5000)
+        return good[:-1] + b', "x": ' + b"[" * depth + b"]" * depth + b"}"
+    if kind == 10:  # a deeply nested id
+        return b'{"item_id": "x", "user_id": ' + b'{"a": ' * 2000 + b"1" + b"}" * 2000 + b"}"
+    if kind == 11:  # an extreme rating or time
+        return orjson.dumps({"user_id": "a", "item_id": "b", "rating": rng.choice([1e6, -1e6, 101.0, 1e30, 2.0**64])})
+    if kind == 12:  # a large object (many keys) lacking an id
+        return orjson.dumps({f"k{n}": n for n in range(rng.randrange(1000, 5000))} | {"user_id": "a"})
     if kind == 0:
         return rng.randbytes(rng.randrange(1, 200))
     if kind == 1:
