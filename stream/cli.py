@@ -41,6 +41,8 @@ def _run_config(args: argparse.Namespace) -> ServiceConfig:
         "topics.group_id": args.group_id,
         "topics.start_from": args.start,
         "state_dir": args.state_dir,
+        "http.port": args.http_port,
+        "http.host": args.http_host,
     })
     if not config.bootstrap_servers:
         raise ConfigError("kafka.bootstrap.servers: required (--bootstrap-servers or the config file)")
@@ -78,7 +80,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                  s.loss_mean, s.loss_drifts, s.item_drift)
         last.update(t=now, events=s.events_applied)
 
-    RecStreamService(config, stop=stop, on_flush=status).run()
+    service = RecStreamService(config, stop=stop, on_flush=status)
+    if config.http.port:
+        from recstream.stream.web import ServiceHttp
+
+        with ServiceHttp(service):
+            service.run()
+    else:
+        service.run()
     return 0
 
 
@@ -336,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", help="checkpoints and index files; makes state effectively-once")
     run.add_argument("--start", help="partitions the checkpoint does not know: committed (default), "
                                      "earliest, latest or an epoch time in ms")
+    run.add_argument("--http-port", type=int, help="serve /metrics, /healthz, /readyz, /recommend/USER, "
+                                                   "/similar/ITEM and a status page on this port (config http.port)")
+    run.add_argument("--http-host", help="address to listen on (config http.host, default 127.0.0.1)")
     run.add_argument("--config", help="TOML config file (see README: Configuration)")
     run.add_argument("--set", action="append", type=_key_value, metavar="SECTION.KEY=VALUE",
                      help="override one config value, e.g. --set model.dim=64")

@@ -100,6 +100,17 @@ class LoopConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP side (metrics, probes, queries, status page): off unless a port is given."""
+
+    port: int = 0  # 0: no HTTP server
+    host: str = "127.0.0.1"  # 0.0.0.0 to be reached from outside (a pod's probes, Prometheus)
+    # /healthz fails when the poll loop has not turned for this long (a flush may wait up to
+    # output.delivery_timeout_s for deliveries without turning it).
+    liveness_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     kafka: dict[str, str] = field(default_factory=dict)  # librdkafka settings for consumer and producer
     kafka_consumer: dict[str, str] = field(default_factory=dict)
@@ -113,6 +124,7 @@ class ServiceConfig:
     monitor: MonitorConfig = MonitorConfig()
     content: ContentConfig = ContentConfig()
     loop: LoopConfig = LoopConfig()
+    http: HttpConfig = HttpConfig()
     state_dir: str = ""
 
     @property
@@ -130,6 +142,7 @@ _SECTIONS = {
     "monitor": MonitorConfig,
     "content": ContentConfig,
     "loop": LoopConfig,
+    "http": HttpConfig,
 }
 
 # field -> (predicate, what it must be)
@@ -192,6 +205,9 @@ _RULES: dict[str, tuple[Any, str]] = {
     "loop.batch_size": (lambda v: 1 <= v <= 1_000_000, "an integer from 1 to 1000000"),
     "loop.poll_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
     "loop.status_interval_s": (lambda v: v > 0, "a positive number of seconds"),
+    "http.port": (lambda v: 0 <= v <= 65535, "a TCP port from 0 (off) to 65535"),
+    "http.host": (bool, "a host name or address to listen on"),
+    "http.liveness_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
 }
 
 

@@ -134,6 +134,10 @@ class RecStreamService:
         self._checkpointed_events = self.model.events_applied
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
+        # Read by the HTTP side (stream/web.py): when the poll loop last turned (/healthz), and an
+        # optional stream.metrics.ServiceMetrics that gets one call per batch, dead letter and flush.
+        self.last_loop_turn = time.monotonic()
+        self.metrics = None
 
     # -- Kafka clients -------------------------------------------------------------------------
 
@@ -193,6 +197,7 @@ class RecStreamService:
         log.info("consuming %s as group %s", self.config.topics.input, self.config.topics.group_id)
         try:
             while not self.stop.is_set():
+                self.last_loop_turn = time.monotonic()
                 messages = self.consumer.consume(loop.batch_size, loop.poll_timeout_s)
                 if messages:
                     self._process(messages)
@@ -244,8 +249,12 @@ class RecStreamService:
             for n in np.flatnonzero(stamps < 0).tolist():
                 stamps[n] = good[batch.positions[n]].timestamp()[1]
             partitions = np.array(parts, dtype=np.int64)
+            started = time.perf_counter()
             with self.model_lock:
                 user_rows, _, losses = self.state.apply(batch, topic, partitions[batch.positions])
+            if self.metrics is not None:
+                self.metrics.batch_applied(time.perf_counter() - started, partitions[batch.positions],
+                                           ~np.isnan(batch.ratings))
             if self.loss_drift.update(losses):
                 before, after = self.loss_drift.last_change
                 self.stats.loss_drifts += 1
@@ -302,6 +311,8 @@ class RecStreamService:
         ]
         self._produce(self.config.topics.dlq, message.key(), message.value(), headers)
         self.stats.dead_letters += 1
+        if self.metrics is not None:
+            self.metrics.dead_letter(reason)
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: list | None = None) -> None:
         while True:
@@ -336,6 +347,8 @@ class RecStreamService:
         False if output was left undelivered, and so nothing was committed.
         """
         self._next_flush = time.monotonic() + self.config.output.flush_interval_s
+        flush_started = time.monotonic()
+        pending_ms = self.metrics.pending_times(self._pending_users) if self.metrics is not None else None
         # Events applied while deliveries were retried add users to publish: loop until none are left.
         while self._pending_users:
             self._publish_updates()
@@ -343,6 +356,8 @@ class RecStreamService:
                 return False  # leave the offsets uncommitted
         if not self._deliver_all(patient):
             return False
+        if self.metrics is not None:
+            self.metrics.flushed(pending_ms, time.monotonic() - flush_started)
         if self.store is not None:
             self._collect_checkpoint()
             due = (time.monotonic() >= self._next_checkpoint
@@ -509,6 +524,7 @@ class RecStreamService:
         try:
             deadline = time.monotonic() + seconds
             while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                self.last_loop_turn = time.monotonic()
                 if self.consumer is None:
                     self.stop.wait(left)
                     return
