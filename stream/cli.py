@@ -296,9 +296,11 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from confluent_kafka import Producer
+    from recstream.stream.logs import kafka_logger, settings_for
     from recstream.stream.synthetic import SyntheticClickstream
 
-    producer = Producer({"bootstrap.servers": args.bootstrap_servers, "linger.ms": 20, **dict(args.X or [])})
+    producer = Producer({"bootstrap.servers": args.bootstrap_servers, "linger.ms": 20, "logger": kafka_logger(),
+                         **settings_for("producer", dict(args.X or []))})
     gen = SyntheticClickstream(n_users=args.users, n_items=args.items, seed=args.seed,
                                start_ms=int(time.time() * 1000), events_per_second=args.rate or 1000.0)
     sent = 0
@@ -330,6 +332,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recstream", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: one JSON object per line (time, level, logger, message)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     kafka = argparse.ArgumentParser(add_help=False)
@@ -429,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from recstream.stream.logs import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
     from recstream.stream.checkpoint import IncompatibleCheckpoint
 
     try:

@@ -32,6 +32,7 @@ from recstream.embeddings.model import epoch_rate_scale
 from recstream.stream.checkpoint import CheckpointStore
 from recstream.stream.config import ConfigError
 from recstream.stream.events import EventDecoder
+from recstream.stream.logs import kafka_logger, settings_for
 from recstream.stream.state import RecState
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,8 @@ def replay_topic(state: RecState, decoder: EventDecoder, kafka: dict[str, str], 
         "auto.offset.reset": "earliest",
         "queued.min.messages": 1_000_000,
         "fetch.queue.backoff.ms": 10,
-        **kafka,
+        "logger": kafka_logger(),
+        **settings_for("consumer", kafka),
     })
     result = ReplayResult()
     started = time.monotonic()

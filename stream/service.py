@@ -49,6 +49,7 @@ from recstream.index.refresh import IndexRefresher
 from recstream.stream.checkpoint import BackgroundCheckpointWriter, CheckpointStore
 from recstream.stream.config import ConfigError, ServiceConfig
 from recstream.stream.events import EventDecoder
+from recstream.stream.logs import kafka_logger, settings_for
 from recstream.stream.state import RecState
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,8 @@ class RecStreamService:
             # Big fetches overflow the default queue and pause fetching for a second.
             "queued.min.messages": 1_000_000,
             "fetch.queue.backoff.ms": 10,
-            **cfg.kafka,
+            "logger": kafka_logger(),  # librdkafka's lines through logging, repeats folded
+            **settings_for("consumer", cfg.kafka),  # [kafka] / -X: only what a consumer takes
             **cfg.kafka_consumer,
         }
         producer = {
@@ -162,7 +164,8 @@ class RecStreamService:
             "allow.auto.create.topics": False,
             # Dead letters carry the original bytes, which may be as large as the input topic allows.
             "message.max.bytes": 16 * 1024 * 1024,
-            **cfg.kafka,
+            "logger": kafka_logger(),
+            **settings_for("producer", cfg.kafka),
             **cfg.kafka_producer,
         }
         return consumer, producer

@@ -193,6 +193,7 @@ def test_healthz_fails_while_the_loop_is_stuck(kafka_bootstrap, topics):
 def test_run_serves_http_from_the_command_line(kafka_bootstrap, topics):
     port = free_port()
     args = cli_run_args(kafka_bootstrap, topics, f"g-{uuid.uuid4().hex[:8]}", "--http-port", str(port))
+    args.insert(args.index("run"), "--log-format=json")
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         def healthy() -> bool:
@@ -209,7 +210,11 @@ def test_run_serves_http_from_the_command_line(kafka_bootstrap, topics):
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err.decode()[-2000:]
-    assert b"HTTP on http://127.0.0.1:" in err
+    lines = [orjson.loads(line) for line in err.decode().splitlines()]  # every line is a JSON object
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    assert any(line["message"].startswith("HTTP on http://127.0.0.1:") for line in lines)
+    # The fast group settings are given with -X: each went to its own client, so no client warned.
+    assert not [line for line in lines if "CONFWARN" in line["message"]]
 
 
 def test_histogram_buckets_are_cumulative_and_le():
