@@ -75,6 +75,32 @@ class Histogram:
             self.counts += counts
             self.sum += float(values.sum())
 
+    def snapshot(self) -> np.ndarray:
+        """Observations per bucket so far (the last: above every bound)."""
+        with self._lock:
+            return self.counts.copy()
+
+    def quantile(self, counts: np.ndarray, q: float) -> float:
+        """The ``q`` quantile of observations binned as ``counts`` (e.g. a difference of two snapshots),
+        interpolated linearly within its bucket as Prometheus's histogram_quantile does; NaN if none.
+
+        >>> h = Histogram("x", "doc", (1.0, 2.0, 4.0))
+        >>> h.observe(np.array([0.5, 1.5, 1.5, 3.0]))
+        >>> h.quantile(h.snapshot(), 0.5)
+        1.5
+        """
+        total = int(counts.sum())
+        if total == 0:
+            return float("nan")
+        rank = q * total
+        cumulative = np.cumsum(counts)
+        b = int(np.searchsorted(cumulative, rank, side="left"))
+        if b >= len(self.bounds):  # above the last bound: all we know is that it is past it
+            return float(self.bounds[-1])
+        lower = 0.0 if b == 0 else float(self.bounds[b - 1])
+        below = 0 if b == 0 else int(cumulative[b - 1])
+        return lower + (float(self.bounds[b]) - lower) * (rank - below) / max(int(counts[b]), 1)
+
     def family(self) -> HistogramMetricFamily:
         with self._lock:
             cumulative = np.cumsum(self.counts).tolist()
@@ -106,7 +132,7 @@ class ServiceMetrics:
                                    FRESHNESS_BUCKETS)
         self._applied: dict[tuple[str, str], int] = {}  # (partition, kind) -> events applied in this process
         self._dead: dict[str, int] = {}  # reason label -> dead letters in this process
-        self._lag: dict[tuple[str, int], int] = {}
+        self.lag: dict[tuple[str, int], int] = {}  # as of the last flush
         self._lock = threading.Lock()
 
     # -- observations (consumer thread) ----------------------------------------------------------
@@ -159,7 +185,7 @@ class ServiceMetrics:
                 continue
             if position is not None and position >= 0 and high >= 0:
                 lag[(topic, partition)] = max(high - position, 0)
-        self._lag = lag
+        self.lag = lag
 
     # -- scrape (HTTP thread) --------------------------------------------------------------------
 
@@ -199,7 +225,7 @@ class ServiceMetrics:
         yield self.freshness.family()
         family = GaugeMetricFamily("recstream_consumer_lag", "Messages behind the partition's high watermark "
                                    "(as of the last flush)", labels=["topic", "partition"])
-        for (topic, partition), lag in sorted(self._lag.items()):
+        for (topic, partition), lag in sorted(self.lag.items()):
             family.add_metric([topic, str(partition)], lag)
         yield family
         yield gauge("recstream_assigned_partitions", "Partitions assigned to this member", len(s.assigned))
@@ -232,7 +258,7 @@ class ServiceMetrics:
         yield gauge("recstream_checkpoint_snapshot_seconds", "Consumer stall for the last checkpoint's snapshot",
                     s.last_checkpoint_s)
         yield gauge("recstream_checkpoint_age_seconds", "Seconds since the newest checkpoint was written "
-                    "(NaN: none, or no state dir)", self._checkpoint_age())
+                    "(NaN: none, or no state dir)", self.checkpoint_age())
 
         yield gauge("recstream_loss_mean", "ADWIN's estimate of the prequential loss per event", s.loss_mean)
         yield counter("recstream_loss_drifts", "Material rises of the prequential loss (retrain recommended)",
@@ -240,7 +266,7 @@ class ServiceMetrics:
         yield gauge("recstream_item_drift", "Mean cosine distance of settled item vectors between the last two "
                     "index builds", s.item_drift)
 
-    def _checkpoint_age(self) -> float:
+    def checkpoint_age(self) -> float:
         store = self.service.store
         if store is None:
             return float("nan")

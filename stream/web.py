@@ -1,4 +1,4 @@
-"""The HTTP side of a running service: /metrics, /healthz, /readyz, /recommend, /similar, /.
+"""The HTTP side of a running service: /metrics, /healthz, /readyz, /recommend, /similar, / (status page).
 
 Served by the standard library's ThreadingHTTPServer in a daemon thread. The
 endpoints are few, small and synchronous, and each answer is a read of the
@@ -24,6 +24,7 @@ import orjson
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from recstream.stream.config import HttpConfig
 from recstream.stream.metrics import ServiceMetrics
+from recstream.stream.status_page import PAGE, StatusHistory
 
 if TYPE_CHECKING:
     from recstream.stream.service import RecStreamService
@@ -58,11 +59,13 @@ class ServiceHttp:
     listens (port 0 in the config means no server; tests pass a free port).
     """
 
-    def __init__(self, service: RecStreamService, config: HttpConfig | None = None) -> None:
+    def __init__(self, service: RecStreamService, config: HttpConfig | None = None,
+                 sample_interval_s: float = 2.0) -> None:
         self.service = service
         self.config = config or service.config.http
         self.metrics = ServiceMetrics(service)
         service.metrics = self.metrics
+        self.history = StatusHistory(self, sample_interval_s)
         self.started_at = time.monotonic()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -88,11 +91,13 @@ class ServiceHttp:
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
         self._thread.start()
+        self.history.start()
         log.info("HTTP on %s (/metrics /healthz /readyz /recommend/USER /similar/ITEM /)", self.address)
         return self
 
     def stop(self) -> None:
         if self._server is not None:
+            self.history.stop()
             self._server.shutdown()
             self._server.server_close()
             self._thread.join()
@@ -118,6 +123,10 @@ class ServiceHttp:
             elif path == "/readyz":
                 status, payload = self.readiness()
                 ctype, body = "application/json", orjson.dumps(payload)
+            elif path == "/":
+                status, ctype, body = HTTPStatus.OK, "text/html; charset=utf-8", PAGE.encode()
+            elif path == "/status.json":
+                status, ctype, body = HTTPStatus.OK, "application/json", orjson.dumps(self.history.status())
             elif path.startswith("/recommend/") and len(path) > len("/recommend/"):
                 payload = self.recommend(unquote(path[len("/recommend/"):]), query)
                 status, ctype, body = HTTPStatus.OK, "application/json", orjson.dumps(payload)
@@ -127,7 +136,7 @@ class ServiceHttp:
             else:
                 raise HttpError(HTTPStatus.NOT_FOUND, f"no such path: {path}",
                                 paths=["/metrics", "/healthz", "/readyz", "/recommend/{user_id}?k=",
-                                       "/similar/{item_id}?k=", "/"])
+                                       "/similar/{item_id}?k=", "/", "/status.json"])
         except HttpError as exc:
             status, ctype, body = exc.status, "application/json", orjson.dumps(exc.body)
         except Exception as exc:  # an answer must never take the server (or the service) down

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import signal
 import subprocess
 import threading
@@ -54,7 +56,7 @@ def value(metrics: dict[str, list], name: str, **labels: str) -> float:
 
 
 @contextmanager
-def serving(config, on_flush=None) -> Iterator[tuple[RecStreamService, str]]:
+def serving(config, on_flush=None, sample_interval_s: float = 2.0) -> Iterator[tuple[RecStreamService, str]]:
     """The service with its HTTP side started before ``run()`` (so readiness is seen from the start)."""
     stop = threading.Event()
     service = RecStreamService(config, stop=stop, on_flush=on_flush)
@@ -66,7 +68,7 @@ def serving(config, on_flush=None) -> Iterator[tuple[RecStreamService, str]]:
         except BaseException as exc:
             errors.append(exc)
 
-    with ServiceHttp(service) as http:
+    with ServiceHttp(service, sample_interval_s=sample_interval_s) as http:
         thread = threading.Thread(target=target, name="service-under-test")
         try:
             yield service, http.address, thread
@@ -239,3 +241,65 @@ def test_http_settings_are_checked():
         load_config(overrides={"http.port": 70000})
     with pytest.raises(ConfigError, match="http.liveness_timeout_s"):
         load_config(overrides={"http.liveness_timeout_s": 0})
+
+
+def _chromium() -> str | None:
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+def _render(browser: str, url: str) -> str:
+    """The page's DOM after its scripts ran (a real headless browser; virtual time lets the timers fire)."""
+    result = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                             "--virtual-time-budget=5000", "--dump-dom", url],
+                            capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    return result.stdout.decode().split("<script>")[0]  # what the script drew, not its source
+
+
+def _number(dom: str, key: str) -> int:
+    found = re.search(rf'data-key="{key}">([0-9,]+)<', dom)
+    assert found, f"{key} not shown"
+    return int(found.group(1).replace(",", ""))
+
+
+@pytest.mark.kafka
+@pytest.mark.skipif(_chromium() is None, reason="no headless browser: apt-get install chromium to test the page")
+def test_status_page_draws_its_charts_and_numbers_move(kafka_bootstrap, topics):
+    config = http_config(kafka_bootstrap, topics)
+    stop_producing = threading.Event()
+
+    def stream() -> None:  # a steady trickle of clicks while the page is looked at (bounded)
+        for n in range(600):
+            if stop_producing.wait(0.1):
+                return
+            produce(kafka_bootstrap, topics["input"], [event(f"u{(n * 7 + j) % 50}", f"i{(n + j) % 80}")
+                                                         for j in range(20)])
+
+    with serving(config, sample_interval_s=0.5) as (service, base, thread):
+        thread.start()
+        producer = threading.Thread(target=stream)
+        producer.start()
+        try:
+            wait_for(lambda: get_json(base + "/readyz")[0] == 200, what="ready")
+            wait_for(lambda: len(get_json(base + "/status.json")[1]["history"]) >= 3, what="three samples")
+            status, ctype, body = get(base + "/")
+            assert status == 200 and ctype.startswith("text/html")
+            assert b"http://" not in body and b"https://" not in body  # nothing loaded from elsewhere
+
+            first = _render(_chromium(), base + "/")
+            assert re.search(r'<span id="err">(.*?)</span>', first).group(1) == ""  # the page's own error line
+            for chart in ("chart-throughput", "chart-freshness"):
+                svg = re.search(rf'<svg id="{chart}".*?</svg>', first, re.S)
+                assert svg, chart
+                drawn = [int(n) for n in re.findall(r'data-points="(\d+)"', svg.group(0))]
+                assert drawn and max(drawn) >= 2, (chart, drawn)  # a line, not a dot
+            assert _number(first, "events_applied") > 0 and _number(first, "index_version") >= 1
+            assert first.count('class="recs"') == 3  # three users' recommendations
+
+            seen = _number(first, "events_applied")
+            wait_for(lambda: service.stats.events_applied > seen, what="more events")
+            second = _render(_chromium(), base + "/")
+            assert _number(second, "events_applied") > seen
+        finally:
+            stop_producing.set()
+            producer.join()
