@@ -326,7 +326,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from recstream.stream.demo import run_demo
 
-    return run_demo(duration_s=args.duration, rate=args.rate, n_users=args.users, n_items=args.items)
+    return run_demo(duration_s=args.duration, rate=args.rate, n_users=args.users, n_items=args.items,
+                    http_port=args.http_port)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -427,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=20_000.0, help="generated events per second")
     demo.add_argument("--users", type=int, default=20_000)
     demo.add_argument("--items", type=int, default=5_000)
+    demo.add_argument("--http-port", type=int, default=8080,
+                      help="status page, metrics and queries (another free port if taken; 0: off)")
     demo.set_defaults(func=cmd_demo)
     return parser
 
