@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -64,29 +65,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from recstream.stream.service import RecStreamService
 
     config = _run_config(args)
-    last = {"t": time.monotonic(), "events": 0}
+    if args.create_topics:
+        from recstream.stream.broker import create_topics
+        from recstream.stream.logs import settings_for
 
-    def status(service: RecStreamService) -> None:
-        now = time.monotonic()
-        if now - last["t"] < config.loop.status_interval_s:
-            return
-        s = service.stats
-        rate = (s.events_applied - last["events"]) / (now - last["t"])
-        index = service.refresher.current
-        log.info("events=%d (%.0f/s) users=%d items=%d index=v%s dead_letters=%d updates=%d checkpoints=%d "
-                 "loss=%.4f loss_drifts=%d item_drift=%.3f",
-                 s.events_applied, rate, len(service.model.users), len(service.model.items),
-                 index.version if index else 0, s.dead_letters, s.updates_published, s.checkpoints,
-                 s.loss_mean, s.loss_drifts, s.item_drift)
-        last.update(t=now, events=s.events_applied)
+        topics = config.topics
+        create_topics(config.bootstrap_servers, {topics.input: args.partitions, topics.output: args.partitions,
+                                                 topics.dlq: 1}, settings_for("producer", config.kafka))
+    from recstream.stream.logs import StatusLog
 
-    service = RecStreamService(config, stop=stop, on_flush=status)
-    if config.http.port:
-        from recstream.stream.web import ServiceHttp
+    service = RecStreamService(config, stop=stop)
+    with contextlib.ExitStack() as running:
+        running.enter_context(StatusLog(service, config.loop.status_interval_s))
+        if config.http.port:
+            from recstream.stream.web import ServiceHttp
 
-        with ServiceHttp(service):
-            service.run()
-    else:
+            running.enter_context(ServiceHttp(service))
         service.run()
     return 0
 
@@ -339,20 +333,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     kafka = argparse.ArgumentParser(add_help=False)
     kafka.add_argument("-X", action="append", type=_key_value, metavar="KEY=VALUE",
-                       help="librdkafka setting for consumer and producer (repeatable), as in kcat")
+                       help="librdkafka setting (repeatable), as in kcat; goes to the consumer, the producer "
+                            "or both, as librdkafka classifies it")
 
     run = sub.add_parser("run", parents=[kafka], help="consume a clickstream topic and publish recommendations")
-    run.add_argument("--bootstrap-servers")
-    run.add_argument("--input-topic")
-    run.add_argument("--output-topic")
+    run.add_argument("--bootstrap-servers", help="Kafka brokers, host:port[,...] (config kafka.bootstrap.servers)")
+    run.add_argument("--input-topic", help="clickstream topic (config topics.input, default clicks)")
+    run.add_argument("--output-topic", help="recommendation updates (config topics.output, default recs)")
     run.add_argument("--dlq-topic", help="dead-letter topic (default: <input-topic>.dlq)")
-    run.add_argument("--group-id")
+    run.add_argument("--group-id", help="consumer group (config topics.group_id, default recstream)")
     run.add_argument("--state-dir", help="checkpoints and index files; makes state effectively-once")
     run.add_argument("--start", help="partitions the checkpoint does not know: committed (default), "
                                      "earliest, latest or an epoch time in ms")
     run.add_argument("--http-port", type=int, help="serve /metrics, /healthz, /readyz, /recommend/USER, "
                                                    "/similar/ITEM and a status page on this port (config http.port)")
     run.add_argument("--http-host", help="address to listen on (config http.host, default 127.0.0.1)")
+    run.add_argument("--create-topics", action="store_true",
+                     help="create the input, output and dead-letter topics if missing (with --partitions)")
+    run.add_argument("--partitions", type=int, default=4, help="partitions of topics made by --create-topics")
     run.add_argument("--config", help="TOML config file (see README: Configuration)")
     run.add_argument("--set", action="append", type=_key_value, metavar="SECTION.KEY=VALUE",
                      help="override one config value, e.g. --set model.dim=64")
@@ -431,7 +429,60 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--http-port", type=int, default=8080,
                       help="status page, metrics and queries (another free port if taken; 0: off)")
     demo.set_defaults(func=cmd_demo)
+
+    broker = sub.add_parser("broker", help="the embedded Kafka-protocol broker (tansu) on its own, until Ctrl-C")
+    broker.add_argument("--port", type=int, default=9092, help="port on 127.0.0.1")
+    broker.add_argument("--topics", action="store_true", help="also create clicks, recs and clicks.dlq")
+    broker.add_argument("--partitions", type=int, default=4, help="partitions of clicks and recs")
+    broker.set_defaults(func=cmd_broker)
+
+    for name, sub_parser in sub.choices.items():
+        sub_parser.formatter_class = _HelpFormatter
+        for action in sub_parser._actions:  # options with no help text still show their default
+            if action.help is None and action.default not in (None, False, argparse.SUPPRESS):
+                action.help = "default: %(default)s"
+        sub_parser.epilog = "example:\n  " + EXAMPLES[name]
     return parser
+
+
+EXAMPLES = {
+    "run": "recstream run --bootstrap-servers localhost:9092 --input-topic clicks --output-topic recs "
+           "--state-dir state/ --http-port 8080 --create-topics",
+    "replay": "recstream replay --events ratings.csv --columns user_id=userId,item_id=movieId,rating=rating,"
+              "ts=timestamp --ts-unit s --state-dir state/",
+    "eval": "recstream eval --events ratings.csv --ts-unit s --order time --mode explicit "
+            "--columns user_id=userId,item_id=movieId,rating=rating,ts=timestamp",
+    "export": "recstream export --state-dir state/ --out state.npz",
+    "topics": "recstream topics --bootstrap-servers localhost:9092 --partitions 12",
+    "generate": "recstream generate --bootstrap-servers localhost:9092 --events 1000000 --rate 20000",
+    "demo": "recstream demo --duration 60 --rate 50000",
+    "broker": "recstream broker --port 9092 --topics",
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default where it has one worth showing, and keeps the example's layout."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text \
+                and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from recstream.stream.broker import EmbeddedBroker, create_topics
+
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    with EmbeddedBroker(port=args.port) as bootstrap:
+        if args.topics:
+            create_topics(bootstrap, {"clicks": args.partitions, "recs": args.partitions, "clicks.dlq": 1})
+        print(f"embedded broker (tansu, memory storage: nothing survives a stop) on {bootstrap}"
+              + ("; topics clicks, recs, clicks.dlq" if args.topics else "") + "; Ctrl-C to stop", flush=True)
+        stop.wait()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -110,3 +110,55 @@ def setup_logging(level: str = "INFO", log_format: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+class StatusLog:
+    """A status line every ``interval_s`` from a thread of its own, whether or not events flow.
+
+    Rates are over the last interval; ``events`` counts this process's events,
+    ``model_events`` everything the model learned (restored checkpoints included).
+    Before the group assigns partitions it says that it is waiting for them.
+    """
+
+    def __init__(self, service, interval_s: float, logger: logging.Logger | None = None) -> None:
+        self.service = service
+        self.interval_s = interval_s
+        self.log = logger or logging.getLogger("recstream")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._started = time.monotonic()
+        self._last = (self._started, 0, 0, 0)
+
+    def __enter__(self) -> StatusLog:
+        self._thread = threading.Thread(target=self._run, name="status-log", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.log.info("%s", self.line())
+
+    def line(self) -> str:
+        service = self.service
+        s = service.stats
+        now = time.monotonic()
+        then, events, dead, updates = self._last
+        self._last = (now, s.events_applied, s.dead_letters, s.updates_published)
+        if not s.assigned:
+            return (f"waiting for partition assignment (group {service.config.topics.group_id}, "
+                    f"{now - self._started:.0f}s since start); events={s.events_applied}")
+        elapsed = max(now - then, 1e-9)
+        index = service.refresher.current
+        return (f"events={s.events_applied} (+{s.events_applied - events} in {elapsed:.0f}s, "
+                f"{(s.events_applied - events) / elapsed:,.0f}/s) model_events={service.model.events_applied} "
+                f"users={len(service.model.users)} items={len(service.model.items)} "
+                f"index=v{index.version if index else 0}"
+                + (f" (age {now - index.built_at:.0f}s)" if index else "")
+                + f" dead_letters={s.dead_letters} (+{s.dead_letters - dead}) updates={s.updates_published} "
+                f"(+{s.updates_published - updates}) commits={s.commits} checkpoints={s.checkpoints} "
+                f"partitions={len(s.assigned)} loss={s.loss_mean:.4f} loss_drifts={s.loss_drifts} "
+                f"item_drift={s.item_drift:.3f}")

@@ -36,6 +36,7 @@ import orjson
 from confluent_kafka import (
     OFFSET_BEGINNING,
     OFFSET_END,
+    OFFSET_INVALID,
     Consumer,
     KafkaError,
     KafkaException,
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 
 DLQ_REASON_HEADER = "recstream.error"
 DLQ_TRUNCATE_BYTES = 64 * 1024
+# librdkafka's logical offsets, by what they mean for an assigned partition (the log says these).
+_OFFSET_NAMES = {OFFSET_INVALID: "committed", OFFSET_BEGINNING: "earliest", OFFSET_END: "latest"}
 
 
 @dataclass
@@ -598,7 +601,7 @@ class RecStreamService:
             # Output is down: read nothing new until it is back (resumed in _deliver_all).
             consumer.pause(partitions)
         self.stats.assigned = sorted(set(self.stats.assigned) | {(p.topic, p.partition) for p in partitions})
-        log.info("assigned %s", [f"{p.topic}/{p.partition}@{p.offset}" for p in partitions])
+        log.info("assigned %s", [f"{p.topic}/{p.partition}@{_OFFSET_NAMES.get(p.offset, p.offset)}" for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("revoked %s", [f"{p.topic}/{p.partition}" for p in partitions])

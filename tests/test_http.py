@@ -6,6 +6,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 import numpy as np
 import orjson
 import pytest
+from confluent_kafka.admin import AdminClient
 from conftest import cli_run_args, event, produce, read_all, service_config, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from recstream.stream.broker import free_port
@@ -164,6 +166,21 @@ def test_probes_metrics_and_queries_follow_the_stream(kafka_bootstrap, topics):
         assert get_json(base + "/nowhere")[0] == 404
 
 
+def test_broker_command_runs_the_embedded_broker_with_topics():
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "recstream.stream.cli", "broker", "--port", str(port),
+                                "--topics", "--partitions", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert f"on 127.0.0.1:{port}".encode() in process.stdout.readline()  # printed once the topics exist
+        metadata = AdminClient({"bootstrap.servers": f"127.0.0.1:{port}"}).list_topics(timeout=10).topics
+        assert {t: len(m.partitions) for t, m in metadata.items() if not t.startswith("_")} == \
+            {"clicks": 3, "recs": 3, "clicks.dlq": 1}
+    finally:
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err.decode()[-2000:]
+
+
 @pytest.mark.kafka
 def test_healthz_fails_while_the_loop_is_stuck(kafka_bootstrap, topics):
     stuck, release = threading.Event(), threading.Event()
@@ -192,9 +209,12 @@ def test_healthz_fails_while_the_loop_is_stuck(kafka_bootstrap, topics):
 
 
 @pytest.mark.kafka
-def test_run_serves_http_from_the_command_line(kafka_bootstrap, topics):
+def test_run_creates_its_topics_and_serves_http_from_the_command_line(kafka_bootstrap):
+    tag = uuid.uuid4().hex[:10]
+    topics = {"input": f"new-{tag}", "output": f"new-recs-{tag}", "dlq": f"new-{tag}.dlq"}  # not created yet
     port = free_port()
-    args = cli_run_args(kafka_bootstrap, topics, f"g-{uuid.uuid4().hex[:8]}", "--http-port", str(port))
+    args = cli_run_args(kafka_bootstrap, topics, f"g-{tag}", "--http-port", str(port), "--create-topics",
+                        "--partitions", "2")
     args.insert(args.index("run"), "--log-format=json")
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -215,6 +235,8 @@ def test_run_serves_http_from_the_command_line(kafka_bootstrap, topics):
     lines = [orjson.loads(line) for line in err.decode().splitlines()]  # every line is a JSON object
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     assert any(line["message"].startswith("HTTP on http://127.0.0.1:") for line in lines)
+    metadata = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10).topics
+    assert len(metadata[topics["input"]].partitions) == 2 and len(metadata[topics["dlq"]].partitions) == 1
     # The fast group settings are given with -X: each went to its own client, so no client warned.
     assert not [line for line in lines if "CONFWARN" in line["message"]]
 

@@ -55,3 +55,31 @@ def test_json_log_lines():
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, check=True).stderr.decode()
     line = orjson.loads(err.strip())
     assert line["level"] == "WARNING" and line["logger"] == "recstream.x" and line["message"] == "lag 5 on clicks/0"
+
+
+def test_status_line_waits_for_assignment_then_gives_rates_and_totals():
+    from recstream.stream.logs import StatusLog
+
+    config = service_config("127.0.0.1:9", {"input": "in", "output": "out", "dlq": "in.dlq"})
+    service = RecStreamService(config)
+    status = StatusLog(service, interval_s=10)
+    assert status.line().startswith(f"waiting for partition assignment (group {config.topics.group_id}")
+    service.stats.assigned = [("in", 0)]
+    service.stats.events_applied = 500
+    service.stats.dead_letters = 3
+    line = status.line()
+    assert "events=500 (+500 in " in line and "dead_letters=3 (+3)" in line and "partitions=1" in line
+    service.stats.events_applied = 800
+    assert "events=800 (+300 in " in status.line()
+
+
+def test_help_shows_defaults_and_an_example_for_every_command():
+    from recstream.stream.cli import EXAMPLES, build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == set(EXAMPLES)
+    for name, sub in commands.items():
+        text = sub.format_help()
+        assert "example:\n  recstream " + name in text
+    assert "default: 4" in commands["topics"].format_help() and "(default: 9092)" in commands["broker"].format_help()
