@@ -120,7 +120,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
           f"{result.events_per_s:,.0f} events/s; {len(state.model.users):,} users, {len(state.model.items):,} items"
           + (f"; content vectors for {cold:,} items without events" if args.item_metadata else "")
           + (f"; checkpoint {saved}" if saved else ""))
+    if result.rejected:
+        print(f"rejected {result.rejected:,}: {_top_reasons(result.rejected_reasons)}")
     return 0
+
+
+def _top_reasons(reasons) -> str:
+    return ", ".join(f"{reason} ({n:,})" for reason, n in reasons.most_common(3))
 
 
 def _load_interactions(args: argparse.Namespace, config: ServiceConfig):
@@ -131,11 +137,15 @@ def _load_interactions(args: argparse.Namespace, config: ServiceConfig):
 
     columns = parse_columns(args.columns) if args.columns else None
     decoder = EventDecoder(config.events)
-    users, items, ratings, weights, stamps, rejected = [], [], [], [], [], 0
+    from collections import Counter
+
+    from recstream.stream.metrics import reason_label
+
+    users, items, ratings, weights, stamps, rejected = [], [], [], [], [], Counter()
     delimiter = "\t" if args.delimiter in ("tab", "\\t") else args.delimiter
     for events, _ in read_event_log(args.events, columns, args.ts_unit, delimiter=delimiter):
         batch, bad = decoder.decode(events)
-        rejected += len(bad)
+        rejected.update(reason_label(reason) for _, reason in bad)
         users += batch.user_ids
         items += batch.item_ids
         ratings.append(batch.ratings)
@@ -217,7 +227,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.baseline == "none":
         baseline_name = "none"
     out = {**results["recstream"].as_dict(), "mode": args.mode, "protocol": args.protocol,
-           "epochs": args.epochs if args.protocol == "split" else 1, "rejected": rejected,
+           "epochs": args.epochs if args.protocol == "split" else 1, "rejected": sum(rejected.values()),
+           "rejected_reasons": dict(rejected.most_common()),
            "events_file": str(args.events), "model_config": vars(config.model) if hasattr(config.model, "__dict__")
            else {}, "baseline_name": baseline_name}
     if "baseline" in results:
@@ -232,6 +243,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         theirs = results["baseline"].metrics.get(key) if "baseline" in results else None
         fmt = (lambda v: f"{v:12,.0f}") if key in ("events", "events_per_s") else (lambda v: f"{v:12.4f}")
         print(f"{key:<17} {fmt(mine)} {fmt(theirs) if theirs is not None else '':>12}")
+    if rejected:
+        print(f"rejected {sum(rejected.values()):,} lines: {_top_reasons(rejected)}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(out, f, indent=2, default=str)

@@ -134,7 +134,11 @@ class EventDecoder:
                     event_type = default_type
                 weight = weight_of(event_type) if event_type.__class__ is str else None
                 if weight is None:
-                    raise ValueError(f"unknown event_type {event_type!r} (configure it in events.weights)")
+                    # An event with a rating is explicit feedback whatever its type is called
+                    # (MovieLens-shaped logs say "rating"); the weight is then not used.
+                    if rating is None or event_type.__class__ is not str:
+                        raise ValueError(f"unknown event_type {event_type!r} (configure it in events.weights)")
+                    weight = 1.0
                 if rating is None:
                     rating = nan
                 else:

@@ -15,12 +15,14 @@ skip a wanted record.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import io
 import logging
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +35,7 @@ from recstream.stream.checkpoint import CheckpointStore
 from recstream.stream.config import ConfigError
 from recstream.stream.events import EventDecoder
 from recstream.stream.logs import kafka_logger, settings_for
+from recstream.stream.metrics import reason_label
 from recstream.stream.state import RecState
 
 log = logging.getLogger(__name__)
@@ -45,6 +48,11 @@ class ReplayResult:
     events_applied: int = 0
     rejected: int = 0
     seconds: float = 0.0
+    rejected_reasons: Counter = dataclasses.field(default_factory=Counter)  # reason (fixed part) -> events
+
+    def reject(self, bad: list[tuple[int, str]]) -> None:
+        self.rejected += len(bad)
+        self.rejected_reasons.update(reason_label(reason) for _, reason in bad)
 
     @property
     def events_per_s(self) -> float:
@@ -158,7 +166,7 @@ def replay_file(state: RecState, decoder: EventDecoder, path: str | Path, epochs
         for events, fraction in read_event_log(path, columns, ts_unit):
             batch, bad = decoder.decode(events)
             if bad:
-                result.rejected += len(bad)
+                result.reject(bad)
                 if result.rejected <= 5:
                     log.warning("skipping a bad event in %s: %s", path, bad[0][1])
             if len(batch):
@@ -228,7 +236,7 @@ def replay_topic(state: RecState, decoder: EventDecoder, kafka: dict[str, str], 
                 parts.append(p)
             if values:
                 batch, bad = decoder.decode(values)
-                result.rejected += len(bad)
+                result.reject(bad)
                 if len(batch):
                     state.apply(batch, topic, np.asarray(parts, dtype=np.int64)[batch.positions])
                     result.events_applied += len(batch)

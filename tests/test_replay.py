@@ -51,6 +51,7 @@ def test_json_lines_plain_and_gzip_with_epochs(tmp_path):
         state = RecState(CFG)
         result = replay_file(state, EventDecoder(EventsConfig()), path, epochs=2)
         assert result.events_applied == 2 * len(values) and result.rejected == 2
+        assert result.rejected_reasons == {"invalid JSON": 2}  # the bad line, once per epoch
         _same(state, expected)
 
 
@@ -61,6 +62,7 @@ def test_csv_with_a_column_mapping(tmp_path):
     columns = {"user_id": "userId", "item_id": "movieId", "rating": "rating", "ts": "timestamp"}
     result = replay_file(state, EventDecoder(EventsConfig()), path, columns=columns, ts_unit="s")
     assert result.events_applied == 2 and result.rejected == 1
+    assert list(result.rejected_reasons) == ["rating must be a number, got str"]
     assert state.model.users.ids.ids == ["1", "2"] and state.model.global_mean == pytest.approx(3.75)
 
 
