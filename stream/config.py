@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -274,8 +276,36 @@ def _librdkafka(name: str, values: Any) -> dict[str, str]:
     for key, value in values.items():
         if isinstance(value, dict):
             raise ConfigError(f"{name}.{key}: expected a value, got a table")
-        out[key] = str(value).lower() if isinstance(value, bool) else str(value)
+        out[key] = _reference(f"{name}.{key}", str(value).lower() if isinstance(value, bool) else str(value))
     return out
+
+
+_REFERENCE = re.compile(r"\$\{(env|file):([^}]+)\}")
+
+
+def _reference(name: str, value: str) -> str:
+    """A librdkafka value with ``${env:NAME}`` and ``${file:PATH}`` replaced by what they name.
+
+    Secrets (``sasl.password``, ``ssl.key.password``) can then come from the
+    environment or a mounted file instead of the command line, where any user
+    of the machine can read them. A file's trailing newline is dropped.
+
+    >>> import os; os.environ["RS_DOCTEST_PASSWORD"] = "s3cret"
+    >>> _reference("kafka.sasl.password", "${env:RS_DOCTEST_PASSWORD}")
+    's3cret'
+    """
+    def resolve(match: re.Match) -> str:
+        kind, what = match.groups()
+        if kind == "env":
+            if what not in os.environ:
+                raise ConfigError(f"{name}: environment variable {what} is not set")
+            return os.environ[what]
+        try:
+            return Path(what).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{name}: cannot read {what}: {exc.strerror}") from None
+
+    return _REFERENCE.sub(resolve, value)
 
 
 def build_config(data: dict[str, Any]) -> ServiceConfig:
