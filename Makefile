@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: demo test bench install clean
+.PHONY: demo test test-faust bench install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,19 @@ demo: $(DEMO_STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --doctest-modules embeddings index stream tests
 
+# The Faust path in a venv of its own (its click pin conflicts with the text extra's).
+FAUST_VENV := .venv-faust
+$(FAUST_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(FAUST_VENV)
+	$(FAUST_VENV)/bin/pip install --quiet --upgrade pip
+	$(FAUST_VENV)/bin/pip install --quiet -e '.[faust,embedded]' pytest
+	touch $(FAUST_VENV)/.installed
+
+test-faust: $(FAUST_VENV)/.installed
+	$(FAUST_VENV)/bin/python -m pytest -q tests/test_faust.py
+
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(FAUST_VENV) *.egg-info .pytest_cache

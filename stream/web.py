@@ -22,6 +22,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import numpy as np
 import orjson
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from recstream.index.query import Recommender
+from recstream.index.refresh import BuiltIndex
 from recstream.stream.config import HttpConfig
 from recstream.stream.metrics import ServiceMetrics
 from recstream.stream.status_page import PAGE, StatusHistory
@@ -33,6 +35,27 @@ log = logging.getLogger(__name__)
 
 # /similar: candidates fetched from the index per wanted item, then re-scored on the live vectors.
 SIMILAR_FETCH_FACTOR = 3
+
+
+def recommendation_message(recommender: Recommender, model_lock: threading.Lock, index: BuiltIndex | None,
+                           user_id: str, k: int, now_ms: int) -> dict | None:
+    """The user's top ``k`` now, in the output topic's message shape; None for a user never seen.
+
+    ``now_ms`` is the event time short-term interest is faded to (the newest event applied).
+    """
+    model = recommender.model
+    with model_lock:
+        row = model.users.ids.get(user_id)
+        if row is None:
+            return None
+        recs = recommender.recommend(np.array([row], dtype=np.int64), index, now_ms)
+        model_version = model.model_version
+        item_rows = recs[0].item_rows[:k].tolist() if recs else []
+        scores = recs[0].scores[:k].tolist() if recs else []
+        item_ids = model.items.ids.ids_of(item_rows)
+    return {"user_id": user_id, "items": [{"item_id": i, "score": s} for i, s in zip(item_ids, scores)],
+            "index_version": index.version if index else 0, "model_version": model_version,
+            "generated_at": int(time.time() * 1000), "last_event_ts": now_ms}
 
 
 class HttpError(Exception):
@@ -186,25 +209,13 @@ class ServiceHttp:
     def recommend(self, user_id: str, query: dict[str, list[str]]) -> dict:
         """The user's top k now, in the output topic's message shape; 404 for a user never seen."""
         service = self.service
-        recommender = service.recommender
-        k = _k(query, recommender.k)
-        model = service.model
-        index = service.refresher.current
-        with service.model_lock:
-            row = model.users.ids.get(user_id)
-            if row is None:
-                raise HttpError(HTTPStatus.NOT_FOUND, "unknown user: no event of theirs has been applied",
-                                user_id=user_id)
-            now_ms = service.stats.last_event_ts
-            recs = recommender.recommend(np.array([row], dtype=np.int64), index, now_ms)
-            model_version = model.model_version
-            item_rows = recs[0].item_rows[:k].tolist() if recs else []
-            scores = recs[0].scores[:k].tolist() if recs else []
-            item_ids = model.items.ids.ids_of(item_rows)
-        return {"user_id": user_id,
-                "items": [{"item_id": i, "score": s} for i, s in zip(item_ids, scores)],
-                "index_version": index.version if index else 0, "model_version": model_version,
-                "generated_at": int(time.time() * 1000), "last_event_ts": now_ms}
+        k = _k(query, service.recommender.k)
+        message = recommendation_message(service.recommender, service.model_lock, service.refresher.current,
+                                         user_id, k, service.stats.last_event_ts)
+        if message is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, "unknown user: no event of theirs has been applied",
+                            user_id=user_id)
+        return message
 
     def similar(self, item_id: str, query: dict[str, list[str]]) -> dict:
         """Items whose live vectors are closest to this one's (cosine), candidates from the index.
