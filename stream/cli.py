@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -41,6 +42,8 @@ def _run_config(args: argparse.Namespace) -> ServiceConfig:
         "topics.group_id": args.group_id,
         "topics.start_from": args.start,
         "state_dir": args.state_dir,
+        "http.port": args.http_port,
+        "http.host": args.http_host,
     })
     if not config.bootstrap_servers:
         raise ConfigError("kafka.bootstrap.servers: required (--bootstrap-servers or the config file)")
@@ -62,23 +65,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     from recstream.stream.service import RecStreamService
 
     config = _run_config(args)
-    last = {"t": time.monotonic(), "events": 0}
+    if args.create_topics:
+        from recstream.stream.broker import create_topics
+        from recstream.stream.logs import settings_for
 
-    def status(service: RecStreamService) -> None:
-        now = time.monotonic()
-        if now - last["t"] < config.loop.status_interval_s:
-            return
-        s = service.stats
-        rate = (s.events_applied - last["events"]) / (now - last["t"])
-        index = service.refresher.current
-        log.info("events=%d (%.0f/s) users=%d items=%d index=v%s dead_letters=%d updates=%d checkpoints=%d "
-                 "loss=%.4f loss_drifts=%d item_drift=%.3f",
-                 s.events_applied, rate, len(service.model.users), len(service.model.items),
-                 index.version if index else 0, s.dead_letters, s.updates_published, s.checkpoints,
-                 s.loss_mean, s.loss_drifts, s.item_drift)
-        last.update(t=now, events=s.events_applied)
+        topics = config.topics
+        create_topics(config.bootstrap_servers, {topics.input: args.partitions, topics.output: args.partitions,
+                                                 topics.dlq: 1}, settings_for("producer", config.kafka))
+    from recstream.stream.logs import StatusLog
 
-    RecStreamService(config, stop=stop, on_flush=status).run()
+    service = RecStreamService(config, stop=stop)
+    with contextlib.ExitStack() as running:
+        running.enter_context(StatusLog(service, config.loop.status_interval_s))
+        if config.http.port:
+            from recstream.stream.web import ServiceHttp
+
+            running.enter_context(ServiceHttp(service))
+        service.run()
     return 0
 
 
@@ -118,7 +121,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
           f"{result.events_per_s:,.0f} events/s; {len(state.model.users):,} users, {len(state.model.items):,} items"
           + (f"; content vectors for {cold:,} items without events" if args.item_metadata else "")
           + (f"; checkpoint {saved}" if saved else ""))
+    if result.rejected:
+        print(f"rejected {result.rejected:,}: {_top_reasons(result.rejected_reasons)}")
     return 0
+
+
+def _top_reasons(reasons) -> str:
+    return ", ".join(f"{reason} ({n:,})" for reason, n in reasons.most_common(3))
 
 
 def _load_interactions(args: argparse.Namespace, config: ServiceConfig):
@@ -129,11 +138,15 @@ def _load_interactions(args: argparse.Namespace, config: ServiceConfig):
 
     columns = parse_columns(args.columns) if args.columns else None
     decoder = EventDecoder(config.events)
-    users, items, ratings, weights, stamps, rejected = [], [], [], [], [], 0
+    from collections import Counter
+
+    from recstream.stream.metrics import reason_label
+
+    users, items, ratings, weights, stamps, rejected = [], [], [], [], [], Counter()
     delimiter = "\t" if args.delimiter in ("tab", "\\t") else args.delimiter
     for chunk in read_event_log(args.events, decoder, columns, args.ts_unit, delimiter=delimiter):
         batch = chunk.batch
-        rejected += len(chunk.bad)
+        rejected.update(reason_label(reason) for _, reason in chunk.bad)
         users += batch.user_ids
         items += batch.item_ids
         ratings.append(batch.ratings)
@@ -211,7 +224,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.baseline == "none":
         baseline_name = "none"
     out = {**results["recstream"].as_dict(), "mode": args.mode, "protocol": args.protocol,
-           "epochs": args.epochs if args.protocol == "split" else 1, "rejected": rejected,
+           "epochs": args.epochs if args.protocol == "split" else 1, "rejected": sum(rejected.values()),
+           "rejected_reasons": dict(rejected.most_common()),
            "events_file": str(args.events), "model_config": vars(config.model) if hasattr(config.model, "__dict__")
            else {}, "baseline_name": baseline_name}
     if "baseline" in results:
@@ -226,6 +240,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         theirs = results["baseline"].metrics.get(key) if "baseline" in results else None
         fmt = (lambda v: f"{v:12,.0f}") if key in ("events", "events_per_s") else (lambda v: f"{v:12.4f}")
         print(f"{key:<17} {fmt(mine)} {fmt(theirs) if theirs is not None else '':>12}")
+    if rejected:
+        print(f"rejected {sum(rejected.values()):,} lines: {_top_reasons(rejected)}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(out, f, indent=2, default=str)
@@ -284,9 +300,11 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from confluent_kafka import Producer
+    from recstream.stream.logs import kafka_logger, settings_for
     from recstream.stream.synthetic import SyntheticClickstream
 
-    producer = Producer({"bootstrap.servers": args.bootstrap_servers, "linger.ms": 20, **dict(args.X or [])})
+    producer = Producer({"bootstrap.servers": args.bootstrap_servers, "linger.ms": 20, "logger": kafka_logger(),
+                         **settings_for("producer", dict(args.X or []))})
     gen = SyntheticClickstream(n_users=args.users, n_items=args.items, seed=args.seed,
                                start_ms=int(time.time() * 1000), events_per_second=args.rate or 1000.0)
     sent = 0
@@ -312,27 +330,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from recstream.stream.demo import run_demo
 
-    return run_demo(duration_s=args.duration, rate=args.rate, n_users=args.users, n_items=args.items)
+    return run_demo(duration_s=args.duration, rate=args.rate, n_users=args.users, n_items=args.items,
+                    http_port=args.http_port)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recstream", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: one JSON object per line (time, level, logger, message)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     kafka = argparse.ArgumentParser(add_help=False)
     kafka.add_argument("-X", action="append", type=_key_value, metavar="KEY=VALUE",
-                       help="librdkafka setting for consumer and producer (repeatable), as in kcat")
+                       help="librdkafka setting (repeatable), as in kcat; goes to the consumer, the producer "
+                            "or both, as librdkafka classifies it")
 
     run = sub.add_parser("run", parents=[kafka], help="consume a clickstream topic and publish recommendations")
-    run.add_argument("--bootstrap-servers")
-    run.add_argument("--input-topic")
-    run.add_argument("--output-topic")
+    run.add_argument("--bootstrap-servers", help="Kafka brokers, host:port[,...] (config kafka.bootstrap.servers)")
+    run.add_argument("--input-topic", help="clickstream topic (config topics.input, default clicks)")
+    run.add_argument("--output-topic", help="recommendation updates (config topics.output, default recs)")
     run.add_argument("--dlq-topic", help="dead-letter topic (default: <input-topic>.dlq)")
-    run.add_argument("--group-id")
+    run.add_argument("--group-id", help="consumer group (config topics.group_id, default recstream)")
     run.add_argument("--state-dir", help="checkpoints and index files; makes state effectively-once")
     run.add_argument("--start", help="partitions the checkpoint does not know: committed (default), "
                                      "earliest, latest or an epoch time in ms")
+    run.add_argument("--http-port", type=int, help="serve /metrics, /healthz, /readyz, /recommend/USER, "
+                                                   "/similar/ITEM and a status page on this port (config http.port)")
+    run.add_argument("--http-host", help="address to listen on (config http.host, default 127.0.0.1)")
+    run.add_argument("--create-topics", action="store_true",
+                     help="create the input, output and dead-letter topics if missing (with --partitions)")
+    run.add_argument("--partitions", type=int, default=4, help="partitions of topics made by --create-topics")
     run.add_argument("--config", help="TOML config file (see README: Configuration)")
     run.add_argument("--set", action="append", type=_key_value, metavar="SECTION.KEY=VALUE",
                      help="override one config value, e.g. --set model.dim=64")
@@ -408,13 +436,70 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=20_000.0, help="generated events per second")
     demo.add_argument("--users", type=int, default=20_000)
     demo.add_argument("--items", type=int, default=5_000)
+    demo.add_argument("--http-port", type=int, default=8080,
+                      help="status page, metrics and queries (another free port if taken; 0: off)")
     demo.set_defaults(func=cmd_demo)
+
+    broker = sub.add_parser("broker", help="the embedded Kafka-protocol broker (tansu) on its own, until Ctrl-C")
+    broker.add_argument("--port", type=int, default=9092, help="port on 127.0.0.1")
+    broker.add_argument("--topics", action="store_true", help="also create clicks, recs and clicks.dlq")
+    broker.add_argument("--partitions", type=int, default=4, help="partitions of clicks and recs")
+    broker.set_defaults(func=cmd_broker)
+
+    for name, sub_parser in sub.choices.items():
+        sub_parser.formatter_class = _HelpFormatter
+        for action in sub_parser._actions:  # options with no help text still show their default
+            if action.help is None and action.default not in (None, False, argparse.SUPPRESS):
+                action.help = "default: %(default)s"
+        sub_parser.epilog = "example:\n  " + EXAMPLES[name]
     return parser
+
+
+EXAMPLES = {
+    "run": "recstream run --bootstrap-servers localhost:9092 --input-topic clicks --output-topic recs "
+           "--state-dir state/ --http-port 8080 --create-topics",
+    "replay": "recstream replay --events ratings.csv --columns user_id=userId,item_id=movieId,rating=rating,"
+              "ts=timestamp --ts-unit s --state-dir state/",
+    "eval": "recstream eval --events ratings.csv --ts-unit s --order time --mode explicit "
+            "--columns user_id=userId,item_id=movieId,rating=rating,ts=timestamp",
+    "export": "recstream export --state-dir state/ --out state.npz",
+    "topics": "recstream topics --bootstrap-servers localhost:9092 --partitions 12",
+    "generate": "recstream generate --bootstrap-servers localhost:9092 --events 1000000 --rate 20000",
+    "demo": "recstream demo --duration 60 --rate 50000",
+    "broker": "recstream broker --port 9092 --topics",
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default where it has one worth showing, and keeps the example's layout."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in text \
+                and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    from recstream.stream.broker import EmbeddedBroker, create_topics
+
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    with EmbeddedBroker(port=args.port) as bootstrap:
+        if args.topics:
+            create_topics(bootstrap, {"clicks": args.partitions, "recs": args.partitions, "clicks.dlq": 1})
+        print(f"embedded broker (tansu, memory storage: nothing survives a stop) on {bootstrap}"
+              + ("; topics clicks, recs, clicks.dlq" if args.topics else "") + "; Ctrl-C to stop", flush=True)
+        stop.wait()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from recstream.stream.logs import setup_logging
+
+    setup_logging(args.log_level, args.log_format)
     from recstream.stream.broker import ClusterUnreachable
     from recstream.stream.checkpoint import IncompatibleCheckpoint, StateDirInUse
 

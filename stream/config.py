@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +116,17 @@ class LoopConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP side (metrics, probes, queries, status page): off unless a port is given."""
+
+    port: int = 0  # 0: no HTTP server
+    host: str = "127.0.0.1"  # 0.0.0.0 to be reached from outside (a pod's probes, Prometheus)
+    # /healthz fails when the poll loop has not turned for this long (a flush may wait up to
+    # output.delivery_timeout_s for deliveries without turning it).
+    liveness_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     kafka: dict[str, str] = field(default_factory=dict)  # librdkafka settings for consumer and producer
     kafka_consumer: dict[str, str] = field(default_factory=dict)
@@ -127,6 +140,7 @@ class ServiceConfig:
     monitor: MonitorConfig = MonitorConfig()
     content: ContentConfig = ContentConfig()
     loop: LoopConfig = LoopConfig()
+    http: HttpConfig = HttpConfig()
     state_dir: str = ""
 
     @property
@@ -144,6 +158,7 @@ _SECTIONS = {
     "monitor": MonitorConfig,
     "content": ContentConfig,
     "loop": LoopConfig,
+    "http": HttpConfig,
 }
 
 # field -> (predicate, what it must be)
@@ -215,6 +230,9 @@ _RULES: dict[str, tuple[Any, str]] = {
     "loop.poll_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
     "loop.status_interval_s": (lambda v: v > 0, "a positive number of seconds"),
     "loop.startup_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
+    "http.port": (lambda v: 0 <= v <= 65535, "a TCP port from 0 (off) to 65535"),
+    "http.host": (bool, "a host name or address to listen on"),
+    "http.liveness_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
 }
 
 
@@ -281,8 +299,36 @@ def _librdkafka(name: str, values: Any) -> dict[str, str]:
     for key, value in values.items():
         if isinstance(value, dict):
             raise ConfigError(f"{name}.{key}: expected a value, got a table")
-        out[key] = str(value).lower() if isinstance(value, bool) else str(value)
+        out[key] = _reference(f"{name}.{key}", str(value).lower() if isinstance(value, bool) else str(value))
     return out
+
+
+_REFERENCE = re.compile(r"\$\{(env|file):([^}]+)\}")
+
+
+def _reference(name: str, value: str) -> str:
+    """A librdkafka value with ``${env:NAME}`` and ``${file:PATH}`` replaced by what they name.
+
+    Secrets (``sasl.password``, ``ssl.key.password``) can then come from the
+    environment or a mounted file instead of the command line, where any user
+    of the machine can read them. A file's trailing newline is dropped.
+
+    >>> import os; os.environ["RS_DOCTEST_PASSWORD"] = "s3cret"
+    >>> _reference("kafka.sasl.password", "${env:RS_DOCTEST_PASSWORD}")
+    's3cret'
+    """
+    def resolve(match: re.Match) -> str:
+        kind, what = match.groups()
+        if kind == "env":
+            if what not in os.environ:
+                raise ConfigError(f"{name}: environment variable {what} is not set")
+            return os.environ[what]
+        try:
+            return Path(what).read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{name}: cannot read {what}: {exc.strerror}") from None
+
+    return _REFERENCE.sub(resolve, value)
 
 
 def build_config(data: dict[str, Any]) -> ServiceConfig:

@@ -16,9 +16,10 @@ import numpy as np
 import orjson
 from confluent_kafka import Consumer, Producer
 from recstream.stream.broker import EmbeddedBroker, create_topics
-from recstream.stream.config import load_config
+from recstream.stream.config import HttpConfig, load_config
 from recstream.stream.service import RecStreamService
 from recstream.stream.synthetic import GENRES, SyntheticClickstream
+from recstream.stream.web import ServiceHttp
 
 # Short group timeouts: the embedded broker joins a group in about half of session.timeout.ms.
 DEMO_KAFKA = {"session.timeout.ms": "6000", "heartbeat.interval.ms": "500", "max.poll.interval.ms": "60000"}
@@ -97,7 +98,16 @@ def _print_status(service: RecStreamService, gen: SyntheticClickstream, watched:
     print("\n".join(lines), flush=True)
 
 
-def run_demo(duration_s: float = 0.0, rate: float = 20_000.0, n_users: int = 20_000, n_items: int = 5_000) -> int:
+def _start_http(service: RecStreamService, port: int) -> ServiceHttp:
+    """The HTTP side on ``port``, or on any free port if that one is taken (a demo should not fail on it)."""
+    try:
+        return ServiceHttp(service, HttpConfig(port=port)).start()
+    except OSError:
+        return ServiceHttp(service, HttpConfig(port=0)).start()
+
+
+def run_demo(duration_s: float = 0.0, rate: float = 20_000.0, n_users: int = 20_000, n_items: int = 5_000,
+             http_port: int = 8080) -> int:
     logging.getLogger("recstream").setLevel(logging.WARNING)
     print("starting the embedded broker (tansu) ...", flush=True)
     broker = EmbeddedBroker()
@@ -116,6 +126,7 @@ def run_demo(duration_s: float = 0.0, rate: float = 20_000.0, n_users: int = 20_
             "output.flush_interval_s": 1.0,
         })
         service = RecStreamService(config, stop=stop)
+        http = _start_http(service, http_port) if http_port else None
         counts = {"produced": 0}
         latest: dict = {"count": 0}
         threads = [
@@ -128,6 +139,9 @@ def run_demo(duration_s: float = 0.0, rate: float = 20_000.0, n_users: int = 20_
             t.start()
         print(f"broker on {bootstrap}; generating {rate:,.0f} events/s for {n_users:,} users and {n_items:,} items; "
               "Ctrl-C to stop", flush=True)
+        if http is not None:
+            print(f"live status page: {http.address}/   metrics: {http.address}/metrics   "
+                  f"queries: {http.address}/recommend/u{watched[0]}  {http.address}/similar/i1", flush=True)
         started = last_t = time.monotonic()
         last_events = 0
         while not duration_s or time.monotonic() - started < duration_s:
@@ -145,6 +159,8 @@ def run_demo(duration_s: float = 0.0, rate: float = 20_000.0, n_users: int = 20_
         stop.set()
         for t in threads:
             t.join(timeout=60)
+        if http is not None:
+            http.stop()
         broker.stop()
     print("stopped cleanly", flush=True)
     return 0

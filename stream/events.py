@@ -246,6 +246,12 @@ class EventDecoder:
         if isinstance(weights, CodedIds):
             weights = np.asarray(weights.values, dtype=np.float32)[weights.codes]
         rating_values = _ratings(ratings, reasons, self.rating_min, self.rating_max)
+        # An event with a rating is explicit feedback whatever its type is called (MovieLens-shaped
+        # logs say "rating"): an unknown type does not reject it, and its weight is not used.
+        for row in [r for r, why in reasons.items() if why.startswith(_UNKNOWN_TYPE)]:
+            if event_types[row].__class__ is str and not np.isnan(rating_values[row]):
+                del reasons[row]
+                weights[row] = 1.0
         stamp_values = _stamps(stamps, reasons)
         if reasons:
             keep = np.ones(len(users), dtype=bool)
@@ -270,9 +276,12 @@ class EventDecoder:
                 if weight is None:
                     kind = event_types[row]
                     kind = self.default_event_type if kind is None else kind
-                    reasons.setdefault(row, f"unknown event_type {kind!r} (configure it in events.weights)")
+                    reasons.setdefault(row, f"{_UNKNOWN_TYPE} {kind!r} (configure it in events.weights)")
                     weights[row] = 0.0
         return np.array(weights, dtype=np.float32)
+
+
+_UNKNOWN_TYPE = "unknown event_type"
 
 
 def _as_lines(values: Sequence[bytes | dict | None], limit: int) -> bytes | None:

@@ -61,6 +61,10 @@ class PendingUpdates:
         # A dict built from pairs keeps the last write per key: the latest event in input order.
         self._latest.update(zip(user_rows.tolist(), event_ts.tolist()))
 
+    def event_times(self) -> np.ndarray:
+        """The latest event time (epoch ms) of each pending user."""
+        return np.fromiter(self._latest.values(), dtype=np.int64, count=len(self._latest))
+
     def take(self) -> tuple[np.ndarray, list[int]]:
         """All pending users (rows) and their latest event times; the set is empty afterwards."""
         latest, self._latest = self._latest, {}

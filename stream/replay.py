@@ -15,12 +15,14 @@ skip a wanted record.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import io
 import logging
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -35,6 +37,8 @@ from recstream.stream.checkpoint import CheckpointStore
 from recstream.stream.clock import settle_timestamps
 from recstream.stream.config import ConfigError
 from recstream.stream.events import EventBatch, EventDecoder
+from recstream.stream.logs import kafka_logger, settings_for
+from recstream.stream.metrics import reason_label
 from recstream.stream.state import RecState
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,11 @@ class ReplayResult:
     events_applied: int = 0
     rejected: int = 0
     seconds: float = 0.0
+    rejected_reasons: Counter = dataclasses.field(default_factory=Counter)  # reason (fixed part) -> events
+
+    def reject(self, bad: list[tuple[int, str]]) -> None:
+        self.rejected += len(bad)
+        self.rejected_reasons.update(reason_label(reason) for _, reason in bad)
 
     @property
     def events_per_s(self) -> float:
@@ -291,7 +300,7 @@ def replay_file(state: RecState, decoder: EventDecoder, path: str | Path, epochs
     for epoch in range(epochs):
         for chunk in read_event_log(path, decoder, columns, ts_unit):
             if chunk.bad:
-                result.rejected += len(chunk.bad)
+                result.reject(chunk.bad)
                 if result.rejected <= 5:
                     log.warning("skipping a bad event in %s: %s", path, chunk.bad[0][1])
             if len(chunk.batch):
@@ -317,7 +326,8 @@ def replay_topic(state: RecState, decoder: EventDecoder, kafka: dict[str, str], 
         "auto.offset.reset": "earliest",
         "queued.min.messages": 1_000_000,
         "fetch.queue.backoff.ms": 10,
-        **kafka,
+        "logger": kafka_logger(),
+        **settings_for("consumer", kafka),
     })
     result = ReplayResult()
     started = time.monotonic()
@@ -361,7 +371,7 @@ def replay_topic(state: RecState, decoder: EventDecoder, kafka: dict[str, str], 
                 record_ts.append(ts)
             if values:
                 batch, bad = decoder.decode(values)
-                result.rejected += len(bad)
+                result.reject(bad)
                 if len(batch):
                     # Event times as live consumption settles them (stream/clock.py): the same state.
                     settle_timestamps(batch.timestamps, np.asarray(record_ts, dtype=np.int64)[batch.positions],

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import orjson
 from confluent_kafka import (
     OFFSET_BEGINNING,
     OFFSET_END,
+    OFFSET_INVALID,
     Consumer,
     KafkaError,
     KafkaException,
@@ -52,6 +52,7 @@ from recstream.stream.checkpoint import BackgroundCheckpointWriter, CheckpointSt
 from recstream.stream.clock import batch_now, settle_timestamps
 from recstream.stream.config import ConfigError, ServiceConfig
 from recstream.stream.events import EventBatch, EventDecoder
+from recstream.stream.logs import kafka_logger, settings_for
 from recstream.stream.metadata import parse_item_metadata
 from recstream.stream.publishing import PendingUpdates, UpdateSchedule
 from recstream.stream.state import RecState
@@ -61,6 +62,8 @@ log = logging.getLogger(__name__)
 
 DLQ_REASON_HEADER = "recstream.error"
 DLQ_TRUNCATE_BYTES = 64 * 1024
+# librdkafka's logical offsets, by what they mean for an assigned partition (the log says these).
+_OFFSET_NAMES = {OFFSET_INVALID: "committed", OFFSET_BEGINNING: "earliest", OFFSET_END: "latest"}
 
 
 @dataclass
@@ -164,6 +167,10 @@ class RecStreamService:
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         self._admin: AdminClient | None = None  # for topic ids (see _forget_recreated_topics)
+        # Read by the HTTP side (stream/web.py): when the poll loop last turned (/healthz), and an
+        # optional stream.metrics.ServiceMetrics that gets one call per batch, dead letter and flush.
+        self.last_loop_turn = time.monotonic()
+        self.metrics = None
 
     # -- Kafka clients -------------------------------------------------------------------------
 
@@ -177,7 +184,8 @@ class RecStreamService:
             # Big fetches overflow the default queue and pause fetching for a second.
             "queued.min.messages": 1_000_000,
             "fetch.queue.backoff.ms": 10,
-            **cfg.kafka,
+            "logger": kafka_logger(),  # librdkafka's lines through logging, repeats folded
+            **settings_for("consumer", cfg.kafka),  # [kafka] / -X: only what a consumer takes
             **cfg.kafka_consumer,
         }
         producer = {
@@ -188,7 +196,8 @@ class RecStreamService:
             "allow.auto.create.topics": False,
             # Dead letters carry the original bytes, which may be as large as the input topic allows.
             "message.max.bytes": 16 * 1024 * 1024,
-            **cfg.kafka,
+            "logger": kafka_logger(),
+            **settings_for("producer", cfg.kafka),
             **cfg.kafka_producer,
         }
         return consumer, producer
@@ -214,7 +223,9 @@ class RecStreamService:
         consumer_cfg, producer_cfg = self._client_configs()
         self.producer = Producer(producer_cfg)
         self._check_topics()
-        self._admin = AdminClient({**self.config.kafka, **self.config.kafka_consumer})
+        # An admin client is a producer-type instance: consumer-only settings would draw warnings.
+        self._admin = AdminClient({**settings_for("producer", {**self.config.kafka, **self.config.kafka_consumer}),
+                                   "logger": kafka_logger()})
         self.consumer = Consumer(consumer_cfg)
         topics = [self.config.topics.input] + [t for t in [self.config.topics.item_metadata] if t]
         self.consumer.subscribe(
@@ -226,6 +237,7 @@ class RecStreamService:
         log.info("consuming %s as group %s", self.config.topics.input, self.config.topics.group_id)
         try:
             while not self.stop.is_set():
+                self.last_loop_turn = time.monotonic()
                 messages = self.consumer.consume(loop.batch_size, loop.poll_timeout_s)
                 self._behind = len(messages) >= loop.batch_size
                 if messages:
@@ -280,8 +292,12 @@ class RecStreamService:
             record_ts = np.fromiter((good[p].timestamp()[1] for p in batch.positions), np.int64, len(batch))
             self.stats.clock_ahead += settle_timestamps(stamps, record_ts, self.decoder.clock_tolerance_ms)
             partitions = np.array(parts, dtype=np.int64)
+            started = time.perf_counter()
             with self.model_lock:
                 user_rows, _, losses = self.state.apply(batch, topic, partitions[batch.positions])
+            if self.metrics is not None:
+                self.metrics.batch_applied(time.perf_counter() - started, partitions[batch.positions],
+                                           ~np.isnan(batch.ratings))
             if self.loss_drift.update(losses):
                 before, after = self.loss_drift.last_change
                 self.stats.loss_drifts += 1
@@ -328,6 +344,8 @@ class RecStreamService:
         ]
         self._produce(self.config.topics.dlq, message.key(), message.value(), headers)
         self.stats.dead_letters += 1
+        if self.metrics is not None:
+            self.metrics.dead_letter(reason)
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: list | None = None) -> None:
         while True:
@@ -381,6 +399,7 @@ class RecStreamService:
         False if output was left undelivered, and so nothing was committed.
         """
         started = time.monotonic()
+        pending_ms = self._pending.event_times() if self.metrics is not None else None
         try:
             # Events applied while deliveries were retried add users to publish: loop until none are left.
             while self._pending:
@@ -391,6 +410,8 @@ class RecStreamService:
             self._schedule.round_done(started, time.monotonic() - started, self._behind)
         if not self._deliver_all(patient):
             return False
+        if self.metrics is not None:
+            self.metrics.flushed(pending_ms, time.monotonic() - started)
         if self.store is not None:
             self._collect_checkpoint()
             due = (time.monotonic() >= self._next_checkpoint
@@ -567,6 +588,7 @@ class RecStreamService:
         try:
             deadline = time.monotonic() + seconds
             while not self.stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                self.last_loop_turn = time.monotonic()
                 if self.consumer is None:
                     self.stop.wait(left)
                     return
@@ -664,7 +686,7 @@ class RecStreamService:
             # Output is down: read nothing new until it is back (resumed in _deliver_all).
             consumer.pause(partitions)
         self.stats.assigned = sorted(set(self.stats.assigned) | {(p.topic, p.partition) for p in partitions})
-        log.info("assigned %s", [f"{p.topic}/{p.partition}@{p.offset}" for p in partitions])
+        log.info("assigned %s", [f"{p.topic}/{p.partition}@{_OFFSET_NAMES.get(p.offset, p.offset)}" for p in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("revoked %s", [f"{p.topic}/{p.partition}" for p in partitions])

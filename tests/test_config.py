@@ -88,3 +88,19 @@ def test_cli_names_the_flag_when_a_log_lacks_the_columns_or_is_missing(tmp_path,
                             + (["--baseline", "none", "--mode", "explicit"] if command == "eval" else ["--quiet"]),
                             capture_output=True, text=True, timeout=120)
     assert mapped.returncode == 0, mapped.stderr
+
+
+def test_kafka_secrets_from_the_environment_or_a_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("RS_TEST_KAFKA_PASSWORD", "from-env")
+    secret = tmp_path / "password"
+    secret.write_text("from-file\n")  # as a mounted Kubernetes secret, with its newline
+    cfg = load_config(overrides={"kafka.sasl.password": "${env:RS_TEST_KAFKA_PASSWORD}",
+                                 "kafka.producer.ssl.key.password": f"${{file:{secret}}}",
+                                 "kafka.sasl.username": "plain"})
+    assert cfg.kafka["sasl.password"] == "from-env" and cfg.kafka["sasl.username"] == "plain"
+    assert cfg.kafka_producer["ssl.key.password"] == "from-file"
+    monkeypatch.delenv("RS_TEST_KAFKA_PASSWORD")
+    with pytest.raises(ConfigError, match="kafka.sasl.password: environment variable RS_TEST_KAFKA_PASSWORD is not set"):
+        load_config(overrides={"kafka.sasl.password": "${env:RS_TEST_KAFKA_PASSWORD}"})
+    with pytest.raises(ConfigError, match="kafka.sasl.password: cannot read /nonexistent/pw"):
+        load_config(overrides={"kafka.sasl.password": "${file:/nonexistent/pw}"})

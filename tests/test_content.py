@@ -186,9 +186,10 @@ def test_a_new_item_is_recommended_to_the_users_who_like_its_genres():
 
 def test_metadata_topic_feeds_cold_items_in_the_service(kafka_bootstrap, topics):
     import orjson
-    from conftest import event, produce, read_all, running, service_config, wait_for
     from recstream.stream.broker import create_topics
     from recstream.stream.service import DLQ_REASON_HEADER
+
+    from conftest import event, produce, read_all, running, service_config, wait_for
 
     metadata_topic = topics["input"] + "-items"
     create_topics(kafka_bootstrap, {metadata_topic: 1})

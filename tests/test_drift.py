@@ -2,13 +2,14 @@
 
 import logging
 
-from conftest import produce, running, service_config, wait_for
 from recstream.embeddings.drift import LossDriftDetector
 from recstream.embeddings.model import MFConfig
 from recstream.stream.config import EventsConfig
 from recstream.stream.events import EventDecoder
 from recstream.stream.state import RecState
 from recstream.stream.synthetic import SyntheticClickstream
+
+from conftest import produce, running, service_config, wait_for
 
 
 def _stream(n_before=150_000, n_after=60_000):

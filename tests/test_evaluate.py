@@ -115,7 +115,7 @@ def test_eval_cli_writes_json_and_a_plot_of_both_runs(tmp_path):
     data = _explicit(6000)
     log = tmp_path / "ratings.csv"
     log.write_text("user,item,stars\n" + "".join(
-        f"{u},{i},{r}\n" for u, i, r in zip(data.user_ids, data.item_ids, data.ratings.tolist())))
+        f"{u},{i},{r}\n" for u, i, r in zip(data.user_ids, data.item_ids, data.ratings.tolist())) + "u1,i1,x\nu2,i2,x\n")
     out, plot = tmp_path / "result.json", tmp_path / "curve.png"
     result = subprocess.run([sys.executable, "-m", "recstream.stream.cli", "eval", "--events", str(log), "--mode",
                              "explicit", "--columns", "user_id=user,item_id=item,rating=stars",
@@ -123,5 +123,7 @@ def test_eval_cli_writes_json_and_a_plot_of_both_runs(tmp_path):
     assert result.returncode == 0, result.stderr
     written = json.loads(out.read_text())
     assert written["events"] == 6000 and written["baseline"]["events"] == 6000
+    assert written["rejected"] == 2 and written["rejected_reasons"] == {"rating must be a number, got str": 2}
+    assert "rejected 2 lines: rating must be a number, got str (2)" in result.stdout
     assert {"mae", "rmse", "events_per_s"} <= written.keys() and {"mae", "rmse"} <= written["baseline"].keys()
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000

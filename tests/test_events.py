@@ -24,6 +24,12 @@ def test_valid_events_become_arrays():
     assert batch.positions == [0, 1, 2]
 
 
+def test_an_event_with_a_rating_is_explicit_whatever_its_type():
+    # MovieLens-shaped events: "rating" is no configured event type, and need not be.
+    batch, bad = DECODER.decode([orjson.dumps({"user_id": "u", "item_id": "m", "event_type": "rating", "rating": 4})])
+    assert bad == [] and batch.ratings.tolist() == [4.0] and batch.item_ids == ["m"]
+
+
 @pytest.mark.parametrize("value, reason", [
     (None, "empty message"),
     (b"\xff\xfe not json", "invalid JSON"),
@@ -45,6 +51,9 @@ def test_valid_events_become_arrays():
     (b'{"user_id": 123456789012345678901234567890, "item_id": "b"}', "user_id longer than 20"),
     (b'{"user_id": "a", "item_id": "b", "event_type": "teleport"}', "unknown event_type 'teleport'"),
     (b'{"user_id": "a", "item_id": "b", "event_type": 3}', "unknown event_type 3"),
+    (b'{"user_id": "a", "item_id": "b", "event_type": "rating"}', "unknown event_type 'rating'"),  # no rating
+    (b'{"user_id": "a", "item_id": "b", "event_type": 3, "rating": 4}', "unknown event_type 3"),
+    (b'{"user_id": "a", "item_id": "b", "event_type": "rating", "rating": "4"}', "rating must be a number"),
     (b'{"user_id": "a", "item_id": "b", "rating": "5"}', "rating must be a number"),
     (b'{"user_id": "a", "item_id": "b", "rating": true}', "rating must be a number"),
     (b'{"user_id": "a", "item_id": "b", "rating": 1e300}', "outside"),

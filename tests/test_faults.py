@@ -16,7 +16,6 @@ import numpy as np
 import orjson
 import pytest
 from confluent_kafka import Producer
-from conftest import cli_run_args, committed_offsets, read_all, running, service_config, wait_for
 from recstream.embeddings.model import MFConfig
 from recstream.stream.broker import create_topics
 from recstream.stream.config import EventsConfig
@@ -25,6 +24,8 @@ from recstream.stream.replay import export_state
 from recstream.stream.service import DLQ_REASON_HEADER
 from recstream.stream.state import RecState
 from recstream.stream.synthetic import SyntheticClickstream
+
+from conftest import cli_run_args, committed_offsets, read_all, running, service_config, wait_for
 
 DIM = 16
 

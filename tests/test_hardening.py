@@ -11,17 +11,6 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
-from conftest import (
-    FAST_GROUP,
-    cli_run_args,
-    committed_offsets,
-    event,
-    produce,
-    read_all,
-    running,
-    service_config,
-    wait_for,
-)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from recstream.embeddings.model import MFConfig, OnlineMF
@@ -33,6 +22,18 @@ from recstream.stream.metadata import parse_item_metadata
 from recstream.stream.replay import replay_topic
 from recstream.stream.service import DLQ_REASON_HEADER
 from recstream.stream.state import RecState
+
+from conftest import (
+    FAST_GROUP,
+    cli_run_args,
+    committed_offsets,
+    event,
+    produce,
+    read_all,
+    running,
+    service_config,
+    wait_for,
+)
 
 
 def _nested(depth: int) -> bytes:

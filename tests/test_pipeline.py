@@ -8,9 +8,10 @@ import time
 import uuid
 
 import orjson
-from conftest import cli_run_args, committed_offsets, event, produce, read_all, running, service_config, wait_for
 from recstream.stream.service import DLQ_REASON_HEADER
 from recstream.stream.synthetic import SyntheticClickstream
+
+from conftest import cli_run_args, committed_offsets, event, produce, read_all, running, service_config, wait_for
 
 
 def _synthetic_messages(n, seed=0):

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from conftest import FAST_GROUP, produce, running, service_config, wait_for
 from recstream.embeddings.model import MFConfig, epoch_rate_scale
 from recstream.stream.broker import create_topics
 from recstream.stream.config import ConfigError, EventsConfig
@@ -16,6 +15,8 @@ from recstream.stream.events import EventDecoder
 from recstream.stream.replay import export_state, read_event_log, replay_file, replay_topic
 from recstream.stream.state import RecState
 from recstream.stream.synthetic import SyntheticClickstream
+
+from conftest import FAST_GROUP, produce, running, service_config, wait_for
 
 MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small" / "ratings.csv"
 CFG = MFConfig(dim=8, seed=3)
@@ -51,6 +52,7 @@ def test_json_lines_plain_and_gzip_with_epochs(tmp_path):
         state = RecState(CFG)
         result = replay_file(state, EventDecoder(EventsConfig()), path, epochs=2)
         assert result.events_applied == 2 * len(values) and result.rejected == 2
+        assert result.rejected_reasons == {"invalid JSON": 2}  # the bad line, once per epoch
         _same(state, expected)
 
 
@@ -61,6 +63,7 @@ def test_csv_with_a_column_mapping(tmp_path):
     columns = {"user_id": "userId", "item_id": "movieId", "rating": "rating", "ts": "timestamp"}
     result = replay_file(state, EventDecoder(EventsConfig()), path, columns=columns, ts_unit="s")
     assert result.events_applied == 2 and result.rejected == 1
+    assert list(result.rejected_reasons) == ["rating must be a number, got str"]
     assert state.model.users.ids.ids == ["1", "2"] and state.model.global_mean == pytest.approx(3.75)
 
 
