@@ -137,7 +137,7 @@ def wait_for_cluster(client, servers: str, timeout_s: float, stop: threading.Eve
             backoff = min(backoff * 2, 30.0)
 
 
-def topic_ids(admin: AdminClient, topics: list[str], timeout_s: float = 30.0) -> dict[str, str]:
+def topic_ids(admin: AdminClient, topics: list[str], timeout_s: float = 10.0) -> dict[str, str]:
     """The broker's id of each topic (Kafka 2.8+ gives every topic one; a topic deleted and created
     again under the same name gets a new one). Topics whose id cannot be had are left out."""
     from confluent_kafka import TopicCollection
