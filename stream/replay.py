@@ -144,15 +144,15 @@ def read_event_log(path: str | Path, decoder: EventDecoder, columns: dict[str, s
 
 def _line_blocks(reader: IO[bytes]) -> Iterator[bytes]:
     """The file in pieces of about BLOCK_BYTES that end at a line end (a longer line is one piece)."""
-    rest = b""
+    pending: list[bytes] = []  # the start of a line not ended yet (a list: a huge line is not copied over and over)
     while chunk := reader.read(BLOCK_BYTES):
         cut = chunk.rfind(b"\n") + 1
         if not cut:
-            rest += chunk
+            pending.append(chunk)
             continue
-        yield rest + chunk[:cut]
-        rest = chunk[cut:]
-    if rest:
+        yield b"".join([*pending, chunk[:cut]])
+        pending = [chunk[cut:]]
+    if rest := b"".join(pending):
         yield rest
 
 
