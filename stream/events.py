@@ -179,7 +179,7 @@ class EventDecoder:
         def bulk(a: int, b: int) -> tuple[list | None, int | None]:
             """The events of lines a..b-1 parsed at once, or (None, the line that failed if known)."""
             try:
-                events = self._typed.decode_lines(view[starts_list[a]:ends_list[b - 1]])
+                parsed = self._typed.decode_lines(view[starts_list[a]:ends_list[b - 1]])
             except RecursionError:  # a deeply nested line: each line on its own names it
                 return None, None
             except msgspec.DecodeError as exc:
@@ -190,22 +190,22 @@ class EventDecoder:
                 if offset:
                     return None, int(np.searchsorted(ends[a:b], starts_list[a] + int(offset.group(1))) + a)
                 return None, None
-            return (events, None) if len(events) == b - a else (None, None)
+            return (parsed, None) if len(parsed) == b - a else (None, None)
 
         def run(a: int, b: int) -> None:
             while a < b:
-                events, failed = bulk(a, b)
-                if events is not None:
-                    emit_run(a, b, events)
+                parsed, failed = bulk(a, b)
+                if parsed is not None:
+                    emit_run(a, b, parsed)
                     return
                 if failed is None or not a <= failed < b:
                     for j in range(a, b):
                         emit_line(j)
                     return
                 if failed > a:
-                    events, _ = bulk(a, failed)
-                    if events is not None:
-                        emit_run(a, failed, events)
+                    parsed, _ = bulk(a, failed)
+                    if parsed is not None:
+                        emit_run(a, failed, parsed)
                     else:
                         for j in range(a, failed):
                             emit_line(j)
