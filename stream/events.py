@@ -245,13 +245,18 @@ class EventDecoder:
         weights = _per_value(self._weights, event_types, reasons)
         if isinstance(weights, CodedIds):
             weights = np.asarray(weights.values, dtype=np.float32)[weights.codes]
-        rating_values = _ratings(ratings, reasons, self.rating_min, self.rating_max)
+        rating_reasons: dict[int, str] = {}
+        rating_values = _ratings(ratings, rating_reasons, self.rating_min, self.rating_max)
         # An event with a rating is explicit feedback whatever its type is called (MovieLens-shaped
-        # logs say "rating"): an unknown type does not reject it, and its weight is not used.
+        # logs say "rating"): an unknown type does not reject it (its weight is not used), the
+        # rating's own check does.
         for row in [r for r, why in reasons.items() if why.startswith(_UNKNOWN_TYPE)]:
-            if event_types[row].__class__ is str and not np.isnan(rating_values[row]):
+            rated = ratings[row] is not None and not (isinstance(ratings, np.ndarray) and np.isnan(ratings[row]))
+            if event_types[row].__class__ is str and rated:
                 del reasons[row]
                 weights[row] = 1.0
+        for row, why in rating_reasons.items():
+            reasons.setdefault(row, why)
         stamp_values = _stamps(stamps, reasons)
         if reasons:
             keep = np.ones(len(users), dtype=bool)
