@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_STAMP := $(VENV)/.installed-demo
 
-.PHONY: demo test test-faust bench bench-scale install clean
+.PHONY: demo test test-fast test-faust bench bench-scale install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ demo: $(DEMO_STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --doctest-modules embeddings index stream tests
+
+# No broker: unit tests and doctests only (tests that use the broker are marked kafka).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q --doctest-modules -m "not kafka" embeddings index stream tests
 
 # The Faust path in a venv of its own (its click pin conflicts with the text extra's).
 FAUST_VENV := .venv-faust

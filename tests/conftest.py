@@ -253,3 +253,10 @@ def running(config: ServiceConfig) -> Iterator[RecStreamService]:
         assert not thread.is_alive(), "service did not stop within 60 s"
     if errors:
         raise errors[0]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that uses the broker is marked ``kafka``, so ``-m "not kafka"`` is the fast subset."""
+    for item in items:
+        if "kafka_bootstrap" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kafka)

@@ -104,3 +104,24 @@ def test_kafka_secrets_from_the_environment_or_a_file(monkeypatch, tmp_path):
         load_config(overrides={"kafka.sasl.password": "${env:RS_TEST_KAFKA_PASSWORD}"})
     with pytest.raises(ConfigError, match="kafka.sasl.password: cannot read /nonexistent/pw"):
         load_config(overrides={"kafka.sasl.password": "${file:/nonexistent/pw}"})
+
+
+def test_every_setting_is_documented_in_the_readme_configuration_table():
+    """The README's table is the settings' user documentation: a setting missing there is invisible."""
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from recstream.stream.config import _SECTIONS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    documented = set()
+    for row in table.splitlines():
+        if not row.startswith("| `"):
+            continue
+        names = re.findall(r"`([a-z_]+(?:\.[a-z_]+)?)`", row.split("|")[1])
+        section = next((n.split(".")[0] for n in names if "." in n), None)
+        documented |= {n if "." in n or section is None else f"{section}.{n}" for n in names}
+    settings = {f"{name}.{f.name}" for name, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
+    assert not settings - documented, sorted(settings - documented)
