@@ -131,6 +131,29 @@ class MFConfig:
     short_term_weight: float = 3.0
     short_term_half_life_s: float = 1800.0
     short_term_keep: float = 0.8
+    # Session signals (embeddings.session): a session is a user's events with one session_id, or
+    # gaps under session_gap_s; its last session_length clicks are kept. Sequential rules count
+    # "x followed y" within session_rules_window clicks (gain 1/gap) and are read from the last
+    # session_query_window clicks; rules and co-occurrence keep session_neighbours items per item,
+    # halved every session_half_life_s of event time (0: no decay). The neighbourhood is V-SKNN
+    # over a ring of session_ring recent sessions, session_per_item per item, the
+    # session_knn_sample most recent sharing an item, session_knn_k nearest. Ranking adds
+    # session_*_weight times each signal (all 0 turns them off).
+    session_gap_s: float = 1800.0
+    session_length: int = 20
+    session_rules_window: int = 10
+    session_query_window: int = 1
+    session_neighbours: int = 32
+    session_half_life_s: float = 0.0
+    session_ring: int = 10_000
+    session_per_item: int = 64
+    session_knn_sample: int = 1000
+    session_knn_k: int = 100
+    session_rules_weight: float = 1.0
+    session_cooc_weight: float = 0.3
+    session_knn_weight: float = 1.0
+    session_repeat_weight: float = 1.0
+    session_mf_weight: float = 0.05
 
 
 class OnlineMF:
@@ -320,6 +343,7 @@ class OnlineMF:
         ``now_ms`` (one time, or one per user) is the event time to fade to; 0 means
         "at each user's last event", with no fading.
         """
+        self._fit_user_arrays()  # users created since the last batch have no short-term state yet
         vectors = self.users.vectors[user_rows].copy()
         short_ts = self._short_ts[user_rows]
         elapsed = np.maximum(np.asarray(now_ms, dtype=np.int64) - short_ts, 0) if np.any(now_ms) else 0

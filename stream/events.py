@@ -9,10 +9,20 @@ from dataclasses import dataclass
 import msgspec
 import numpy as np
 import orjson
+from recstream.embeddings.table import id_hash
 from recstream.stream.config import EventsConfig
 
 # Ratings are learned in float32; a bound far beyond any rating scale keeps every update finite.
 MAX_ABS_RATING = 1e6
+
+
+def session_key(session_id: str) -> int:
+    """A session id as the non-zero int64 the session signals keep (0 means "no session id").
+
+    >>> session_key("s1") == session_key("s1") != session_key("s2")
+    True
+    """
+    return (id_hash(session_id) >> 1) or 1
 
 
 class _Event(msgspec.Struct):
@@ -23,6 +33,7 @@ class _Event(msgspec.Struct):
     event_type: str | None = None
     rating: float | None = None
     ts: int | None = None
+    session_id: str | int | None = None
 
 
 @dataclass
@@ -35,6 +46,7 @@ class EventBatch:
     weights: np.ndarray  # float32
     timestamps: np.ndarray  # int64 epoch ms; -1 where the event had none (caller fills it in)
     positions: list[int]  # index of each event's message in the input sequence
+    session_keys: np.ndarray | None = None  # int64 hash of each event's session_id, 0 = none (None: no event had one)
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -85,6 +97,8 @@ class EventDecoder:
         weights: list[float] = []
         stamps: list[int] = []
         positions: list[int] = []
+        sessions: list[int] = []
+        any_session = False
         bad: list[tuple[int, str]] = []
         loads = orjson.loads
         weight_of = self.weights.get
@@ -103,7 +117,7 @@ class EventDecoder:
                     try:
                         typed = fast(value)
                         user, item, event_type = typed.user_id, typed.item_id, typed.event_type
-                        rating, ts = typed.rating, typed.ts
+                        rating, ts, session = typed.rating, typed.ts, typed.session_id
                     except msgspec.DecodeError:
                         typed = None
                 else:
@@ -124,6 +138,7 @@ class EventDecoder:
                         raise ValueError("not a JSON object")
                     user, item = event.get("user_id"), event.get("item_id")
                     event_type, rating, ts = event.get("event_type"), event.get("rating"), event.get("ts")
+                    session = event.get("session_id")
                 # Fast checks inline (a call per field per event costs more than the parse);
                 # anything unusual goes through _id, which names the problem.
                 if user.__class__ is not str or not 0 < len(user) <= max_id or user.isspace():
@@ -148,6 +163,9 @@ class EventDecoder:
                     ts = -1
                 elif ts.__class__ is not int or ts < 0 or ts >= 2**62:
                     raise ValueError(f"ts must be a non-negative integer epoch in milliseconds, got {ts!r}")
+                if session is not None:
+                    session = session_key(_id({"session_id": session}, "session_id", max_id))
+                    any_session = True
             except (ValueError, OverflowError) as exc:
                 bad.append((n, str(exc)))
                 continue
@@ -156,6 +174,7 @@ class EventDecoder:
             ratings.append(rating)
             weights.append(weight)
             stamps.append(ts)
+            sessions.append(session or 0)
             positions.append(n)
         batch = EventBatch(
             users,
@@ -164,5 +183,6 @@ class EventDecoder:
             np.array(weights, dtype=np.float32),
             np.array(stamps, dtype=np.int64),
             positions,
+            np.array(sessions, dtype=np.int64) if any_session else None,
         )
         return batch, bad

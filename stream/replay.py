@@ -85,9 +85,10 @@ def parse_columns(spec: str | None) -> dict[str, str]:
     mapping = {}
     for part in spec.split(","):
         field, sep, column = part.partition("=")
-        if not sep or field.strip() not in ("user_id", "item_id", "event_type", "rating", "ts", "weight"):
+        if not sep or field.strip() not in ("user_id", "item_id", "event_type", "rating", "ts", "weight",
+                                            "session_id"):
             raise ConfigError(f"--columns: expected FIELD=COLUMN with FIELD one of user_id, item_id, "
-                             f"event_type, rating, ts, weight; got {part!r}")
+                             f"event_type, rating, ts, weight, session_id; got {part!r}")
         mapping[field.strip()] = column.strip()
     return mapping
 

@@ -1,0 +1,308 @@
+"""Next-click quality on session logs, streaming: ``recstream eval --protocol session``.
+
+Events stream in log order. Each click after a session's first, on an item
+seen before, is ranked with the state before it, then learned; every method
+ranks all items seen so far. Two columns:
+
+- ``hr@20``/``mrr@20``: every such click, repeats of the session's items count;
+- ``hr@20_new``/``mrr@20_new``: the clicks on an item new to the session,
+  ranked among the items not in the session (the "exclude seen" use case).
+
+Ties are broken at random in expectation (see ``expected_hit_rr``). A session
+is a user's run of events with gaps under ``session_gap_s`` (the model's
+setting), so with session ids as user ids it is the session.
+
+Baselines, in the same run on the same clicks, are reference implementations
+of session-rec's definitions (Ludewig et al.), learned online:
+
+- popularity so far;
+- SR (sequential rules): ``y -> x`` gains ``1 / gap`` when ``x`` follows ``y``
+  within 10 clicks of a session; the last click's 20 strongest rules score;
+- V-SKNN: the 1,000 most recent sessions sharing an item with the current
+  one, similarity the sum of the shared items' position weights, the 100 most
+  similar, each adding ``sim / step`` to its items (``step``: how far back the
+  newest shared item is).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+
+import numpy as np
+from numba import njit
+from recstream.embeddings.evaluate import EvalResult, Interactions, _rows
+from recstream.embeddings.model import MFConfig
+from recstream.embeddings.session import N_SIGNALS, _in_session, _learn_event, clear_scores, session_scores
+
+K = 20
+
+
+@njit(cache=True, nogil=True)
+def expected_hit_rr(greater, ties, k):
+    """Expected hit@k and reciprocal rank (0 past k) of an item with ``greater`` items scored
+    above it and ``ties`` others equal, its place among the tied drawn at random.
+
+    >>> from recstream.embeddings.evaluate_session import expected_hit_rr  # numba caches by file: compile it
+    >>> [round(float(x), 3) for x in expected_hit_rr(0, 1, 20)]  # rank 1 or 2
+    [1.0, 0.75]
+    >>> [round(float(x), 3) for x in expected_hit_rr(19, 1, 20)]  # rank 20 or 21
+    [0.5, 0.025]
+    """
+    if greater >= k:
+        return 0.0, 0.0
+    last = min(greater + ties, k - 1)
+    share = 1.0 / (ties + 1.0)
+    rr = 0.0
+    for r in range(greater, last + 1):
+        rr += 1.0 / (r + 1.0)
+    return (last - greater + 1) * share, rr * share
+
+
+def _rank(scores: np.ndarray, target: int, excluded: np.ndarray) -> tuple[float, float]:
+    """``expected_hit_rr`` of ``target`` in ``scores`` with the columns ``excluded`` left out."""
+    t = scores[target]
+    greater = int((scores > t).sum()) - int((scores[excluded] > t).sum())
+    ties = int((scores == t).sum()) - 1 - int((scores[excluded] == t).sum())
+    return expected_hit_rr(greater, ties, K)
+
+
+def session_numbers(users: np.ndarray, timestamps: np.ndarray, gap_ms: float) -> np.ndarray:
+    """Per event, a number for its session: a user's events with gaps up to ``gap_ms``.
+
+    >>> session_numbers(np.array([0, 1, 0, 0]), np.array([0, 5, 10, 9000]), 100.0).tolist()
+    [0, 1, 0, 2]
+    """
+    out = np.empty(len(users), dtype=np.int64)
+    current: dict[int, tuple[int, int]] = {}
+    count = 0
+    for n, (u, t) in enumerate(zip(users.tolist(), timestamps.tolist())):
+        last = current.get(u)
+        if last is None or t - last[1] > gap_ms:
+            last = (count, t)
+            count += 1
+        current[u] = (last[0], t)
+        out[n] = last[0]
+    return out
+
+
+class _Counts:
+    """Accumulates both columns' hits and reciprocal ranks."""
+
+    def __init__(self) -> None:
+        self.sums = np.zeros(4)
+        self.counts = np.zeros(2, dtype=np.int64)
+
+    def add(self, hit: float, rr: float, new: tuple[float, float] | None) -> None:
+        self.sums[:2] += (hit, rr)
+        self.counts[0] += 1
+        if new is not None:
+            self.sums[2:] += new
+            self.counts[1] += 1
+
+    def metrics(self, events: int, seconds: float) -> dict[str, float]:
+        all_, new = max(int(self.counts[0]), 1), max(int(self.counts[1]), 1)
+        return {f"hr@{K}": self.sums[0] / all_, f"mrr@{K}": self.sums[1] / all_,
+                f"hr@{K}_new": self.sums[2] / new, f"mrr@{K}_new": self.sums[3] / new,
+                "events": events, "events_evaluated": int(self.counts[0]),
+                "events_evaluated_new": int(self.counts[1]), "events_per_s": events / seconds}
+
+
+# -- baselines ----------------------------------------------------------------------------------
+
+class _Popularity:
+    def __init__(self) -> None:
+        self.counts = np.zeros(1024)
+
+    def scores(self, session: list[int], session_no: int, known: int) -> np.ndarray:
+        return self.counts[:known]
+
+    def learn(self, session: list[int], session_no: int, item: int, t: int) -> None:
+        if item >= len(self.counts):
+            self.counts = np.concatenate([self.counts, np.zeros(len(self.counts))])
+        self.counts[item] += 1.0
+
+
+class _SequentialRules:
+    """session-rec's SR (steps 10, weighting div, pruning 20), counted online."""
+
+    def __init__(self, steps: int = 10, pruning: int = 20) -> None:
+        self.steps, self.pruning = steps, pruning
+        self.rules: dict[int, dict[int, float]] = {}
+
+    def scores(self, session: list[int], session_no: int, known: int) -> np.ndarray:
+        out = np.zeros(known)
+        rules = self.rules.get(session[-1])
+        if rules:
+            best = heapq.nlargest(self.pruning, rules.items(), key=lambda kv: kv[1])
+            out[[x for x, _ in best]] = [w for _, w in best]
+        return out
+
+    def learn(self, session: list[int], session_no: int, item: int, t: int) -> None:
+        for i in range(1, min(self.steps, len(session)) + 1):
+            rules = self.rules.setdefault(session[-i], {})
+            rules[item] = rules.get(item, 0.0) + 1.0 / i
+
+
+class _VSKNN:
+    """session-rec's VMContextKNN (k 100, sample 1,000 recent, weighting div, div_score, remind)."""
+
+    def __init__(self, k: int = 100, sample: int = 1000) -> None:
+        self.k, self.sample = k, sample
+        self.item_sessions: dict[int, set[int]] = {}
+        self.session_items: dict[int, set[int]] = {}
+        self.session_time: dict[int, int] = {}
+
+    def scores(self, session: list[int], session_no: int, known: int) -> np.ndarray:
+        out = np.zeros(known)
+        pos = {x: (n + 1) / len(session) for n, x in enumerate(session)}
+        relevant: set[int] = set()
+        for x in pos:
+            relevant |= self.item_sessions.get(x, set())
+        relevant.discard(session_no)
+        if len(relevant) > self.sample:
+            relevant = set(heapq.nlargest(self.sample, relevant, key=self.session_time.__getitem__))
+        neighbours = []
+        for s in relevant:
+            sim = sum(pos[x] for x in self.session_items[s] if x in pos) / len(pos)
+            if sim > 0:
+                neighbours.append((s, sim))
+        neighbours = heapq.nlargest(self.k, neighbours, key=lambda sv: sv[1])
+        for s, sim in neighbours:
+            items = self.session_items[s]
+            step = next(n for n, x in enumerate(reversed(session), 1) if x in items)
+            out[list(items)] += sim / step
+        return out
+
+    def learn(self, session: list[int], session_no: int, item: int, t: int) -> None:
+        self.item_sessions.setdefault(item, set()).add(session_no)
+        self.session_items.setdefault(session_no, set()).add(item)
+        self.session_time[session_no] = t
+
+
+BASELINES = {"popularity": _Popularity, "sr": _SequentialRules, "vsknn": _VSKNN}
+
+
+def prequential_baseline(data: Interactions, name: str, gap_s: float = 1800.0) -> EvalResult:
+    """A baseline (``popularity``, ``sr`` or ``vsknn``) through the session protocol."""
+    items, _ = _rows(data.item_ids)
+    users, _ = _rows(data.user_ids)
+    sessions = session_numbers(users, data.timestamps, gap_s * 1000.0)
+    method = BASELINES[name]()
+    clicks: dict[int, list[int]] = {}
+    counts = _Counts()
+    known = 0
+    started = time.perf_counter()
+    for n, (item, s, t) in enumerate(zip(items.tolist(), sessions.tolist(), data.timestamps.tolist())):
+        session = clicks.setdefault(s, [])
+        if session and item < known:
+            scores = method.scores(session, s, known)
+            in_session = np.unique(np.asarray(session, dtype=np.int64))
+            counts.add(*_rank(scores, item, in_session[:0]),
+                       None if item in session else _rank(scores, item, in_session))
+        method.learn(session, s, item, t)
+        session.append(item)
+        known = max(known, item + 1)
+    return EvalResult(counts.metrics(len(data), time.perf_counter() - started))
+
+
+def _new_to_session(items: np.ndarray, sessions: np.ndarray) -> np.ndarray:
+    """Per event: is its item new to its session?
+
+    >>> _new_to_session(np.array([3, 4, 3, 3]), np.array([0, 0, 0, 1])).tolist()
+    [True, True, False, True]
+    """
+    seen: set[tuple[int, int]] = set()
+    out = np.zeros(len(items), dtype=bool)
+    for n, pair in enumerate(zip(sessions.tolist(), items.tolist())):
+        out[n] = pair not in seen
+        seen.add(pair)
+    return out
+
+
+# -- recstream ----------------------------------------------------------------------------------
+
+@njit(cache=True, nogil=True)
+def _rank_then_learn(users, items, ts, keys, known, new, mf, mf_weight, out, score_args, learn_args):
+    """Rank each event's item by ``mf_weight * mf[e] + session blend``, then learn it into the
+    session signals. ``new[e]``: the item is new to the session. ``out[e]``: evaluated, hit, rr,
+    evaluated_new, hit_new, rr_new."""
+    (gap_ms, qwindow, weights, hist, hlen, last_ts, skey, serial, r_rows, r_w, c_rows, c_w, s_items, s_len,
+     s_times, s_serials, i_serials, i_heads, sample, k, acc, touched, tmark, n_touched, session_buf, knn_scratch,
+     calls) = score_args
+    length = hist.shape[1]
+    for e in range(len(users)):
+        u, x, t = users[e], items[e], ts[e]
+        if x < known[e] and hlen[u] > 0 and _in_session(u, t, keys[e], gap_ms, serial, last_ts, skey):
+            session_scores(u, t, keys[e], gap_ms, qwindow, weights, hist, hlen, last_ts, skey, serial,
+                           r_rows, r_w, c_rows, c_w, s_items, s_len, s_times, s_serials, i_serials, i_heads,
+                           sample, k, acc, touched, tmark, n_touched, session_buf, knn_scratch, calls)
+            blend = acc[N_SIGNALS]
+            target = mf_weight * mf[e, x] + blend[x]
+            greater = 0
+            ties = 0
+            for j in range(known[e]):
+                s = mf_weight * mf[e, j] + blend[j]
+                if s > target:
+                    greater += 1
+                elif s == target:
+                    ties += 1
+            hit, rr = expected_hit_rr(greater, ties - 1, K)
+            out[e, 0], out[e, 1], out[e, 2] = 1.0, hit, rr
+            if new[e]:
+                for p in range(min(hlen[u], length)):  # leave out the session's (kept) items, each once
+                    y = session_buf[p]
+                    first = True
+                    for q in range(p):
+                        if session_buf[q] == y:
+                            first = False
+                    if first:
+                        s = mf_weight * mf[e, y] + blend[y]
+                        if s > target:
+                            greater -= 1
+                        elif s == target:
+                            ties -= 1
+                hit, rr = expected_hit_rr(greater, ties - 1, K)
+                out[e, 3], out[e, 4], out[e, 5] = 1.0, hit, rr
+            clear_scores(acc, touched, n_touched[0])
+        _learn_event(u, x, t, keys[e], *learn_args)
+
+
+def prequential_session(data: Interactions, config: MFConfig, batch: int = 512) -> EvalResult:
+    """recstream (factor model + session signals, as RecState learns them) through the session protocol.
+
+    The session signals rank and learn event by event inside one compiled
+    call per ``batch``; the factor model's scores for a batch are computed
+    before it and it learns the batch after, as the service does.
+    """
+    from recstream.stream.state import RecState
+
+    state = RecState(config, history_per_user=1)
+    model, signals = state.model, state.sessions
+    first_row, _ = _rows(data.item_ids)
+    known = np.maximum.accumulate(np.concatenate([[0], first_row[:-1] + 1]))  # items seen before each event
+    results = np.zeros((len(data), 6))
+    no_rating = np.full(batch, np.nan, dtype=np.float32)
+    keys = np.zeros(len(data), dtype=np.int64)
+    new = _new_to_session(first_row, session_numbers(_rows(data.user_ids)[0], data.timestamps,
+                                                     config.session_gap_s * 1000.0))
+    started = time.perf_counter()
+    for s in range(0, len(data), batch):
+        e = min(s + batch, len(data))
+        users = model.users.rows(data.user_ids[s:e])
+        items = model.items.rows(data.item_ids[s:e])
+        ts = data.timestamps[s:e]
+        signals.fit(len(model.users), len(model.items))
+        n_known = int(known[e - 1])
+        mf = np.zeros((e - s, max(n_known, 1)), dtype=np.float32)
+        if n_known and config.session_mf_weight:
+            vectors = model.query_vectors(users, ts)
+            mf = vectors @ model.items.vectors[:n_known].T + model.ranking_biases()[:n_known]
+        _rank_then_learn(users, items, ts, keys[s:e], known[s:e], new[s:e], mf, np.float32(config.session_mf_weight),
+                         results[s:e], signals.score_args(), signals.learn_args())
+        model.learn_rows(users, items, no_rating[: e - s], data.weights[s:e], None, ts)
+    seconds = time.perf_counter() - started
+    counts = _Counts()
+    counts.sums[:] = results[:, [1, 2, 4, 5]].sum(axis=0)
+    counts.counts[:] = results[:, [0, 3]].sum(axis=0)
+    return EvalResult(counts.metrics(len(data), seconds), results[:, 1][results[:, 0] > 0])

@@ -1,0 +1,227 @@
+"""Neighbourhood over recent sessions: session-kNN (V-SKNN) on a bounded ring, per event.
+
+Sessions live in a ring of ``capacity`` slots (each keeps its last ``length``
+distinct items and the time of its last event); each item keeps the serials
+of the last ``per_item`` sessions that had it. For the current session
+``s = (s_1 .. s_m)`` (oldest first), the neighbours are the ``sample`` most
+recent sessions sharing an item with it, their similarity
+
+.. math::
+
+    \\mathrm{sim}(s, n) = \\sum_{i \\in s \\cap n} \\frac{\\mathrm{pos}_s(i)}{m}
+
+(``pos`` the 1-based position of ``i``'s last click in ``s``: later clicks
+weigh more), and an item ``x`` scores
+
+.. math::
+
+    \\mathrm{knn}(x) = \\sum_{n \\in \\mathrm{top}_k} \\mathrm{sim}(s, n)
+        \\, \\frac{1}{\\mathrm{step}(s, n)} \\, [x \\in n]
+
+where ``step`` is how far back in ``s`` the newest item shared with ``n`` is
+(1 = the last click). This is V-SKNN (Ludewig & Jannach 2018) except that
+its sessions are the ring's, not all of history. A slot reused by a newer
+session invalidates the item entries that point to it by serial number, so
+nothing has to be cleaned up; memory is fixed by the three sizes.
+
+>>> from recstream.embeddings.session_knn import RecentSessions  # numba caches by file: compile it
+... # under the installed name, as the service does
+>>> import numpy as np
+>>> ring = RecentSessions(capacity=8, length=4, per_item=4)
+>>> for serial, items in enumerate([[0, 1, 2], [0, 3]], start=1):
+...     for item in items:
+...         ring.add(serial, item, 1000 * serial)
+>>> scores = np.zeros(5)
+>>> ring.score(np.array([0]), 3, 5, 20, scores)  # a session that clicked item 0
+>>> scores.round(3).tolist()  # both earlier sessions are neighbours, sharing item 0
+[2.0, 1.0, 1.0, 1.0, 0.0]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+
+@njit(cache=True, nogil=True)
+def ring_add(items, lengths, times, serials, item_serials, item_heads, serial, x, t):
+    """Record that session ``serial`` clicked item ``x`` at time ``t`` (a new serial takes the next slot)."""
+    capacity, length = items.shape
+    slot = serial % capacity
+    if serials[slot] != serial:  # a new session: take over the slot
+        serials[slot] = serial
+        lengths[slot] = 0
+    times[slot] = t
+    row = items[slot]
+    for c in range(lengths[slot]):
+        if row[c] == x:  # already in the session: move it to the end (newest)
+            for d in range(c, lengths[slot] - 1):
+                row[d] = row[d + 1]
+            row[lengths[slot] - 1] = x
+            return
+    if lengths[slot] == length:  # full: forget the oldest item
+        for d in range(length - 1):
+            row[d] = row[d + 1]
+        lengths[slot] -= 1
+    row[lengths[slot]] = x
+    lengths[slot] += 1
+    per_item = item_serials.shape[1]
+    head = item_heads[x]
+    item_serials[x, head % per_item] = serial
+    item_heads[x] = head + 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def touch(x, touched, tmark, stamp, n_touched):
+    """Append ``x`` to ``touched`` unless ``tmark[x]`` already holds this call's ``stamp``."""
+    if tmark[x] != stamp:
+        tmark[x] = stamp
+        touched[n_touched[0]] = x
+        n_touched[0] += 1
+
+
+@njit(cache=True, nogil=True)
+def ring_score(items, lengths, times, serials, item_serials, item_heads, session, own_serial, sample, k, out,
+               touched, tmark, tstamp, n_touched, weight_of, mark, seen_slot, candidates, cand_time, sims, calls):
+    """Add V-SKNN scores for the session ``session`` (item rows, oldest first) to ``out``, listing the
+    items reached in ``touched`` (see ``touch``).
+
+    ``weight_of``/``mark`` (per item) and ``seen_slot`` (per slot) are scratch arrays
+    marked with the call's number (``calls``, int64[1]) so nothing has to be cleared between calls;
+    ``candidates``, ``cand_time``, ``sims`` hold at least ``len(session) * per_item``.
+    """
+    capacity = items.shape[0]
+    per_item = item_serials.shape[1]
+    m = len(session)
+    if m == 0:
+        return
+    calls[0] += 1
+    stamp = calls[0]
+    for p in range(m):  # position weights; a repeated item keeps its last position
+        x = session[p]
+        weight_of[x] = (p + 1.0) / m
+        mark[x] = stamp
+    n_cand = 0
+    for p in range(m):
+        x = session[p]
+        if p < m - 1:
+            duplicate = False
+            for q in range(p + 1, m):
+                if session[q] == x:
+                    duplicate = True
+                    break
+            if duplicate:
+                continue
+        head = item_heads[x]
+        for j in range(min(head, per_item)):
+            serial = item_serials[x, (head - 1 - j) % per_item]
+            slot = serial % capacity
+            if serial == own_serial or serials[slot] != serial or seen_slot[slot] == stamp:
+                continue
+            seen_slot[slot] = stamp
+            candidates[n_cand] = slot
+            cand_time[n_cand] = times[slot]
+            n_cand += 1
+    if n_cand == 0:
+        return
+    order = np.argsort(-cand_time[:n_cand], kind="mergesort")[:sample]  # the most recent
+    for j in range(len(order)):
+        slot = candidates[order[j]]
+        s = 0.0
+        for c in range(lengths[slot]):
+            x = items[slot, c]
+            if mark[x] == stamp:
+                s += weight_of[x]
+        sims[j] = s / m
+    best = np.argsort(-sims[: len(order)], kind="mergesort")[:k]
+    for j in range(len(best)):
+        sim = sims[best[j]]
+        if sim <= 0.0:
+            break
+        slot = candidates[order[best[j]]]
+        step = 1.0
+        for p in range(m - 1, -1, -1):  # the newest session item this neighbour shares
+            x = session[p]
+            found = False
+            for c in range(lengths[slot]):
+                if items[slot, c] == x:
+                    found = True
+                    break
+            if found:
+                break
+            step += 1.0
+        gain = sim / step
+        for c in range(lengths[slot]):
+            x = items[slot, c]
+            touch(x, touched, tmark, tstamp, n_touched)
+            out[x] += gain
+
+
+class RecentSessions:
+    """The ring of recent sessions and its item -> session index (see the module docstring)."""
+
+    def __init__(self, capacity: int = 10_000, length: int = 20, per_item: int = 64, sample: int = 1000,
+                 k: int = 100) -> None:
+        self.sample, self.k = sample, k
+        self.items = np.zeros((capacity, length), dtype=np.int32)
+        self.lengths = np.zeros(capacity, dtype=np.int32)
+        self.times = np.zeros(capacity, dtype=np.int64)
+        self.serials = np.full(capacity, -1, dtype=np.int64)
+        self.item_serials = np.zeros((1024, per_item), dtype=np.int64)
+        self.item_heads = np.zeros(1024, dtype=np.int64)
+        self._scratch_items = 0
+
+    def fit(self, items: int) -> None:
+        if items > len(self.item_heads):
+            size = max(items, 2 * len(self.item_heads))
+            serials = np.zeros((size, self.item_serials.shape[1]), dtype=np.int64)
+            serials[: len(self.item_serials)] = self.item_serials
+            heads = np.zeros(size, dtype=np.int64)
+            heads[: len(self.item_heads)] = self.item_heads
+            self.item_serials, self.item_heads = serials, heads
+
+    def add(self, serial: int, item: int, t: int) -> None:
+        """Session ``serial`` (numbered from 1, increasing) clicked ``item`` at ``t``."""
+        self.fit(item + 1)
+        ring_add(self.items, self.lengths, self.times, self.serials, self.item_serials, self.item_heads,
+                 serial, item, t)
+
+    def score(self, session: np.ndarray, own_serial: int, n_items: int, max_session: int, out: np.ndarray) -> None:
+        """Add the kNN scores of ``session`` (its last ``max_session`` clicks) to ``out`` (one per item)."""
+        self.fit(n_items)
+        scratch = self.scratch(n_items, max_session)
+        touched, tmark, n_touched = np.zeros(len(out), np.int64), np.zeros(len(out), np.int64), np.zeros(1, np.int64)
+        ring_score(self.items, self.lengths, self.times, self.serials, self.item_serials, self.item_heads,
+                   np.asarray(session, dtype=np.int64)[-max_session:], own_serial, self.sample, self.k, out,
+                   touched, tmark, 1, n_touched, *scratch)
+
+    def scratch(self, n_items: int, max_session: int) -> tuple[np.ndarray, ...]:
+        """Work arrays for ``ring_score`` (kept: they are marked, never cleared)."""
+        n_items = max(n_items, len(self.item_heads))
+        if self._scratch_items < n_items or len(self._scratch[4]) < max_session * self.item_serials.shape[1]:
+            cand = max_session * self.item_serials.shape[1]
+            self._scratch = (np.zeros(n_items, np.float64), np.zeros(n_items, np.int64),
+                             np.zeros(len(self.lengths), np.int64), np.zeros(cand, np.int64),
+                             np.zeros(cand, np.int64), np.zeros(cand, np.float64), np.zeros(1, np.int64))
+            self._scratch_items = n_items
+        return self._scratch
+
+    def bytes_per_item(self) -> int:
+        return self.item_serials.itemsize * self.item_serials.shape[1] + self.item_heads.itemsize
+
+    def to_arrays(self, items: int) -> dict[str, np.ndarray]:
+        return {"items": self.items.copy(), "lengths": self.lengths.copy(), "times": self.times.copy(),
+                "serials": self.serials.copy(), "item_serials": self.item_serials[:items].copy(),
+                "item_heads": self.item_heads[:items].copy()}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        if arrays["items"].shape != self.items.shape or arrays["item_serials"].shape[1] != self.item_serials.shape[1]:
+            return  # resized ring: it refills from the stream within a few thousand sessions
+        self.items, self.lengths = arrays["items"].astype(np.int32), arrays["lengths"].astype(np.int32)
+        self.times, self.serials = arrays["times"].astype(np.int64), arrays["serials"].astype(np.int64)
+        n = len(arrays["item_heads"])
+        self.item_serials = np.zeros((max(n, 1024), self.item_serials.shape[1]), dtype=np.int64)
+        self.item_heads = np.zeros(max(n, 1024), dtype=np.int64)
+        self.item_serials[:n] = arrays["item_serials"]
+        self.item_heads[:n] = arrays["item_heads"]
+        self._scratch_items = 0
