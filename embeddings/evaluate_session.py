@@ -222,27 +222,26 @@ def _new_to_session(items: np.ndarray, sessions: np.ndarray) -> np.ndarray:
 
 # -- recstream ----------------------------------------------------------------------------------
 
-@njit(cache=True, nogil=True)
-def _rank_then_learn(users, items, ts, keys, known, new, mf, mf_weight, out, score_args, learn_args):
-    """Rank each event's item by ``mf_weight * mf[e] + session blend``, then learn it into the
+@njit(cache=False, nogil=True)  # calls other modules' kernels: not cached (see embeddings.session)
+def _rank_then_learn(users, items, ts, keys, known, new, mf_row, mf, mf_weight, out, score_args, learn_args):
+    """Rank each event's item by ``mf_weight * mf[mf_row[e]] + session blend``, then learn it into the
     session signals. ``new[e]``: the item is new to the session. ``out[e]``: evaluated, hit, rr,
     evaluated_new, hit_new, rr_new."""
-    (gap_ms, qwindow, weights, hist, hlen, last_ts, skey, serial, r_rows, r_w, c_rows, c_w, s_items, s_len,
-     s_times, s_serials, i_serials, i_heads, sample, k, acc, touched, tmark, n_touched, session_buf, knn_scratch,
-     calls) = score_args
+    gap_ms, hist, hlen, last_ts, skey, serial = score_args[0], score_args[3], score_args[4], score_args[5], \
+        score_args[6], score_args[7]
+    acc, touched, n_touched, session_buf = score_args[22], score_args[23], score_args[25], score_args[26]
     length = hist.shape[1]
     for e in range(len(users)):
         u, x, t = users[e], items[e], ts[e]
-        if x < known[e] and hlen[u] > 0 and _in_session(u, t, keys[e], gap_ms, serial, last_ts, skey):
-            session_scores(u, t, keys[e], gap_ms, qwindow, weights, hist, hlen, last_ts, skey, serial,
-                           r_rows, r_w, c_rows, c_w, s_items, s_len, s_times, s_serials, i_serials, i_heads,
-                           sample, k, acc, touched, tmark, n_touched, session_buf, knn_scratch, calls)
+        if mf_row[e] >= 0 and hlen[u] > 0 and _in_session(u, t, keys[e], gap_ms, serial, last_ts, skey):
+            session_scores(u, t, keys[e], *score_args)
             blend = acc[N_SIGNALS]
-            target = mf_weight * mf[e, x] + blend[x]
+            scores = mf[mf_row[e]]
+            target = mf_weight * scores[x] + blend[x]
             greater = 0
             ties = 0
             for j in range(known[e]):
-                s = mf_weight * mf[e, j] + blend[j]
+                s = mf_weight * scores[j] + blend[j]
                 if s > target:
                     greater += 1
                 elif s == target:
@@ -257,7 +256,7 @@ def _rank_then_learn(users, items, ts, keys, known, new, mf, mf_weight, out, sco
                         if session_buf[q] == y:
                             first = False
                     if first:
-                        s = mf_weight * mf[e, y] + blend[y]
+                        s = mf_weight * scores[y] + blend[y]
                         if s > target:
                             greater -= 1
                         elif s == target:
@@ -268,12 +267,13 @@ def _rank_then_learn(users, items, ts, keys, known, new, mf, mf_weight, out, sco
         _learn_event(u, x, t, keys[e], *learn_args)
 
 
-def prequential_session(data: Interactions, config: MFConfig, batch: int = 512) -> EvalResult:
+def prequential_session(data: Interactions, config: MFConfig, batch: int = 1024) -> EvalResult:
     """recstream (factor model + session signals, as RecState learns them) through the session protocol.
 
     The session signals rank and learn event by event inside one compiled
     call per ``batch``; the factor model's scores for a batch are computed
-    before it and it learns the batch after, as the service does.
+    before it (for the events that are ranked) and it learns the batch after,
+    as the service does.
     """
     from recstream.stream.state import RecState
 
@@ -281,11 +281,18 @@ def prequential_session(data: Interactions, config: MFConfig, batch: int = 512) 
     model, signals = state.model, state.sessions
     first_row, _ = _rows(data.item_ids)
     known = np.maximum.accumulate(np.concatenate([[0], first_row[:-1] + 1]))  # items seen before each event
+    sessions = session_numbers(_rows(data.user_ids)[0], data.timestamps, config.session_gap_s * 1000.0)
+    new = _new_to_session(first_row, sessions)
+    starts = np.ones(len(data), dtype=bool)
+    starts[1:] = sessions[1:] > np.maximum.accumulate(sessions)[:-1]  # a session's first event has a new number
+    ranked = (first_row < known) & ~starts
     results = np.zeros((len(data), 6))
     no_rating = np.full(batch, np.nan, dtype=np.float32)
     keys = np.zeros(len(data), dtype=np.int64)
-    new = _new_to_session(first_row, session_numbers(_rows(data.user_ids)[0], data.timestamps,
-                                                     config.session_gap_s * 1000.0))
+    mf_weight = np.float32(config.session_mf_weight)
+    empty = np.zeros(0, dtype=np.int64)  # compile before the clock starts
+    _rank_then_learn(empty, empty, empty, empty, empty, np.zeros(0, bool), empty, np.zeros((0, 1), np.float32), mf_weight,
+                     results[:0], signals.score_args(), signals.learn_args())
     started = time.perf_counter()
     for s in range(0, len(data), batch):
         e = min(s + batch, len(data))
@@ -293,13 +300,15 @@ def prequential_session(data: Interactions, config: MFConfig, batch: int = 512) 
         items = model.items.rows(data.item_ids[s:e])
         ts = data.timestamps[s:e]
         signals.fit(len(model.users), len(model.items))
-        n_known = int(known[e - 1])
-        mf = np.zeros((e - s, max(n_known, 1)), dtype=np.float32)
-        if n_known and config.session_mf_weight:
-            vectors = model.query_vectors(users, ts)
-            mf = vectors @ model.items.vectors[:n_known].T + model.ranking_biases()[:n_known]
-        _rank_then_learn(users, items, ts, keys[s:e], known[s:e], new[s:e], mf, np.float32(config.session_mf_weight),
-                         results[s:e], signals.score_args(), signals.learn_args())
+        n_known = max(int(known[e - 1]), 1)
+        mf_row = np.where(ranked[s:e], np.cumsum(ranked[s:e]) - 1, -1)  # the events ranked get a row of scores
+        mf = np.zeros((int(ranked[s:e].sum()), n_known), dtype=np.float32)
+        if len(mf) and mf_weight:
+            at = np.flatnonzero(ranked[s:e])
+            mf = model.query_vectors(users[at], ts[at]) @ model.items.vectors[:n_known].T
+            mf += model.ranking_biases()[:n_known]
+        _rank_then_learn(users, items, ts, keys[s:e], known[s:e], new[s:e], mf_row, mf, mf_weight, results[s:e],
+                         signals.score_args(), signals.learn_args())
         model.learn_rows(users, items, no_rating[: e - s], data.weights[s:e], None, ts)
     seconds = time.perf_counter() - started
     counts = _Counts()

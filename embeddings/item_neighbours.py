@@ -8,9 +8,13 @@ Each item ``y`` keeps at most ``n`` neighbours ``x`` with a weight
 
 the sum of the gains ``g_e`` of every pair ``y -> x`` learned at event time
 ``t_e``, halved every ``h`` of event time (``h = 0``: no decay). Counting is
-exact while ``y`` has at most ``n`` neighbours; past that, a new neighbour
-takes the slot of the weakest one (pruning), so a row never holds more than
-``n`` pairs and memory is ``n * 8`` bytes per item, however many items arrive.
+exact while ``y`` has at most ``n`` neighbours; past that, a row is pruned by
+space-saving (Metwally et al. 2005): a new neighbour takes the slot of the one
+with the smallest upper bound and inherits that bound as its possible error.
+Pairs are ranked by their lower bound (the weight learned since they got the
+slot), evicted by their upper bound, so a frequent pair always gets in and a
+flood of one-off pairs cannot push it out nor outrank it. A row never holds
+more than ``n`` pairs: memory is ``n * 12`` bytes per item, however many arrive.
 
 Decay costs nothing per pair: weights are stored in units of
 ``2^{(t_e - t_0) / h}`` for a reference time ``t_0`` (a gain learned later is
@@ -30,6 +34,8 @@ session co-occurrence, both directions, gain 1.
 >>> rows, weights = rules.neighbours(0)
 >>> sorted(zip(rows.tolist(), weights.tolist()))  # 2 (the weakest, 1.0 against 1.5) made room for 3
 [(1, 1.5), (3, 2.0)]
+>>> rules.errors[0].tolist()  # 3 may have had 2's weight before: its upper bound is 3.0
+[0.0, 1.0]
 """
 
 from __future__ import annotations
@@ -41,8 +47,10 @@ _RESCALE_AT = 30.0  # half-lives past the reference time before weights are resc
 
 
 @njit(cache=True, nogil=True)
-def add_pair(rows, weights, clock, half_life_ms, y, x, gain, t):
-    """Add ``gain`` at event time ``t`` to the pair ``y -> x`` (``clock``: reference time, float64[1])."""
+def add_pair(rows, weights, errors, clock, half_life_ms, y, x, gain, t):
+    """Add ``gain`` at event time ``t`` to the pair ``y -> x`` (``clock``: reference time, float64[1]).
+
+    ``weights`` hold upper bounds, ``errors`` how much of them may not be the pair's own."""
     if half_life_ms > 0.0:
         exponent = (t - clock[0]) / half_life_ms
         if exponent > _RESCALE_AT:
@@ -50,6 +58,7 @@ def add_pair(rows, weights, clock, half_life_ms, y, x, gain, t):
             for r in range(rows.shape[0]):
                 for c in range(rows.shape[1]):
                     weights[r, c] *= factor
+                    errors[r, c] *= factor
             clock[0] = t
             exponent = 0.0
         gain = gain * 2.0 ** max(exponent, -_RESCALE_AT)  # an out-of-order old event counts a little, never NaN
@@ -63,17 +72,19 @@ def add_pair(rows, weights, clock, half_life_ms, y, x, gain, t):
         if row[c] < 0:  # free slots are filled left to right: x is not further on
             row[c] = x
             w[c] = gain
+            errors[y, c] = 0.0
             return
         if w[c] < w[weakest]:
             weakest = c
     row[weakest] = x
-    w[weakest] = gain
+    errors[y, weakest] = w[weakest]
+    w[weakest] += gain
 
 
 @njit(cache=True, nogil=True)
-def _add_all(rows, weights, clock, half_life_ms, ys, xs, gains, ts):
+def _add_all(rows, weights, errors, clock, half_life_ms, ys, xs, gains, ts):
     for e in range(len(ys)):
-        add_pair(rows, weights, clock, half_life_ms, ys[e], xs[e], gains[e], ts[e])
+        add_pair(rows, weights, errors, clock, half_life_ms, ys[e], xs[e], gains[e], ts[e])
 
 
 class ItemNeighbours:
@@ -84,6 +95,7 @@ class ItemNeighbours:
         self.half_life_ms = half_life_s * 1000.0
         self.rows = np.full((1024, n), -1, dtype=np.int32)
         self.weights = np.zeros((1024, n), dtype=np.float32)
+        self.errors = np.zeros((1024, n), dtype=np.float32)
         self.clock = np.zeros(1, dtype=np.float64)  # reference event time of the stored weights
 
     def fit(self, items: int) -> None:
@@ -92,41 +104,44 @@ class ItemNeighbours:
             size = max(items, 2 * len(self.rows))
             rows = np.full((size, self.n), -1, dtype=np.int32)
             weights = np.zeros((size, self.n), dtype=np.float32)
+            errors = np.zeros((size, self.n), dtype=np.float32)
             rows[: len(self.rows)] = self.rows
             weights[: len(self.weights)] = self.weights
-            self.rows, self.weights = rows, weights
+            errors[: len(self.errors)] = self.errors
+            self.rows, self.weights, self.errors = rows, weights, errors
 
     def add(self, ys: np.ndarray, xs: np.ndarray, gains: np.ndarray, ts: np.ndarray) -> None:
         """Learn pairs ``ys[e] -> xs[e]`` with ``gains[e]`` at event times ``ts[e]`` (ms), in order."""
         self.fit(int(max(ys.max(initial=-1), xs.max(initial=-1))) + 1)
-        _add_all(self.rows, self.weights, self.clock, self.half_life_ms, ys.astype(np.int64), xs.astype(np.int64),
+        _add_all(self.rows, self.weights, self.errors, self.clock, self.half_life_ms, ys.astype(np.int64), xs.astype(np.int64),
                  gains.astype(np.float64), ts.astype(np.float64))
 
     def neighbours(self, y: int) -> tuple[np.ndarray, np.ndarray]:
-        """``y``'s neighbour rows and weights (in the stored scale: compare them, don't read them as counts
-        when decay is on)."""
+        """``y``'s neighbour rows and weights (lower bounds; in the stored scale: compare them, don't
+        read them as counts when decay is on)."""
         if y >= len(self.rows):
             return np.zeros(0, np.int32), np.zeros(0, np.float32)
         keep = self.rows[y] >= 0
-        return self.rows[y][keep], self.weights[y][keep]
+        return self.rows[y][keep], (self.weights[y] - self.errors[y])[keep]
 
     def bytes_per_item(self) -> int:
-        return self.rows.itemsize * self.n + self.weights.itemsize * self.n
+        return (self.rows.itemsize + self.weights.itemsize + self.errors.itemsize) * self.n
 
     def to_arrays(self, items: int) -> dict[str, np.ndarray]:
-        return {"rows": self.rows[:items].copy(), "weights": self.weights[:items].copy(), "clock": self.clock.copy()}
+        return {"rows": self.rows[:items].copy(), "weights": self.weights[:items].copy(),
+                "errors": self.errors[:items].copy(), "clock": self.clock.copy()}
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         rows, weights = np.asarray(arrays["rows"], np.int32), np.asarray(arrays["weights"], np.float32)
+        errors = np.asarray(arrays["errors"], np.float32)
         if rows.shape[1] != self.n:  # a changed neighbour count: keep each item's strongest
-            order = np.argsort(-np.where(rows >= 0, weights, -np.inf), axis=1, kind="stable")[:, : self.n]
-            rows, weights = np.take_along_axis(rows, order, 1), np.take_along_axis(weights, order, 1)
-            pad = self.n - rows.shape[1]
-            if pad > 0:
-                rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
-                weights = np.pad(weights, ((0, 0), (0, pad)))
-        self.rows = np.full((max(len(rows), 1024), self.n), -1, dtype=np.int32)
-        self.weights = np.zeros((len(self.rows), self.n), dtype=np.float32)
-        self.rows[: len(rows)] = rows
-        self.weights[: len(weights)] = weights
+            order = np.argsort(-np.where(rows >= 0, weights - errors, -np.inf), axis=1, kind="stable")[:, : self.n]
+            rows, weights, errors = (np.take_along_axis(a, order, 1) for a in (rows, weights, errors))
+            pad = ((0, 0), (0, max(self.n - rows.shape[1], 0)))
+            rows, weights, errors = np.pad(rows, pad, constant_values=-1), np.pad(weights, pad), np.pad(errors, pad)
+        size = max(len(rows), 1024)
+        self.rows = np.full((size, self.n), -1, dtype=np.int32)
+        self.weights = np.zeros((size, self.n), dtype=np.float32)
+        self.errors = np.zeros((size, self.n), dtype=np.float32)
+        self.rows[: len(rows)], self.weights[: len(rows)], self.errors[: len(rows)] = rows, weights, errors
         self.clock = np.array(arrays["clock"], dtype=np.float64).reshape(1)

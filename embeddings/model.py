@@ -144,7 +144,7 @@ class MFConfig:
     session_rules_window: int = 10
     session_query_window: int = 1
     session_neighbours: int = 32
-    session_half_life_s: float = 0.0
+    session_half_life_s: float = 2_592_000.0  # 30 days
     session_ring: int = 10_000
     session_per_item: int = 64
     session_knn_sample: int = 1000
@@ -153,7 +153,7 @@ class MFConfig:
     session_cooc_weight: float = 0.3
     session_knn_weight: float = 1.0
     session_repeat_weight: float = 1.0
-    session_mf_weight: float = 0.05
+    session_mf_weight: float = 0.01
 
 
 class OnlineMF:

@@ -24,7 +24,7 @@ the items the session signals do not reach. Weights are ``model.session_*_weight
 ... # under the installed name, as the service does
 >>> import numpy as np
 >>> from recstream.embeddings.model import MFConfig
->>> signals = SessionSignals(MFConfig())
+>>> signals = SessionSignals(MFConfig(session_half_life_s=0))  # no decay: plain counts
 >>> users, items = np.zeros(4, np.int64), np.array([0, 1, 0, 1])  # one session: 0 1 0 1
 >>> signals.update(users, items, np.arange(4, dtype=np.int64) * 1000)
 >>> rows, weights = signals.rules.neighbours(0)
@@ -43,6 +43,9 @@ from recstream.embeddings.item_neighbours import ItemNeighbours, add_pair
 from recstream.embeddings.session_knn import RecentSessions, ring_add, ring_score, touch
 
 N_SIGNALS = 4  # rules, co-occurrence, neighbourhood, repeat
+# Kernels that call other modules' kernels are not cached on disk: numba's cache checks only the
+# source file of the function it caches, so it would keep running the old code of a changed callee.
+# They compile once per process instead (a few seconds).
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -55,9 +58,9 @@ def _in_session(u, t, key, gap_ms, serial, last_ts, skey):
     return t - last_ts[u] <= gap_ms
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=False, nogil=True)  # calls other modules' kernels: not cached (see above)
 def _learn_event(u, x, t, key, gap_ms, window, hist, hlen, last_ts, skey, serial, next_serial,
-                 r_rows, r_w, r_clock, c_rows, c_w, c_clock, half_life_ms,
+                 r_rows, r_w, r_e, r_clock, c_rows, c_w, c_e, c_clock, half_life_ms,
                  s_items, s_len, s_times, s_serials, i_serials, i_heads):
     length = hist.shape[1]
     if not _in_session(u, t, key, gap_ms, serial, last_ts, skey):
@@ -65,31 +68,27 @@ def _learn_event(u, x, t, key, gap_ms, window, hist, hlen, last_ts, skey, serial
         serial[u] = next_serial[0]
         hlen[u] = 0
         skey[u] = key
-    for i in range(1, min(hlen[u], window) + 1):
+    for i in range(1, min(hlen[u], window, length) + 1):
         y = hist[u, (hlen[u] - i) % length]
-        add_pair(r_rows, r_w, r_clock, half_life_ms, y, x, 1.0 / i, t)
-        add_pair(c_rows, c_w, c_clock, half_life_ms, y, x, 1.0, t)
+        add_pair(r_rows, r_w, r_e, r_clock, half_life_ms, y, x, 1.0 / i, t)
+        add_pair(c_rows, c_w, c_e, c_clock, half_life_ms, y, x, 1.0, t)
         if y != x:
-            add_pair(c_rows, c_w, c_clock, half_life_ms, x, y, 1.0, t)
+            add_pair(c_rows, c_w, c_e, c_clock, half_life_ms, x, y, 1.0, t)
     hist[u, hlen[u] % length] = x
     hlen[u] += 1
     last_ts[u] = max(last_ts[u], t)
     ring_add(s_items, s_len, s_times, s_serials, i_serials, i_heads, serial[u], x, t)
 
 
-@njit(cache=True, nogil=True)
-def _learn_batch(users, items, ts, keys, gap_ms, window, hist, hlen, last_ts, skey, serial, next_serial,
-                 r_rows, r_w, r_clock, c_rows, c_w, c_clock, half_life_ms,
-                 s_items, s_len, s_times, s_serials, i_serials, i_heads):
+@njit(cache=False, nogil=True)  # calls other modules' kernels: not cached (see above)
+def _learn_batch(users, items, ts, keys, learn_args):
     for e in range(len(users)):
-        _learn_event(users[e], items[e], ts[e], keys[e], gap_ms, window, hist, hlen, last_ts, skey, serial,
-                     next_serial, r_rows, r_w, r_clock, c_rows, c_w, c_clock, half_life_ms,
-                     s_items, s_len, s_times, s_serials, i_serials, i_heads)
+        _learn_event(users[e], items[e], ts[e], keys[e], *learn_args)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=False, nogil=True)  # calls other modules' kernels: not cached (see above)
 def session_scores(u, t, key, gap_ms, qwindow, weights, hist, hlen, last_ts, skey, serial,
-                   r_rows, r_w, c_rows, c_w, s_items, s_len, s_times, s_serials, i_serials, i_heads, sample, k,
+                   r_rows, r_w, r_e, c_rows, c_w, c_e, s_items, s_len, s_times, s_serials, i_serials, i_heads, sample, k,
                    acc, touched, tmark, n_touched, session_buf, knn_scratch, calls):
     """The blended session score of every item the signals reach for user ``u`` at ``t``.
 
@@ -112,27 +111,27 @@ def session_scores(u, t, key, gap_ms, qwindow, weights, hist, hlen, last_ts, ske
         top = 0.0
         for c in range(n_nb):
             if r_rows[y, c] >= 0:
-                top = max(top, r_w[y, c])
+                top = max(top, r_w[y, c] - r_e[y, c])
         if top > 0.0:
             for c in range(n_nb):
                 x = r_rows[y, c]
                 if x < 0:
                     break
                 touch(x, touched, tmark, stamp, n_touched)
-                acc[0, x] += r_w[y, c] / (i * top)
+                acc[0, x] += (r_w[y, c] - r_e[y, c]) / (i * top)
     for p in range(m):  # co-occurrence with every click, later ones weighing more
         y = session_buf[p]
         top = 0.0
         for c in range(n_nb):
             if c_rows[y, c] >= 0:
-                top = max(top, c_w[y, c])
+                top = max(top, c_w[y, c] - c_e[y, c])
         if top > 0.0:
             for c in range(n_nb):
                 x = c_rows[y, c]
                 if x < 0:
                     break
                 touch(x, touched, tmark, stamp, n_touched)
-                acc[1, x] += (p + 1.0) / m * c_w[y, c] / top
+                acc[1, x] += (p + 1.0) / m * (c_w[y, c] - c_e[y, c]) / top
     if weights[2] > 0.0:
         ring_score(s_items, s_len, s_times, s_serials, i_serials, i_heads, session_buf[:m], serial[u], sample, k,
                    acc[2], touched, tmark, stamp, n_touched, knn_scratch[0], knn_scratch[1], knn_scratch[2],
@@ -161,16 +160,13 @@ def clear_scores(acc, touched, n):
             acc[f, x] = 0.0
 
 
-@njit(cache=True, nogil=True)
-def _candidates_batch(users, now, keys, gap_ms, qwindow, weights, hist, hlen, last_ts, skey, serial,
-                      r_rows, r_w, c_rows, c_w, s_items, s_len, s_times, s_serials, i_serials, i_heads, sample, k,
-                      acc, touched, tmark, n_touched, session_buf, knn_scratch, calls, out_rows, out_scores, out_n):
+@njit(cache=False, nogil=True)  # calls other modules' kernels: not cached (see above)
+def _candidates_batch(users, now, keys, score_args, out_rows, out_scores, out_n):
     """``session_scores`` for each user; the reached items and blends go to ``out_*`` (CSR by ``out_n``)."""
+    acc, touched, n_touched = score_args[22], score_args[23], score_args[25]
     n_out = 0
     for e in range(len(users)):
-        session_scores(users[e], now[e], keys[e], gap_ms, qwindow, weights, hist, hlen, last_ts, skey, serial,
-                       r_rows, r_w, c_rows, c_w, s_items, s_len, s_times, s_serials, i_serials, i_heads, sample, k,
-                       acc, touched, tmark, n_touched, session_buf, knn_scratch, calls)
+        session_scores(users[e], now[e], keys[e], *score_args)
         n = n_touched[0]
         if n_out + n > len(out_rows):
             return e  # out of room: the caller grows the buffers and goes on from here
@@ -249,15 +245,16 @@ class SessionSignals:
     def learn_args(self) -> tuple:
         """The arrays the learning kernel takes after the events (see ``_learn_event``)."""
         return (self.gap_ms, self.config.session_rules_window, self.hist, self.hlen, self.last_ts, self.skey,
-                self.serial, self.next_serial, self.rules.rows, self.rules.weights, self.rules.clock,
-                self.cooc.rows, self.cooc.weights, self.cooc.clock, self.rules.half_life_ms,
+                self.serial, self.next_serial, self.rules.rows, self.rules.weights, self.rules.errors, self.rules.clock,
+                self.cooc.rows, self.cooc.weights, self.cooc.errors, self.cooc.clock, self.rules.half_life_ms,
                 self.ring.items, self.ring.lengths, self.ring.times, self.ring.serials, self.ring.item_serials,
                 self.ring.item_heads)
 
     def score_args(self) -> tuple:
         """The arrays ``session_scores`` takes after the user, time and key."""
         return (self.gap_ms, self.config.session_query_window, self.weights, self.hist, self.hlen, self.last_ts,
-                self.skey, self.serial, self.rules.rows, self.rules.weights, self.cooc.rows, self.cooc.weights,
+                self.skey, self.serial, self.rules.rows, self.rules.weights, self.rules.errors, self.cooc.rows,
+                self.cooc.weights, self.cooc.errors,
                 self.ring.items, self.ring.lengths, self.ring.times, self.ring.serials, self.ring.item_serials,
                 self.ring.item_heads, self.ring.sample, self.ring.k, self.acc, self.touched, self.tmark,
                 self.n_touched, self.session_buf, self.knn_scratch, self.calls)
@@ -271,7 +268,7 @@ class SessionSignals:
         self.fit(int(user_rows.max()) + 1, int(item_rows.max()) + 1)
         keys = np.zeros(len(user_rows), np.int64) if session_keys is None else session_keys.astype(np.int64)
         _learn_batch(user_rows.astype(np.int64), item_rows.astype(np.int64), timestamps.astype(np.int64), keys,
-                     *self.learn_args())
+                     self.learn_args())
 
     def candidates(self, user_rows: np.ndarray, now_ms: int | np.ndarray = 0,
                    session_keys: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -293,7 +290,7 @@ class SessionSignals:
         rows_parts, score_parts, counts = [], [], []
         while done < len(users):
             out_rows, out_scores = np.zeros(size, np.int64), np.zeros(size, np.float64)
-            stop = _candidates_batch(users[done:], now[done:], keys[done:], *self.score_args(), out_rows, out_scores,
+            stop = _candidates_batch(users[done:], now[done:], keys[done:], self.score_args(), out_rows, out_scores,
                                      out_n[done:])
             ends = out_n[done:done + stop]
             starts = np.concatenate([[0], ends[:-1]])

@@ -97,9 +97,9 @@ def ring_score(items, lengths, times, serials, item_serials, item_heads, session
         return
     calls[0] += 1
     stamp = calls[0]
-    for p in range(m):  # position weights; a repeated item keeps its last position
+    for p in range(m):  # 1-based positions; a repeated item keeps its last one
         x = session[p]
-        weight_of[x] = (p + 1.0) / m
+        weight_of[x] = p + 1.0
         mark[x] = stamp
     n_cand = 0
     for p in range(m):
@@ -122,35 +122,31 @@ def ring_score(items, lengths, times, serials, item_serials, item_heads, session
             candidates[n_cand] = slot
             cand_time[n_cand] = times[slot]
             n_cand += 1
-    if n_cand == 0:
-        return
-    order = np.argsort(-cand_time[:n_cand], kind="mergesort")[:sample]  # the most recent
-    for j in range(len(order)):
-        slot = candidates[order[j]]
+    if n_cand > sample:  # keep the most recent
+        picked = candidates[np.argsort(-cand_time[:n_cand], kind="mergesort")[:sample]]
+        candidates[:sample] = picked
+        n_cand = sample
+    for j in range(n_cand):  # similarity, and the newest shared position (reusing cand_time)
+        slot = candidates[j]
         s = 0.0
+        newest = 0.0
         for c in range(lengths[slot]):
             x = items[slot, c]
             if mark[x] == stamp:
                 s += weight_of[x]
-        sims[j] = s / m
-    best = np.argsort(-sims[: len(order)], kind="mergesort")[:k]
+                newest = max(newest, weight_of[x])
+        sims[j] = s / (m * m)
+        cand_time[j] = int(newest)
+    if n_cand > k:
+        best = np.argsort(-sims[:n_cand], kind="mergesort")[:k]
+    else:
+        best = np.arange(n_cand)
     for j in range(len(best)):
         sim = sims[best[j]]
         if sim <= 0.0:
-            break
-        slot = candidates[order[best[j]]]
-        step = 1.0
-        for p in range(m - 1, -1, -1):  # the newest session item this neighbour shares
-            x = session[p]
-            found = False
-            for c in range(lengths[slot]):
-                if items[slot, c] == x:
-                    found = True
-                    break
-            if found:
-                break
-            step += 1.0
-        gain = sim / step
+            continue
+        slot = candidates[best[j]]
+        gain = sim / (m + 1.0 - cand_time[best[j]])  # 1 / steps back to the newest shared click
         for c in range(lengths[slot]):
             x = items[slot, c]
             touch(x, touched, tmark, tstamp, n_touched)

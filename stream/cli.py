@@ -186,6 +186,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = _config(args, {})
     data, rejected = _load_interactions(args, config)
     metadata = _read_item_metadata(args.item_metadata) if args.item_metadata else None
+    if args.protocol == "session":
+        return _eval_session(args, config, data, rejected)
     results: dict[str, ev.EvalResult] = {}
     if args.protocol == "split":
         train, held = ev.user_split(data, args.test_fraction, seed=args.seed)
@@ -234,6 +236,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
             json.dump(out, f, indent=2, default=str)
     if args.plot:
         _plot(results, args, baseline_name)
+    return 0
+
+
+def _eval_session(args: argparse.Namespace, config: ServiceConfig, data, rejected: int) -> int:
+    """``--protocol session``: next-click HR/MRR@20 of recstream beside popularity, SR and V-SKNN."""
+    import json
+
+    from recstream.embeddings import evaluate_session as es
+
+    results = {"recstream": es.prequential_session(data, config.model).metrics}
+    if args.baseline != "none":
+        for name in es.BASELINES:
+            results[name] = es.prequential_baseline(data, name, config.model.session_gap_s).metrics
+    keys = ("hr@20", "mrr@20", "hr@20_new", "mrr@20_new", "events_evaluated", "events_evaluated_new", "events_per_s")
+    print(f"{'method':<12}" + "".join(f"{k:>22}" for k in keys))
+    for name, metrics in results.items():
+        print(f"{name:<12}" + "".join(f"{metrics[k]:>22,.0f}" if k.startswith("events") else f"{metrics[k]:>22.4f}"
+                                      for k in keys))
+    if args.json_out:
+        out = {**results["recstream"], "mode": args.mode, "protocol": "session", "rejected": rejected,
+               "events_file": str(args.events), "model_config": vars(config.model),
+               "baselines": {k: v for k, v in results.items() if k != "recstream"}}
+        with open(args.json_out, "w") as f:
+            json.dump(out, f, indent=2, default=float)
     return 0
 
 
@@ -366,9 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mode", choices=("explicit", "implicit"), default="explicit")
     evaluate.add_argument("--order", choices=("file", "time"), default="file",
                           help="stream the log in file order, or stably sorted by ts")
-    evaluate.add_argument("--protocol", choices=("prequential", "split"), default="prequential",
+    evaluate.add_argument("--protocol", choices=("prequential", "split", "session"), default="prequential",
                           help="prequential: predict/rank then learn, in log order; split: per-user seeded "
-                               "held-out fraction, learned for --epochs")
+                               "held-out fraction, learned for --epochs; session: next-click HR/MRR@20 "
+                               "beside popularity, SR and V-SKNN (see embeddings/evaluate_session.py)")
     evaluate.add_argument("--epochs", type=int, default=10)
     evaluate.add_argument("--test-fraction", type=float, default=0.2)
     evaluate.add_argument("--seed", type=int, default=0)
