@@ -209,3 +209,4 @@ def test_eval_cli_session_protocol_writes_every_method(tmp_path):
     assert keys <= set(result) and set(result["baselines"]) == {"popularity", "sr", "vsknn"}
     assert all(keys <= set(b) for b in result["baselines"].values())
     assert 0 < result["hr@20"] <= 1 and result["events_evaluated"] == result["baselines"]["sr"]["events_evaluated"]
+
