@@ -43,6 +43,9 @@ from recstream.embeddings.item_neighbours import ItemNeighbours, add_pair
 from recstream.embeddings.session_knn import RecentSessions, ring_add, ring_score, touch
 
 N_SIGNALS = 4  # rules, co-occurrence, neighbourhood, repeat
+# Positions in SessionSignals.score_args() of what the kernels read besides session_scores.
+GAP_MS, HIST, HLEN, LAST_TS, SKEY, SERIAL = 0, 3, 4, 5, 6, 7
+ACC, TOUCHED, N_TOUCHED, SESSION_BUF = 22, 23, 25, 26
 # Kernels that call other modules' kernels are not cached on disk: numba's cache checks only the
 # source file of the function it caches, so it would keep running the old code of a changed callee.
 # They compile once per process instead (a few seconds).
@@ -163,12 +166,13 @@ def clear_scores(acc, touched, n):
 @njit(cache=False, nogil=True)  # calls other modules' kernels: not cached (see above)
 def _candidates_batch(users, now, keys, score_args, out_rows, out_scores, out_n):
     """``session_scores`` for each user; the reached items and blends go to ``out_*`` (CSR by ``out_n``)."""
-    acc, touched, n_touched = score_args[22], score_args[23], score_args[25]
+    acc, touched, n_touched = score_args[ACC], score_args[TOUCHED], score_args[N_TOUCHED]
     n_out = 0
     for e in range(len(users)):
         session_scores(users[e], now[e], keys[e], *score_args)
         n = n_touched[0]
         if n_out + n > len(out_rows):
+            clear_scores(acc, touched, n)
             return e  # out of room: the caller grows the buffers and goes on from here
         for j in range(n):
             out_rows[n_out + j] = touched[j]
@@ -265,10 +269,10 @@ class SessionSignals:
         user's gap over ``session_gap_s`` starts a new one."""
         if len(user_rows) == 0:
             return
-        self.fit(int(user_rows.max()) + 1, int(item_rows.max()) + 1)
-        keys = np.zeros(len(user_rows), np.int64) if session_keys is None else session_keys.astype(np.int64)
-        _learn_batch(user_rows.astype(np.int64), item_rows.astype(np.int64), timestamps.astype(np.int64), keys,
-                     self.learn_args())
+        users, items = np.asarray(user_rows, dtype=np.int64), np.asarray(item_rows, dtype=np.int64)
+        self.fit(int(users.max()) + 1, int(items.max()) + 1)
+        keys = np.zeros(len(users), np.int64) if session_keys is None else np.asarray(session_keys, dtype=np.int64)
+        _learn_batch(users, items, np.asarray(timestamps, dtype=np.int64), keys, self.learn_args())
 
     def candidates(self, user_rows: np.ndarray, now_ms: int | np.ndarray = 0,
                    session_keys: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -281,26 +285,23 @@ class SessionSignals:
         if len(users) == 0 or not self.enabled:
             return [(np.zeros(0, np.int64), np.zeros(0, np.float64)) for _ in range(len(users))]
         self.fit(int(users.max()) + 1, 1)
-        now = np.broadcast_to(np.asarray(now_ms, dtype=np.int64), users.shape)
-        now = np.where(now > 0, now, self.last_ts[users])
-        keys = self.skey[users] if session_keys is None else session_keys.astype(np.int64)
-        size = max(1024, 64 * len(users))
-        out_n = np.zeros(len(users), dtype=np.int64)
+        now = np.asarray(now_ms, dtype=np.int64)
+        now = np.where(now > 0, now, self.last_ts[users]) if now.ndim or now <= 0 else np.full(len(users), now)
+        keys = self.skey[users] if session_keys is None else np.asarray(session_keys, dtype=np.int64)
+        out: list[tuple[np.ndarray, np.ndarray]] = []
+        size = max(256, 64 * len(users))
         done = 0
-        rows_parts, score_parts, counts = [], [], []
-        while done < len(users):
-            out_rows, out_scores = np.zeros(size, np.int64), np.zeros(size, np.float64)
-            stop = _candidates_batch(users[done:], now[done:], keys[done:], self.score_args(), out_rows, out_scores,
-                                     out_n[done:])
-            ends = out_n[done:done + stop]
-            starts = np.concatenate([[0], ends[:-1]])
-            for a, b in zip(starts.tolist(), ends.tolist()):
-                rows_parts.append(out_rows[a:b])
-                score_parts.append(out_scores[a:b])
-            counts.append(stop)
+        while done < len(users):  # the buffers grow until a user's items fit
+            out_rows, out_scores = np.empty(size, np.int64), np.empty(size, np.float64)
+            out_n = np.zeros(len(users) - done, np.int64)
+            stop = _candidates_batch(users[done:], now[done:], keys[done:], self.score_args(), out_rows, out_scores, out_n)
+            start = 0
+            for end in out_n[:stop].tolist():
+                out.append((out_rows[start:end], out_scores[start:end]))
+                start = end
             done += stop
             size *= 2
-        return list(zip(rows_parts, score_parts))
+        return out
 
     def bytes_per_item(self) -> int:
         """Memory the signals hold per item (rules, co-occurrence, item -> session index, scratch)."""

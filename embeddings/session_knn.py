@@ -137,16 +137,23 @@ def ring_score(items, lengths, times, serials, item_serials, item_heads, session
                 newest = max(newest, weight_of[x])
         sims[j] = s / (m * m)
         cand_time[j] = int(newest)
+    cutoff = 0.0  # the k-th largest similarity: the k nearest are those above it, then the first ties
+    room_at_cutoff = n_cand
     if n_cand > k:
-        best = np.argsort(-sims[:n_cand], kind="mergesort")[:k]
-    else:
-        best = np.arange(n_cand)
-    for j in range(len(best)):
-        sim = sims[best[j]]
-        if sim <= 0.0:
+        cutoff = -np.partition(-sims[:n_cand], k - 1)[k - 1]
+        room_at_cutoff = k
+        for j in range(n_cand):
+            room_at_cutoff -= sims[j] > cutoff
+    for j in range(n_cand):
+        sim = sims[j]
+        if sim <= 0.0 or sim < cutoff:
             continue
-        slot = candidates[best[j]]
-        gain = sim / (m + 1.0 - cand_time[best[j]])  # 1 / steps back to the newest shared click
+        if sim == cutoff:
+            if room_at_cutoff == 0:
+                continue
+            room_at_cutoff -= 1
+        slot = candidates[j]
+        gain = sim / (m + 1.0 - cand_time[j])  # 1 / steps back to the newest shared click
         for c in range(lengths[slot]):
             x = items[slot, c]
             touch(x, touched, tmark, tstamp, n_touched)

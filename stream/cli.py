@@ -130,7 +130,9 @@ def _load_interactions(args: argparse.Namespace, config: ServiceConfig):
     decoder = EventDecoder(config.events)
     users, items, ratings, weights, stamps, rejected = [], [], [], [], [], 0
     delimiter = "\t" if args.delimiter in ("tab", "\\t") else args.delimiter
-    for events, _ in read_event_log(args.events, columns, args.ts_unit, delimiter=delimiter):
+    paths = args.events if isinstance(args.events, list) else [args.events]
+    chunks = (chunk for path in paths for chunk in read_event_log(path, columns, args.ts_unit, delimiter=delimiter))
+    for events, _ in chunks:
         batch, bad = decoder.decode(events)
         rejected += len(bad)
         users += batch.user_ids
@@ -217,7 +219,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         baseline_name = "none"
     out = {**results["recstream"].as_dict(), "mode": args.mode, "protocol": args.protocol,
            "epochs": args.epochs if args.protocol == "split" else 1, "rejected": rejected,
-           "events_file": str(args.events), "model_config": vars(config.model) if hasattr(config.model, "__dict__")
+           "events_file": " ".join(args.events), "model_config": vars(config.model) if hasattr(config.model, "__dict__")
            else {}, "baseline_name": baseline_name}
     if "baseline" in results:
         out["baseline"] = results["baseline"].as_dict()
@@ -249,14 +251,15 @@ def _eval_session(args: argparse.Namespace, config: ServiceConfig, data, rejecte
     if args.baseline != "none":
         for name in es.BASELINES:
             results[name] = es.prequential_baseline(data, name, config.model.session_gap_s).metrics
-    keys = ("hr@20", "mrr@20", "hr@20_new", "mrr@20_new", "events_evaluated", "events_evaluated_new", "events_per_s")
-    print(f"{'method':<12}" + "".join(f"{k:>22}" for k in keys))
+    keys = ("hr@20", "mrr@20", "hr@20_new", "mrr@20_new", "events_evaluated", "events_evaluated_new", "events_per_s",
+            "events_per_cpu_s")
+    print(f"{'method':<12}" + "".join(f"{k:>{len(k) + 2}}" for k in keys))
     for name, metrics in results.items():
-        print(f"{name:<12}" + "".join(f"{metrics[k]:>22,.0f}" if k.startswith("events") else f"{metrics[k]:>22.4f}"
-                                      for k in keys))
+        print(f"{name:<12}" + "".join(f"{metrics[k]:>{len(k) + 2},.0f}" if k.startswith("events")
+                                      else f"{metrics[k]:>{len(k) + 2}.4f}" for k in keys))
     if args.json_out:
         out = {**results["recstream"], "mode": args.mode, "protocol": "session", "rejected": rejected,
-               "events_file": str(args.events), "model_config": vars(config.model),
+               "events_files": list(args.events), "model_config": vars(config.model),
                "baselines": {k: v for k, v in results.items() if k != "recstream"}}
         with open(args.json_out, "w") as f:
             json.dump(out, f, indent=2, default=float)
@@ -280,7 +283,7 @@ def _plot(results: dict, args: argparse.Namespace, baseline_name: str) -> None:
             ax.plot(rolling_mean(result.curve, window), label=f"baseline: {baseline_name}" if name == "baseline" else name)
     ax.set_xlabel("event")
     ax.set_ylabel(("absolute error" if args.mode == "explicit" else "hit@10") + f" (rolling mean of {window})")
-    ax.set_title(f"prequential {args.mode}: {args.events}")
+    ax.set_title(f"prequential {args.mode}: {' '.join(args.events)}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(args.plot, dpi=110)
@@ -384,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.set_defaults(func=cmd_replay)
 
     evaluate = sub.add_parser("eval", help="learning quality on an event log, beside a baseline")
-    evaluate.add_argument("--events", required=True, help="JSON lines or CSV/TSV event log (.gz accepted)")
+    evaluate.add_argument("--events", required=True, nargs="+",
+                          help="JSON lines or CSV/TSV event log (.gz accepted); several files are read one after "
+                               "the other (with --order time, merged by time)")
     evaluate.add_argument("--columns", help="column mapping, e.g. user_id=userId,item_id=movieId,rating=rating; "
                                             "weight=COLUMN gives implicit weights")
     evaluate.add_argument("--delimiter", default=",", help="CSV delimiter ('tab' for TSV)")
