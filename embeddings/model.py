@@ -152,7 +152,7 @@ class MFConfig:
     session_rules_weight: float = 1.0
     session_cooc_weight: float = 0.3
     session_knn_weight: float = 1.0
-    session_repeat_weight: float = 1.0
+    session_repeat_weight: float = 2.0  # times the measured odds that a next click is a re-view
     session_mf_weight: float = 0.01
 
 

@@ -210,3 +210,18 @@ def test_eval_cli_session_protocol_writes_every_method(tmp_path):
     assert all(keys <= set(b) for b in result["baselines"].values())
     assert 0 < result["hr@20"] <= 1 and result["events_evaluated"] == result["baselines"]["sr"]["events_evaluated"]
 
+
+
+def test_the_repeat_signal_weighs_as_much_as_sessions_re_view():
+    n = 20_000
+    users, ts = np.arange(n) // 4, np.arange(n) * 1000
+    never = SessionSignals(MFConfig())
+    never.update(users, np.arange(n) % 50, ts)  # four different items per session
+    always = SessionSignals(MFConfig())
+    always.update(users, users % 50, ts)  # one item four times per session
+    assert never.repeats[0] / never.repeats[1] < 0.01 < 0.99 < always.repeats[0] / always.repeats[1]
+    # A session that clicked 7 then 8: the re-view of 8 tops the list only where sessions re-view.
+    for signals, repeat_first in ((never, False), (always, True)):
+        signals.update(np.array([10**6, 10**6]), np.array([7, 8]), np.array([ts[-1], ts[-1] + 1000]))
+        rows, scores = signals.candidates(np.array([10**6]))[0]
+        assert (rows[np.argmax(scores)] == 8) == repeat_first
