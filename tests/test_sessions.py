@@ -225,3 +225,12 @@ def test_the_repeat_signal_weighs_as_much_as_sessions_re_view():
         signals.update(np.array([10**6, 10**6]), np.array([7, 8]), np.array([ts[-1], ts[-1] + 1000]))
         rows, scores = signals.candidates(np.array([10**6]))[0]
         assert (rows[np.argmax(scores)] == 8) == repeat_first
+
+
+def test_session_settings_are_range_checked():
+    from recstream.stream.config import ConfigError, load_config
+
+    for key, value in (("model.session_length", 0), ("model.session_knn_weight", -1.0), ("model.session_gap_s", -5)):
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, {key: value})
+    assert load_config(None, {"model.session_mf_weight": 0.1}).model.session_mf_weight == 0.1
