@@ -30,34 +30,9 @@ import heapq
 import time
 
 import numpy as np
-from numba import njit
-from recstream.embeddings import session as S
 from recstream.embeddings.evaluate import EvalResult, Interactions, _rows
 from recstream.embeddings.model import MFConfig
-from recstream.embeddings.session import N_SIGNALS, _in_session, _learn_event, clear_scores, session_scores
-
-K = 20
-
-
-@njit(cache=True, nogil=True)
-def expected_hit_rr(greater, ties, k):
-    """Expected hit@k and reciprocal rank (0 past k) of an item with ``greater`` items scored
-    above it and ``ties`` others equal, its place among the tied drawn at random.
-
-    >>> from recstream.embeddings.evaluate_session import expected_hit_rr  # numba caches by file: compile it
-    >>> [round(float(x), 3) for x in expected_hit_rr(0, 1, 20)]  # rank 1 or 2
-    [1.0, 0.75]
-    >>> [round(float(x), 3) for x in expected_hit_rr(19, 1, 20)]  # rank 20 or 21
-    [0.5, 0.025]
-    """
-    if greater >= k:
-        return 0.0, 0.0
-    last = min(greater + ties, k - 1)
-    share = 1.0 / (ties + 1.0)
-    rr = 0.0
-    for r in range(greater, last + 1):
-        rr += 1.0 / (r + 1.0)
-    return (last - greater + 1) * share, rr * share
+from recstream.embeddings.session_kernels import K, expected_hit_rr, rank_then_learn
 
 
 def _rank(scores: np.ndarray, target: int, excluded: np.ndarray) -> tuple[float, float]:
@@ -226,52 +201,6 @@ def _new_to_session(items: np.ndarray, sessions: np.ndarray) -> np.ndarray:
 
 # -- recstream ----------------------------------------------------------------------------------
 
-@njit(cache=False, nogil=True)  # calls other modules' kernels: not cached (see embeddings.session)
-def _rank_then_learn(users, items, ts, keys, known, new, mf_row, mf, mf_weight, out, score_args, learn_args):
-    """Rank each event's item by ``mf_weight * mf[mf_row[e]] + session blend``, then learn it into the
-    session signals. ``new[e]``: the item is new to the session. ``out[e]``: evaluated, hit, rr,
-    evaluated_new, hit_new, rr_new."""
-    gap_ms, hist, hlen, last_ts = score_args[S.GAP_MS], score_args[S.HIST], score_args[S.HLEN], score_args[S.LAST_TS]
-    skey, serial = score_args[S.SKEY], score_args[S.SERIAL]
-    acc, touched = score_args[S.ACC], score_args[S.TOUCHED]
-    n_touched, session_buf = score_args[S.N_TOUCHED], score_args[S.SESSION_BUF]
-    length = hist.shape[1]
-    for e in range(len(users)):
-        u, x, t = users[e], items[e], ts[e]
-        if mf_row[e] >= 0 and hlen[u] > 0 and _in_session(u, t, keys[e], gap_ms, serial, last_ts, skey):
-            session_scores(u, t, keys[e], *score_args)
-            blend = acc[N_SIGNALS]
-            scores = mf[mf_row[e]]
-            target = mf_weight * scores[x] + blend[x]
-            greater = 0
-            ties = 0
-            for j in range(known[e]):
-                s = mf_weight * scores[j] + blend[j]
-                if s > target:
-                    greater += 1
-                elif s == target:
-                    ties += 1
-            hit, rr = expected_hit_rr(greater, ties - 1, K)
-            out[e, 0], out[e, 1], out[e, 2] = 1.0, hit, rr
-            if new[e]:
-                for p in range(min(hlen[u], length)):  # leave out the session's (kept) items, each once
-                    y = session_buf[p]
-                    first = True
-                    for q in range(p):
-                        if session_buf[q] == y:
-                            first = False
-                    if first:
-                        s = mf_weight * scores[y] + blend[y]
-                        if s > target:
-                            greater -= 1
-                        elif s == target:
-                            ties -= 1
-                hit, rr = expected_hit_rr(greater, ties - 1, K)
-                out[e, 3], out[e, 4], out[e, 5] = 1.0, hit, rr
-            clear_scores(acc, touched, n_touched[0])
-        _learn_event(u, x, t, keys[e], *learn_args)
-
-
 def prequential_session(data: Interactions, config: MFConfig, batch: int = 2048) -> EvalResult:
     """recstream (factor model + session signals, as RecState learns them) through the session protocol.
 
@@ -296,7 +225,7 @@ def prequential_session(data: Interactions, config: MFConfig, batch: int = 2048)
     keys = np.zeros(len(data), dtype=np.int64)
     mf_weight = np.float32(config.session_mf_weight)
     empty = np.zeros(0, dtype=np.int64)  # compile before the clock starts
-    _rank_then_learn(empty, empty, empty, empty, empty, np.zeros(0, bool), empty, np.zeros((0, 1), np.float32), mf_weight,
+    rank_then_learn(empty, empty, empty, empty, empty, np.zeros(0, bool), empty, np.zeros((0, 1), np.float32), mf_weight,
                      results[:0], signals.score_args(), signals.learn_args())
     started, cpu = time.perf_counter(), time.process_time()
     for s in range(0, len(data), batch):
@@ -312,7 +241,7 @@ def prequential_session(data: Interactions, config: MFConfig, batch: int = 2048)
             at = np.flatnonzero(ranked[s:e])
             mf = model.query_vectors(users[at], ts[at]) @ model.items.vectors[:n_known].T
             mf += model.ranking_biases()[:n_known]
-        _rank_then_learn(users, items, ts, keys[s:e], known[s:e], new[s:e], mf_row, mf, mf_weight, results[s:e],
+        rank_then_learn(users, items, ts, keys[s:e], known[s:e], new[s:e], mf_row, mf, mf_weight, results[s:e],
                          signals.score_args(), signals.learn_args())
         model.learn_rows(users, items, no_rating[: e - s], data.weights[s:e], None, ts)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu

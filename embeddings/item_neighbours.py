@@ -41,50 +41,7 @@ session co-occurrence, both directions, gain 1.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
-
-_RESCALE_AT = 30.0  # half-lives past the reference time before weights are rescaled (2^30 in float32 is exact enough)
-
-
-@njit(cache=True, nogil=True)
-def add_pair(rows, weights, errors, clock, half_life_ms, y, x, gain, t):
-    """Add ``gain`` at event time ``t`` to the pair ``y -> x`` (``clock``: reference time, float64[1]).
-
-    ``weights`` hold upper bounds, ``errors`` how much of them may not be the pair's own."""
-    if half_life_ms > 0.0:
-        exponent = (t - clock[0]) / half_life_ms
-        if exponent > _RESCALE_AT:
-            factor = np.float32(2.0 ** -exponent)
-            for r in range(rows.shape[0]):
-                for c in range(rows.shape[1]):
-                    weights[r, c] *= factor
-                    errors[r, c] *= factor
-            clock[0] = t
-            exponent = 0.0
-        gain = gain * 2.0 ** max(exponent, -_RESCALE_AT)  # an out-of-order old event counts a little, never NaN
-    row = rows[y]
-    w = weights[y]
-    weakest = 0
-    for c in range(row.shape[0]):
-        if row[c] == x:
-            w[c] += gain
-            return
-        if row[c] < 0:  # free slots are filled left to right: x is not further on
-            row[c] = x
-            w[c] = gain
-            errors[y, c] = 0.0
-            return
-        if w[c] < w[weakest]:
-            weakest = c
-    row[weakest] = x
-    errors[y, weakest] = w[weakest]
-    w[weakest] += gain
-
-
-@njit(cache=True, nogil=True)
-def _add_all(rows, weights, errors, clock, half_life_ms, ys, xs, gains, ts):
-    for e in range(len(ys)):
-        add_pair(rows, weights, errors, clock, half_life_ms, ys[e], xs[e], gains[e], ts[e])
+from recstream.embeddings.session_kernels import add_pairs
 
 
 class ItemNeighbours:
@@ -113,7 +70,7 @@ class ItemNeighbours:
     def add(self, ys: np.ndarray, xs: np.ndarray, gains: np.ndarray, ts: np.ndarray) -> None:
         """Learn pairs ``ys[e] -> xs[e]`` with ``gains[e]`` at event times ``ts[e]`` (ms), in order."""
         self.fit(int(max(ys.max(initial=-1), xs.max(initial=-1))) + 1)
-        _add_all(self.rows, self.weights, self.errors, self.clock, self.half_life_ms, ys.astype(np.int64), xs.astype(np.int64),
+        add_pairs(self.rows, self.weights, self.errors, self.clock, self.half_life_ms, ys.astype(np.int64), xs.astype(np.int64),
                  gains.astype(np.float64), ts.astype(np.float64))
 
     def neighbours(self, y: int) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,7 @@ the items the session signals do not reach. Weights are ``model.session_*_weight
 ... # under the installed name, as the service does
 >>> import numpy as np
 >>> from recstream.embeddings.model import MFConfig
->>> signals = SessionSignals(MFConfig(session_half_life_s=0))  # no decay: plain counts
+>>> signals = SessionSignals(MFConfig(session_half_life_s=0, session_repeat_weight=0))  # plain counts, no re-views
 >>> users, items = np.zeros(4, np.int64), np.array([0, 1, 0, 1])  # one session: 0 1 0 1
 >>> signals.update(users, items, np.arange(4, dtype=np.int64) * 1000)
 >>> rows, weights = signals.rules.neighbours(0)
@@ -40,164 +40,9 @@ the items the session signals do not reach. Weights are ``model.session_*_weight
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
-from recstream.embeddings.item_neighbours import ItemNeighbours, add_pair
-from recstream.embeddings.session_knn import RecentSessions, ring_add, ring_score, touch
-
-N_SIGNALS = 4  # rules, co-occurrence, neighbourhood, repeat
-# The share of next clicks that re-view a session item is a running mean over about this many
-# clicks; the repeat signal is weighted by its odds (1 before any click: the prior is [1, 2]).
-_REPEAT_KEEP = 1.0 - 1.0 / 10_000
-_MAX_REPEAT_ODDS = 4.0
-# Positions in SessionSignals.score_args() of what the kernels read besides session_scores.
-GAP_MS, HIST, HLEN, LAST_TS, SKEY, SERIAL = 0, 3, 4, 5, 6, 7
-ACC, TOUCHED, N_TOUCHED, SESSION_BUF = 22, 23, 25, 26
-# Kernels that call other modules' kernels are not cached on disk: numba's cache checks only the
-# source file of the function it caches, so it would keep running the old code of a changed callee.
-# They compile once per process instead (a few seconds).
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _in_session(u, t, key, gap_ms, serial, last_ts, skey):
-    """Does an event of user ``u`` at ``t`` with session key ``key`` continue their current session?"""
-    if serial[u] == 0:
-        return False
-    if key != 0 or skey[u] != 0:
-        return key == skey[u]
-    return t - last_ts[u] <= gap_ms
-
-
-@njit(cache=False, nogil=True)  # calls other modules' kernels: not cached (see above)
-def _learn_event(u, x, t, key, gap_ms, window, hist, hlen, last_ts, skey, serial, next_serial,
-                 r_rows, r_w, r_e, r_clock, c_rows, c_w, c_e, c_clock, half_life_ms,
-                 s_items, s_len, s_times, s_serials, i_serials, i_heads, repeats):
-    length = hist.shape[1]
-    if not _in_session(u, t, key, gap_ms, serial, last_ts, skey):
-        next_serial[0] += 1
-        serial[u] = next_serial[0]
-        hlen[u] = 0
-        skey[u] = key
-    else:  # how often a session's next click is one of its own items: the repeat signal's weight
-        again = 0.0
-        for i in range(1, min(hlen[u], length) + 1):
-            if hist[u, (hlen[u] - i) % length] == x:
-                again = 1.0
-                break
-        repeats[0] = repeats[0] * _REPEAT_KEEP + again
-        repeats[1] = repeats[1] * _REPEAT_KEEP + 1.0
-    for i in range(1, min(hlen[u], window, length) + 1):
-        y = hist[u, (hlen[u] - i) % length]
-        add_pair(r_rows, r_w, r_e, r_clock, half_life_ms, y, x, 1.0 / i, t)
-        add_pair(c_rows, c_w, c_e, c_clock, half_life_ms, y, x, 1.0, t)
-        if y != x:
-            add_pair(c_rows, c_w, c_e, c_clock, half_life_ms, x, y, 1.0, t)
-    hist[u, hlen[u] % length] = x
-    hlen[u] += 1
-    last_ts[u] = max(last_ts[u], t)
-    ring_add(s_items, s_len, s_times, s_serials, i_serials, i_heads, serial[u], x, t)
-
-
-@njit(cache=False, nogil=True)  # calls other modules' kernels: not cached (see above)
-def _learn_batch(users, items, ts, keys, learn_args):
-    for e in range(len(users)):
-        _learn_event(users[e], items[e], ts[e], keys[e], *learn_args)
-
-
-@njit(cache=False, nogil=True)  # calls other modules' kernels: not cached (see above)
-def session_scores(u, t, key, gap_ms, qwindow, weights, hist, hlen, last_ts, skey, serial,
-                   r_rows, r_w, r_e, c_rows, c_w, c_e, s_items, s_len, s_times, s_serials, i_serials, i_heads, sample, k,
-                   acc, touched, tmark, n_touched, session_buf, knn_scratch, calls, repeats):
-    """The blended session score of every item the signals reach for user ``u`` at ``t``.
-
-    Leaves those items in ``touched[:n_touched[0]]``, each signal in ``acc[0..3]`` and the
-    blend in ``acc[4]``; the caller reads them, then zeroes them with ``clear_scores``.
-    Outside a session nothing is touched.
-    """
-    n_touched[0] = 0
-    if hlen[u] == 0 or not _in_session(u, t, key, gap_ms, serial, last_ts, skey):
-        return
-    length = hist.shape[1]
-    m = min(hlen[u], length)
-    for p in range(m):  # oldest first
-        session_buf[p] = hist[u, (hlen[u] - m + p) % length]
-    calls[0] += 1
-    stamp = calls[0]
-    n_nb = r_rows.shape[1]
-    for i in range(1, min(m, qwindow) + 1):  # sequential rules of the last clicks
-        y = session_buf[m - i]
-        top = 0.0
-        for c in range(n_nb):
-            if r_rows[y, c] >= 0:
-                top = max(top, r_w[y, c] - r_e[y, c])
-        if top > 0.0:
-            for c in range(n_nb):
-                x = r_rows[y, c]
-                if x < 0:
-                    break
-                touch(x, touched, tmark, stamp, n_touched)
-                acc[0, x] += (r_w[y, c] - r_e[y, c]) / (i * top)
-    for p in range(m):  # co-occurrence with every click, later ones weighing more
-        y = session_buf[p]
-        top = 0.0
-        for c in range(n_nb):
-            if c_rows[y, c] >= 0:
-                top = max(top, c_w[y, c] - c_e[y, c])
-        if top > 0.0:
-            for c in range(n_nb):
-                x = c_rows[y, c]
-                if x < 0:
-                    break
-                touch(x, touched, tmark, stamp, n_touched)
-                acc[1, x] += (p + 1.0) / m * (c_w[y, c] - c_e[y, c]) / top
-    if weights[2] > 0.0:
-        ring_score(s_items, s_len, s_times, s_serials, i_serials, i_heads, session_buf[:m], serial[u], sample, k,
-                   acc[2], touched, tmark, stamp, n_touched, knn_scratch[0], knn_scratch[1], knn_scratch[2],
-                   knn_scratch[3], knn_scratch[4], knn_scratch[5], knn_scratch[6])
-    for j in range(m):  # repeats: 1 / steps back, summed over the item's clicks
-        x = session_buf[m - 1 - j]
-        touch(x, touched, tmark, stamp, n_touched)
-        acc[3, x] += 1.0 / (j + 1.0)
-    n = n_touched[0]
-    for f in range(N_SIGNALS):
-        top = 0.0
-        for j in range(n):
-            top = max(top, acc[f, touched[j]])
-        if top > 0.0:
-            scale = weights[f] / top
-            if f == N_SIGNALS - 1:  # the repeat signal, by the odds that the next click is a re-view
-                scale *= min(repeats[0] / max(repeats[1] - repeats[0], 1e-9), _MAX_REPEAT_ODDS)
-            for j in range(n):
-                x = touched[j]
-                acc[N_SIGNALS, x] += scale * acc[f, x]
-
-
-@njit(cache=True, nogil=True)
-def clear_scores(acc, touched, n):
-    for j in range(n):
-        x = touched[j]
-        for f in range(acc.shape[0]):
-            acc[f, x] = 0.0
-
-
-@njit(cache=False, nogil=True)  # calls other modules' kernels: not cached (see above)
-def _candidates_batch(users, now, keys, score_args, out_rows, out_scores, out_n):
-    """``session_scores`` for each user; the reached items and blends go to ``out_*`` (CSR by ``out_n``)."""
-    acc, touched, n_touched = score_args[ACC], score_args[TOUCHED], score_args[N_TOUCHED]
-    n_out = 0
-    for e in range(len(users)):
-        session_scores(users[e], now[e], keys[e], *score_args)
-        n = n_touched[0]
-        if n_out + n > len(out_rows):
-            clear_scores(acc, touched, n)
-            return e  # out of room: the caller grows the buffers and goes on from here
-        for j in range(n):
-            out_rows[n_out + j] = touched[j]
-            out_scores[n_out + j] = acc[N_SIGNALS, touched[j]]
-        n_out += n
-        out_n[e] = n_out
-        clear_scores(acc, touched, n)
-    return len(users)
-
+from recstream.embeddings.item_neighbours import ItemNeighbours
+from recstream.embeddings.session_kernels import N_SIGNALS, candidates_batch, learn_batch
+from recstream.embeddings.session_knn import RecentSessions
 
 _USER_STATE = (("hist", np.int32), ("hlen", np.int64), ("last_ts", np.int64), ("skey", np.int64),
                ("serial", np.int64))
@@ -289,7 +134,7 @@ class SessionSignals:
         users, items = np.asarray(user_rows, dtype=np.int64), np.asarray(item_rows, dtype=np.int64)
         self.fit(int(users.max()) + 1, int(items.max()) + 1)
         keys = np.zeros(len(users), np.int64) if session_keys is None else np.asarray(session_keys, dtype=np.int64)
-        _learn_batch(users, items, np.asarray(timestamps, dtype=np.int64), keys, self.learn_args())
+        learn_batch(users, items, np.asarray(timestamps, dtype=np.int64), keys, self.learn_args())
 
     def candidates(self, user_rows: np.ndarray, now_ms: int | np.ndarray = 0,
                    session_keys: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -311,7 +156,7 @@ class SessionSignals:
         while done < len(users):  # the buffers grow until a user's items fit
             out_rows, out_scores = np.empty(size, np.int64), np.empty(size, np.float64)
             out_n = np.zeros(len(users) - done, np.int64)
-            stop = _candidates_batch(users[done:], now[done:], keys[done:], self.score_args(), out_rows, out_scores, out_n)
+            stop = candidates_batch(users[done:], now[done:], keys[done:], self.score_args(), out_rows, out_scores, out_n)
             start = 0
             for end in out_n[:stop].tolist():
                 out.append((out_rows[start:end], out_scores[start:end]))
