@@ -9,6 +9,7 @@ import numpy as np
 from numba import njit
 from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import OnlineMF
+from recstream.embeddings.session import SessionSignals
 from recstream.index.build import mips_query
 from recstream.index.refresh import BuiltIndex
 
@@ -66,18 +67,56 @@ class Recommender:
     nothing that changed; the hot items of a clickstream are the changed ones,
     and the long tail is what the index serves. Items the user interacted
     with are left out. Call with the model lock held: it reads live vectors.
+
+    With ``sessions``, a user in a session gets the blend
+    ``session_mf_weight * score + session signals`` (embeddings.session): the
+    items the session signals reach are rescored and merged with the factor
+    model's top-k, which is exact since the signals are never negative.
     """
 
     def __init__(self, model: OnlineMF, history: InteractionHistory | None, k: int, search_k: int = -1,
-                 max_index_fetch: int = 200) -> None:
+                 max_index_fetch: int = 200, sessions: SessionSignals | None = None) -> None:
         self.model = model
         self.history = history
+        self.sessions = sessions if sessions is not None and sessions.enabled else None
         self.k = k
         self.search_k = search_k
         self.max_index_fetch = max_index_fetch
 
     def recommend(self, user_rows: np.ndarray, index: BuiltIndex | None, now_ms: int = 0) -> list[Recommendations]:
-        """Top-k for each user; ``now_ms`` (event time) fades short-term interest (0: no fading)."""
+        """Top-k for each user; ``now_ms`` (event time) fades short-term interest (0: no fading)
+        and ends sessions idle for longer than ``session_gap_s``."""
+        recs = self._factor_top(user_rows, index, now_ms)
+        if self.sessions is None or not recs:
+            return recs
+        return self._with_sessions(user_rows, recs, now_ms)
+
+    def _with_sessions(self, user_rows: np.ndarray, recs: list[Recommendations], now_ms: int) -> list[Recommendations]:
+        """Each user's factor top-k merged with the items their session reaches, by the blended score."""
+        weight = np.float32(self.model.config.session_mf_weight)
+        found = self.sessions.candidates(user_rows, now_ms)
+        vectors = None
+        out = []
+        for n, (rec, (rows, blend)) in enumerate(zip(recs, found)):
+            if len(rows) == 0:
+                out.append(rec)
+                continue
+            if self.history is not None:
+                seen = self.history.items_of(rec.user_row)
+                if seen:
+                    keep = np.fromiter((r not in seen for r in rows.tolist()), dtype=bool, count=len(rows))
+                    rows, blend = rows[keep], blend[keep]
+            if vectors is None:
+                vectors = self.model.query_vectors(user_rows, now_ms)
+            factor = self.model.items.vectors[rows] @ vectors[n] + self.model.ranking_biases(rows)
+            only_factor = ~np.isin(rec.item_rows, rows)  # an item in both keeps its blended score
+            cand_rows = np.concatenate([rec.item_rows[only_factor], rows])
+            cand_scores = np.concatenate([weight * rec.scores[only_factor], weight * factor + blend]).astype(np.float32)
+            top = np.argsort(-cand_scores, kind="stable")[: self.k]
+            out.append(Recommendations(rec.user_row, cand_rows[top], cand_scores[top]))
+        return out
+
+    def _factor_top(self, user_rows: np.ndarray, index: BuiltIndex | None, now_ms: int) -> list[Recommendations]:
         n_items = len(self.model.items)
         if len(user_rows) == 0 or n_items == 0:
             return []

@@ -114,7 +114,7 @@ class RecStreamService:
         self.model = self.state.model
         self.model_lock = threading.Lock()
         self.recommender = Recommender(self.model, self.state.history if out.exclude_seen else None,
-                                       out.top_k, config.index.search_k)
+                                       out.top_k, config.index.search_k, sessions=self.state.sessions)
         self.decoder = EventDecoder(config.events)
         self.loss_drift = LossDriftDetector(config.monitor.adwin_delta)
         self.item_drift_alarm = ItemDriftAlarm(config.monitor.item_drift_threshold)
