@@ -176,6 +176,11 @@ def prequential_implicit(data: Interactions, config: MFConfig, ranker: str = "mo
                     vector = (model.query_vectors(np.array([user_row]), int(data.timestamps[n]))[0]
                               if user_row is not None else np.zeros(model.config.dim, np.float32))
                     scores = model.items.vectors @ vector + model.ranking_biases()
+                    if user_row is not None and state.sessions.enabled:  # the blend the service publishes
+                        rows, blend = state.sessions.candidates(np.array([user_row]), int(data.timestamps[n]))[0]
+                        if len(rows):
+                            scores = model.config.session_mf_weight * scores
+                            scores[rows] += blend
                     hits[n], gains[n] = _hit_and_gain(scores, row, np.asarray(history, dtype=np.int64))
             batch_users = model.users.rows(data.user_ids[n:n + 1])
             batch_items = model.items.rows(data.item_ids[n:n + 1])

@@ -139,6 +139,29 @@ class MFConfig:
     # without one the kernel's bounds (sgd.MAX_*) still keep every value finite, but learning
     # is poor. Biases, mean and predictions are reported in the ratings' own units.
     rating_unit: float = 1.0
+    # Session signals (embeddings.session): a session is a user's events with one session_id, or
+    # gaps under session_gap_s; its last session_length clicks are kept. Sequential rules count
+    # "x followed y" within session_rules_window clicks (gain 1/gap) and are read from the last
+    # session_query_window clicks; rules and co-occurrence keep session_neighbours items per item,
+    # halved every session_half_life_s of event time (0: no decay). The neighbourhood is V-SKNN
+    # over a ring of session_ring recent sessions, session_per_item per item, the
+    # session_knn_sample most recent sharing an item, session_knn_k nearest. Ranking adds
+    # session_*_weight times each signal (all 0 turns them off).
+    session_gap_s: float = 1800.0
+    session_length: int = 20
+    session_rules_window: int = 10
+    session_query_window: int = 1
+    session_neighbours: int = 32
+    session_half_life_s: float = 2_592_000.0  # 30 days
+    session_ring: int = 10_000
+    session_per_item: int = 64
+    session_knn_sample: int = 1000
+    session_knn_k: int = 100
+    session_rules_weight: float = 1.0
+    session_cooc_weight: float = 0.3
+    session_knn_weight: float = 1.0
+    session_repeat_weight: float = 2.0  # times the measured odds that a next click is a re-view
+    session_mf_weight: float = 0.01
 
 
 class OnlineMF:
@@ -378,6 +401,7 @@ class OnlineMF:
         ``now_ms`` (one time, or one per user) is the event time to fade to; 0 means
         "at each user's last event", with no fading.
         """
+        self._fit_user_arrays()  # users created since the last batch have no short-term state yet
         vectors = self.users.vectors[user_rows].copy()
         short_ts = self._short_ts[user_rows]
         elapsed = np.maximum(np.asarray(now_ms, dtype=np.int64) - short_ts, 0) if np.any(now_ms) else 0

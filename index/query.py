@@ -20,6 +20,11 @@ ranking bias, ``x_u`` the user's query vector: see ``OnlineMF.ranking_biases`` a
   the widest gap between bound and list first; the index's candidates are scored again with the
   live vectors before they are merged.
 
+With session signals (``embeddings/session.py``), a user in a session gets the blend
+``session_mf_weight * s(u, i) + session signals``: the items the signals reach are scored exactly
+and merged into the factor top-k, which keeps the result exact since the signals are never
+negative.
+
 Items the user interacted with recently are left out. Call with the model lock held: it reads
 live vectors.
 """
@@ -32,6 +37,7 @@ import numpy as np
 from numba import njit
 from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import OnlineMF
+from recstream.embeddings.session import SessionSignals
 from recstream.index.build import mips_query
 from recstream.index.exact import ClusteredItems, insert_descending
 from recstream.index.refresh import BuiltIndex
@@ -75,6 +81,48 @@ class _ItemNorms:
         self.norms[changed] = np.sqrt(np.einsum("ij,ij->i", rows, rows))
         self.model_version = model.model_version
         return self.norms
+
+
+@njit(cache=True, nogil=True)
+def _blend_into(top_rows, top_scores, weight, start, cand_rows, cand_scores, seen_start, seen_items):
+    """Each user's factor top-k (scores times ``weight``) merged with their session candidates
+    ``cand_rows[start[n]:start[n + 1]]`` (blended scores; an item in both keeps its blended
+    score); users without candidates keep their list as it is."""
+    n_users, k = top_rows.shape
+    for n in range(n_users):
+        a, b = start[n], start[n + 1]
+        if a == b:
+            continue
+        old_rows = top_rows[n].copy()
+        old_scores = top_scores[n].copy()
+        vals = top_scores[n]
+        idx = top_rows[n]
+        vals[:] = -np.inf
+        idx[:] = -1
+        for j in range(k):
+            item = old_rows[j]
+            if item < 0:
+                continue
+            candidate = False
+            for c in range(a, b):
+                if cand_rows[c] == item:
+                    candidate = True
+                    break
+            x = weight * old_scores[j]
+            if not candidate and x > vals[k - 1]:
+                insert_descending(vals, idx, k, x, item)
+        for c in range(a, b):
+            item = cand_rows[c]
+            x = cand_scores[c]
+            if x <= vals[k - 1]:
+                continue
+            excluded = False
+            for t in range(seen_start[n], seen_start[n + 1]):
+                if seen_items[t] == item:
+                    excluded = True
+                    break
+            if not excluded:
+                insert_descending(vals, idx, k, x, item)
 
 
 @dataclass
@@ -124,9 +172,11 @@ class Recommender:
     """
 
     def __init__(self, model: OnlineMF, history: InteractionHistory | None, k: int, search_k: int = -1,
-                 max_index_fetch: int = 50, exact_items: int | None = None, max_lookups: int = 1000) -> None:
+                 max_index_fetch: int = 50, exact_items: int | None = None, max_lookups: int = 1000,
+                 sessions: SessionSignals | None = None) -> None:
         self.model = model
         self.history = history
+        self.sessions = sessions if sessions is not None and sessions.enabled else None
         self.k = k
         self.search_k = search_k
         self.max_index_fetch = max_index_fetch
@@ -150,7 +200,8 @@ class Recommender:
 
     def recommend(self, user_rows: np.ndarray, index: BuiltIndex | None, now_ms: int = 0,
                   use_index: bool = True) -> TopK:
-        """Top-k for each of ``user_rows``; ``now_ms`` (event time) fades short-term interest (0: no fading).
+        """Top-k for each of ``user_rows``; ``now_ms`` (event time) fades short-term interest (0: no fading)
+        and ends sessions idle for longer than ``session_gap_s``.
 
         ``use_index=False`` answers from the hot set alone (a catch-up that must not fall behind).
         """
@@ -176,8 +227,28 @@ class Recommender:
             if index is not None and use_index:
                 stats.index_lookups = self._add_tail(users, index, hot, need[: self.max_lookups], Q, biases,
                                                      seen_start, seen_items, top_rows, top_scores)
+        if self.sessions is not None:
+            self._blend_sessions(user_rows, users, Q, biases, now_ms, seen_start, seen_items, top_rows, top_scores)
         self.last = stats
         return TopK(user_rows, top_rows, top_scores)
+
+    def _blend_sessions(self, user_rows: np.ndarray, users: np.ndarray, Q: np.ndarray, biases: np.ndarray,
+                        now_ms: int, seen_start: np.ndarray, seen_items: np.ndarray, top_rows: np.ndarray,
+                        top_scores: np.ndarray) -> None:
+        """Merge the items each user's session reaches into their top-k, by the blended score (in place)."""
+        found = self.sessions.candidates(user_rows, now_ms)
+        counts = np.fromiter((len(rows) for rows, _ in found), dtype=np.int64, count=len(found))
+        if not counts.any():
+            return
+        rows = np.concatenate([rows for rows, _ in found]).astype(np.int64)
+        blend = np.concatenate([blend for _, blend in found]).astype(np.float32)
+        owner = np.repeat(np.arange(len(found)), counts)
+        factor = np.einsum("ij,ij->i", Q[rows], users[owner]) + biases[rows]
+        weight = np.float32(self.model.config.session_mf_weight)
+        start = np.zeros(len(found) + 1, dtype=np.int64)
+        np.cumsum(counts, out=start[1:])
+        _blend_into(top_rows, top_scores, weight, start, rows, (weight * factor + blend).astype(np.float32),
+                    seen_start, seen_items)
 
     def _seen(self, user_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each user's remembered items, CSR-style: ``items[start[n]:start[n + 1]]`` for user ``n``."""

@@ -144,7 +144,10 @@ def _load_interactions(args: argparse.Namespace, config: ServiceConfig):
 
     users, items, ratings, weights, stamps, rejected = [], [], [], [], [], Counter()
     delimiter = "\t" if args.delimiter in ("tab", "\\t") else args.delimiter
-    for chunk in read_event_log(args.events, decoder, columns, args.ts_unit, delimiter=delimiter):
+    paths = args.events if isinstance(args.events, list) else [args.events]
+    chunks = (chunk for path in paths for chunk in read_event_log(path, decoder, columns, args.ts_unit,
+                                                                  delimiter=delimiter))
+    for chunk in chunks:
         batch = chunk.batch
         rejected.update(reason_label(reason) for _, reason in chunk.bad)
         users += batch.user_ids
@@ -196,6 +199,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = _config(args, {})
     data, rejected = _load_interactions(args, config)
     metadata = _read_item_metadata(args.item_metadata) if args.item_metadata else None
+    if args.protocol == "session":
+        return _eval_session(args, config, data, rejected)
     results: dict[str, ev.EvalResult] = {}
     if args.protocol == "split":
         train, held = ev.user_split(data, args.test_fraction, seed=args.seed)
@@ -226,7 +231,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = {**results["recstream"].as_dict(), "mode": args.mode, "protocol": args.protocol,
            "epochs": args.epochs if args.protocol == "split" else 1, "rejected": sum(rejected.values()),
            "rejected_reasons": dict(rejected.most_common()),
-           "events_file": str(args.events), "model_config": vars(config.model) if hasattr(config.model, "__dict__")
+           "events_file": " ".join(args.events), "model_config": vars(config.model) if hasattr(config.model, "__dict__")
            else {}, "baseline_name": baseline_name}
     if "baseline" in results:
         out["baseline"] = results["baseline"].as_dict()
@@ -250,6 +255,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_session(args: argparse.Namespace, config: ServiceConfig, data, rejected: int) -> int:
+    """``--protocol session``: next-click HR/MRR@20 of recstream beside popularity, SR and V-SKNN."""
+    import json
+
+    from recstream.embeddings import evaluate_session as es
+
+    results = {"recstream": es.prequential_session(data, config.model).metrics}
+    if args.baseline != "none":
+        for name in es.BASELINES:
+            results[name] = es.prequential_baseline(data, name, config.model.session_gap_s).metrics
+    keys = ("hr@20", "mrr@20", "hr@20_new", "mrr@20_new", "events_evaluated", "events_evaluated_new", "events_per_s",
+            "events_per_cpu_s")
+    print(f"{'method':<12}" + "".join(f"{k:>{len(k) + 2}}" for k in keys))
+    for name, metrics in results.items():
+        print(f"{name:<12}" + "".join(f"{metrics[k]:>{len(k) + 2},.0f}" if k.startswith("events")
+                                      else f"{metrics[k]:>{len(k) + 2}.4f}" for k in keys))
+    if args.json_out:
+        out = {**results["recstream"], "mode": args.mode, "protocol": "session", "rejected": rejected,
+               "events_files": list(args.events), "model_config": vars(config.model),
+               "baselines": {k: v for k, v in results.items() if k != "recstream"}}
+        with open(args.json_out, "w") as f:
+            json.dump(out, f, indent=2, default=float)
+    return 0
+
+
 def _plot(results: dict, args: argparse.Namespace, baseline_name: str) -> None:
     try:
         import matplotlib
@@ -267,7 +297,7 @@ def _plot(results: dict, args: argparse.Namespace, baseline_name: str) -> None:
             ax.plot(rolling_mean(result.curve, window), label=f"baseline: {baseline_name}" if name == "baseline" else name)
     ax.set_xlabel("event")
     ax.set_ylabel(("absolute error" if args.mode == "explicit" else "hit@10") + f" (rolling mean of {window})")
-    ax.set_title(f"prequential {args.mode}: {args.events}")
+    ax.set_title(f"prequential {args.mode}: {' '.join(args.events)}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(args.plot, dpi=110)
@@ -383,7 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.set_defaults(func=cmd_replay)
 
     evaluate = sub.add_parser("eval", help="learning quality on an event log, beside a baseline")
-    evaluate.add_argument("--events", required=True, help="JSON lines, CSV/TSV (.gz accepted) or Parquet event log")
+    evaluate.add_argument("--events", required=True, nargs="+",
+                          help="JSON lines, CSV/TSV (.gz accepted) or Parquet event log; several files are read "
+                               "one after the other (with --order time, merged by time)")
     evaluate.add_argument("--columns", help="column mapping, e.g. user_id=userId,item_id=movieId,rating=rating; "
                                             "weight=COLUMN gives implicit weights")
     evaluate.add_argument("--delimiter", default=",", help="CSV delimiter ('tab' for TSV)")
@@ -391,9 +423,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mode", choices=("explicit", "implicit"), default="explicit")
     evaluate.add_argument("--order", choices=("file", "time"), default="file",
                           help="stream the log in file order, or stably sorted by ts")
-    evaluate.add_argument("--protocol", choices=("prequential", "split"), default="prequential",
+    evaluate.add_argument("--protocol", choices=("prequential", "split", "session"), default="prequential",
                           help="prequential: predict/rank then learn, in log order; split: per-user seeded "
-                               "held-out fraction, learned for --epochs")
+                               "held-out fraction, learned for --epochs; session: next-click HR/MRR@20 "
+                               "beside popularity, SR and V-SKNN (see embeddings/evaluate_session.py)")
     evaluate.add_argument("--epochs", type=int, default=10)
     evaluate.add_argument("--test-fraction", type=float, default=0.2)
     evaluate.add_argument("--seed", type=int, default=0)

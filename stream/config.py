@@ -192,6 +192,10 @@ _RULES: dict[str, tuple[Any, str]] = {
     "model.short_term_weight": (lambda v: v >= 0, "a number >= 0"),
     "model.short_term_half_life_s": (lambda v: v >= 0, "a number of seconds >= 0 (0: never fades)"),
     "model.short_term_keep": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    **{f"model.session_{k}": (lambda v: v >= 1, "a positive integer") for k in
+       ("length", "rules_window", "query_window", "neighbours", "ring", "per_item", "knn_sample", "knn_k")},
+    **{f"model.session_{k}": (lambda v: v >= 0, "a number >= 0") for k in
+       ("gap_s", "half_life_s", "rules_weight", "cooc_weight", "knn_weight", "repeat_weight", "mf_weight")},
     "model.rating_replay_steps": (lambda v: 0 <= v <= 1000, "an integer from 0 to 1000"),
     "model.rating_replay_pool": (lambda v: 1 <= v <= 100_000_000, "an integer from 1 to 100000000"),
     "model.rating_replay_learning_rate": (lambda v: 0 <= v < 10, "a number in [0, 10)"),

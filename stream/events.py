@@ -11,6 +11,7 @@ import msgspec
 import numpy as np
 import orjson
 from recstream.embeddings.ids import CodedIds
+from recstream.embeddings.table import id_hashes
 from recstream.stream.config import EventsConfig
 
 
@@ -25,6 +26,7 @@ class _Event(msgspec.Struct, gc=False):
     event_type: str | None = None
     rating: float | None = None
     ts: int | None = None
+    session_id: str | int | None = None
 
 
 @dataclass
@@ -37,12 +39,27 @@ class EventBatch:
     weights: np.ndarray  # float32
     timestamps: np.ndarray  # int64 epoch ms; -1 where the event had none (caller fills it in)
     positions: list[int]  # index of each event's message in the input sequence
+    session_keys: np.ndarray | None = None  # int64 hash of each event's session_id, 0 = none (None: no event had one)
 
     def __len__(self) -> int:
         return len(self.user_ids)
 
 
-_FIELDS = ("user_id", "item_id", "event_type", "rating", "ts")
+_FIELDS = ("user_id", "item_id", "event_type", "rating", "ts", "session_id")
+
+
+def session_keys(session_ids: list[str]) -> np.ndarray:
+    """Session ids as the non-zero int64 keys the session signals keep (0 means "no session id").
+
+    >>> keys = session_keys(["s1", "s1", "s2"])
+    >>> bool(keys[0] == keys[1] != keys[2]) and bool((keys > 0).all())
+    True
+    """
+    keys = (id_hashes(session_ids) >> np.uint64(1)).astype(np.int64)
+    keys[keys == 0] = 1
+    return keys
+
+
 _NONE = type(None)
 _ELEMENT = re.compile(r"at `\$\[(\d+)\]")
 _BYTE = re.compile(r"\(byte (\d+)\)")
@@ -221,9 +238,9 @@ class EventDecoder:
         return self._checked(_columns(events), positions, bad)
 
     def decode_columns(self, columns: tuple[list | CodedIds, list | CodedIds, list | CodedIds, list | np.ndarray,
-                                            list | np.ndarray]) -> tuple[EventBatch, list[tuple[int, str]]]:
-        """Events given as five columns (user_id, item_id, event_type, rating, ts; None where
-        absent), e.g. from Parquet: the same checks as messages get. Ids and types may come as
+                                            list | np.ndarray, list]) -> tuple[EventBatch, list[tuple[int, str]]]:
+        """Events given as six columns (user_id, item_id, event_type, rating, ts, session_id; None
+        where absent), e.g. from Parquet: the same checks as messages get. Ids and types may come as
         :class:`CodedIds` (each distinct value is then checked once), ratings (float64) and times
         (integers) as arrays without missing values."""
         return self._checked(columns, list(range(len(columns[0]))), [])
@@ -237,7 +254,7 @@ class EventDecoder:
         The checks run column by column (a call per event per field would cost more than the
         parse); only the rows that fail one are looked at one by one, to name the problem.
         """
-        users, items, event_types, ratings, stamps = columns
+        users, items, event_types, ratings, stamps, sessions = columns
         reasons: dict[int, str] = {}  # row -> the first failed check (fields in order: user, item, type, rating, ts)
         max_id = self.max_id_length
         users = _per_value(lambda values, why: _ids(values, "user_id", max_id, why), users, reasons)
@@ -258,6 +275,7 @@ class EventDecoder:
         for row, why in rating_reasons.items():
             reasons.setdefault(row, why)
         stamp_values = _stamps(stamps, reasons)
+        session_keys = _session_keys(sessions, max_id, reasons)
         if reasons:
             keep = np.ones(len(users), dtype=bool)
             keep[list(reasons)] = False
@@ -265,9 +283,10 @@ class EventDecoder:
             users, items = (ids.kept(keep) if isinstance(ids, CodedIds) else list(compress(ids, kept))
                             for ids in (users, items))
             weights, rating_values, stamp_values = weights[keep], rating_values[keep], stamp_values[keep]
+            session_keys = None if session_keys is None else session_keys[keep]
             bad = sorted(bad + [(positions[row], reason) for row, reason in reasons.items()])
             positions = list(compress(positions, kept))
-        return EventBatch(users, items, rating_values, weights, stamp_values, positions), bad
+        return EventBatch(users, items, rating_values, weights, stamp_values, positions, session_keys), bad
 
     def _weights(self, event_types: list, reasons: dict[int, str]) -> np.ndarray:
         """Each event's weight (float32) from its type; unknown types are named in ``reasons``."""
@@ -307,10 +326,26 @@ def _as_lines(values: Sequence[bytes | dict | None], limit: int) -> bytes | None
     return block
 
 
-def _columns(events: list[_Event]) -> tuple[list, list, list, list, list]:
-    """The five fields of ``events`` as columns (a comprehension per field: faster than one loop)."""
+def _columns(events: list[_Event]) -> tuple[list, list, list, list, list, list]:
+    """The six fields of ``events`` as columns (a comprehension per field: faster than one loop)."""
     return ([e.user_id for e in events], [e.item_id for e in events], [e.event_type for e in events],
-            [e.rating for e in events], [e.ts for e in events])
+            [e.rating for e in events], [e.ts for e in events], [e.session_id for e in events])
+
+
+def _session_keys(values: list, max_length: int, reasons: dict[int, str]) -> np.ndarray | None:
+    """Each event's session key (0: none), or None when no event has a session id; a bad id
+    (the rules of user and item ids) is named in ``reasons``."""
+    rows = [row for row, value in enumerate(values) if value is not None]
+    if not rows:
+        return None
+    why: dict[int, str] = {}
+    ids = _ids([values[row] for row in rows], "session_id", max_length, why)
+    for n, reason in why.items():
+        reasons.setdefault(rows[n], reason)
+    good = [n for n in range(len(rows)) if n not in why]
+    keys = np.zeros(len(values), dtype=np.int64)
+    keys[[rows[n] for n in good]] = session_keys([ids[n] for n in good])
+    return keys
 
 
 def _per_value(check, column: list | CodedIds, reasons: dict[int, str]) -> list | CodedIds:

@@ -97,9 +97,10 @@ def parse_columns(spec: str | None) -> dict[str, str]:
     mapping = {}
     for part in spec.split(","):
         field, sep, column = part.partition("=")
-        if not sep or field.strip() not in ("user_id", "item_id", "event_type", "rating", "ts", "weight"):
+        if not sep or field.strip() not in ("user_id", "item_id", "event_type", "rating", "ts", "weight",
+                                            "session_id"):
             raise ConfigError(f"--columns: expected FIELD=COLUMN with FIELD one of user_id, item_id, "
-                             f"event_type, rating, ts, weight; got {part!r}")
+                             f"event_type, rating, ts, weight, session_id; got {part!r}")
         mapping[field.strip()] = column.strip()
     return mapping
 
@@ -232,7 +233,8 @@ def _parquet_chunks(path: Path, decoder: EventDecoder, columns: dict[str, str] |
     for record_batch in log_file.iter_batches(batch_size=CHUNK, columns=sorted(set(mapping.values()))):
         n = record_batch.num_rows
         values = {f: _column_values(f, record_batch.column(c), scale) for f, c in mapping.items()}
-        fields = tuple(values.get(f, [None] * n) for f in ("user_id", "item_id", "event_type", "rating", "ts"))
+        fields = tuple(values.get(f, [None] * n)
+                       for f in ("user_id", "item_id", "event_type", "rating", "ts", "session_id"))
         batch, bad = decoder.decode_columns(fields)
         weights = None
         if "weight" in values:

@@ -15,6 +15,7 @@ import numpy as np
 from recstream.embeddings.content import ContentPlaceholders, ContentProjector, ItemContent, metadata_features
 from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import MFConfig, OnlineMF
+from recstream.embeddings.session import SessionSignals
 from recstream.embeddings.text import HashedWords, MiniLMText, make_text_encoder
 from recstream.stream.checkpoint import Checkpoint, CheckpointStore, IncompatibleCheckpoint
 from recstream.stream.events import EventBatch
@@ -34,6 +35,7 @@ class RecState:
     def __init__(self, config: MFConfig, history_per_user: int = 500) -> None:
         self.model = OnlineMF(config)
         self.history = InteractionHistory(history_per_user)
+        self.sessions = SessionSignals(config)
         self.content = ItemContent()
         self.projector = ContentProjector()
         self.placeholders = ContentPlaceholders()
@@ -54,7 +56,7 @@ class RecState:
         items = self.model.items.rows(batch.item_ids)
         predictions = np.empty(len(users), dtype=np.float64)
         self.learn_rows(users, items, batch.ratings, batch.weights, predictions, np.maximum(batch.timestamps, 0),
-                        rate_scale)
+                        rate_scale, batch.session_keys)
         self.history.add(users, items)
         if partition_of_event is not None:
             counts = np.bincount(partition_of_event)
@@ -71,11 +73,15 @@ class RecState:
 
     def learn_rows(self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray, weights: np.ndarray,
                    predictions: np.ndarray | None = None, timestamps: np.ndarray | None = None,
-                   rate_scale: float = 1.0) -> None:
-        """Learn events given by rows (see ``OnlineMF.learn_rows``); items holding a content
-        placeholder get their own initial vector back first."""
+                   rate_scale: float = 1.0, session_keys: np.ndarray | None = None) -> None:
+        """Learn events given by rows (see ``OnlineMF.learn_rows``) and into the session signals
+        (``session_keys``: int64 per event, 0 = no session id); items holding a content placeholder
+        get their own initial vector back first."""
         self.placeholders.release(self.model, items)
         self.model.learn_rows(users, items, ratings, weights, predictions, timestamps, rate_scale)
+        if self.sessions.enabled:
+            self.sessions.update(users, items, np.zeros(len(users), np.int64) if timestamps is None else timestamps,
+                                 session_keys)
 
     def encode_item_metadata(self, features: list[dict | None], texts: list[str | None]
                              ) -> tuple[list[list[str]], np.ndarray | None]:
@@ -114,6 +120,8 @@ class RecState:
         """A consistent copy of the state (arrays and metadata), safe to write from another thread."""
         arrays = {f"model.{k}": np.array(v, copy=True) for k, v in self.model.state_arrays().items()}
         arrays.update({f"history.{k}": v for k, v in self.history.to_arrays().items()})
+        arrays.update({f"sessions.{k}": v for k, v in
+                       self.sessions.to_arrays(len(self.model.users), len(self.model.items)).items()})
         arrays.update({f"content.{k}": v for k, v in self.content.to_arrays().items()})
         arrays.update({f"content.{k}": v for k, v in self.placeholders.to_arrays().items()})
         # The fitted regression too: metadata arriving after a restart gets its placeholder at once.
@@ -151,6 +159,7 @@ class RecState:
             raise IncompatibleCheckpoint(f"checkpoint {checkpoint.path} lacks {exc.args[0]!r}: it was written by an "
                                          "older version of recstream (use a new state dir)") from exc
         state.history.load_arrays({k[8:]: v for k, v in arrays.items() if k.startswith("history.")})
+        state.sessions.load_arrays({k[9:]: v for k, v in arrays.items() if k.startswith("sessions.")})
         if "content.items" in arrays:
             content = {k[8:]: v for k, v in arrays.items() if k.startswith("content.")}
             state.content.load_arrays(content)

@@ -98,9 +98,11 @@ def test_short_term_interest_recovers_faster_after_tastes_switch():
         items = [f"i{i}" for i in np.concatenate([before.items, after.items]).tolist()]
         data = ev.Interactions(users, items, np.full(len(users), np.nan, np.float32), np.ones(len(users), np.float32),
                                np.concatenate([before.ts, after.ts]))
-        # The generator's clicks have no order within a user's tastes, so the sequence signal
-        # (transition vectors) is off in both arms: this measures the recent-items vector alone.
-        config = MFConfig(dim=16, short_term_weight=3.0 if session else 0.0, transition_learning_rate=0.0)
+        # The generator's clicks have no order within a user's tastes, so the sequence signals
+        # (transition vectors, session signals) are off in both arms: this measures the recent-items vector alone.
+        config = MFConfig(dim=16, short_term_weight=3.0 if session else 0.0, transition_learning_rate=0.0,
+                          session_rules_weight=0.0, session_cooc_weight=0.0, session_knn_weight=0.0,
+                          session_repeat_weight=0.0)
         result = ev.prequential_implicit(data, config)
         return float(result.curve[-len(after):].mean())  # nearly every event is evaluated here
 

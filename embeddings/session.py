@@ -1,0 +1,203 @@
+"""Session signals: what the clicks of the current session say about the next one, learned online.
+
+A session is a user's run of events with the same ``session_id`` or, for
+events without one, with gaps under ``session_gap_s``. For the current
+session ``s_1 .. s_m`` (oldest first, its last ``session_length`` clicks)
+an item ``x`` gets four signals, each divided by its largest value over the
+items it reaches, so each lies in [0, 1]:
+
+- sequential rules: ``sum_{i <= w} R(s_{m-i+1} -> x) / (i max_z R(s_{m-i+1} -> z))``
+  over the last ``w = session_query_window`` clicks, where ``R(y -> x)`` gains
+  ``1 / gap`` each time ``x`` follows ``y`` within ``session_rules_window``
+  clicks (session-rec's SR; embeddings.item_neighbours);
+- co-occurrence: ``sum_i (i / m) C(s_i, x) / max_z C(s_i, z)``, where ``C`` counts
+  pairs within the same window, both ways;
+- neighbourhood: V-SKNN over the ring of recent sessions (embeddings.session_knn);
+- repeat: ``sum_{j: s_{m-j+1} = x} 1 / j``, recency and frequency of ``x`` in the
+  session itself, weighted by the odds ``r / (1 - r)`` that a next click is a re-view, ``r``
+  measured online (37% of next clicks on YOOCHOOSE; a log where sessions rarely re-view
+  their items gets little of it).
+
+The session score is the blend ``sum_k w_k f_k(x)``; the full ranking score
+adds ``w_mf`` times the factor model's score (``b_i + u . q_i``), which orders
+the items the session signals do not reach. Weights are ``model.session_*_weight``.
+
+>>> from recstream.embeddings.session import SessionSignals  # numba caches by file: compile it
+... # under the installed name, as the service does
+>>> import numpy as np
+>>> from recstream.embeddings.model import MFConfig
+>>> signals = SessionSignals(MFConfig(session_half_life_s=0, session_repeat_weight=0))  # plain counts, no re-views
+>>> users, items = np.zeros(4, np.int64), np.array([0, 1, 0, 1])  # one session: 0 1 0 1
+>>> signals.update(users, items, np.arange(4, dtype=np.int64) * 1000)
+>>> rows, weights = signals.rules.neighbours(0)
+>>> sorted(zip(rows.tolist(), weights.tolist()))  # 0 -> 1 twice at gap 1, once at gap 3; 0 -> 0 at gap 2
+[(0, 0.5), (1, 2.3333332538604736)]
+>>> rows, scores = signals.candidates(np.array([0]), 3000)[0]
+>>> int(rows[np.argmax(scores)])  # after ... 0 1, item 0 comes next
+0
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from recstream.embeddings.item_neighbours import ItemNeighbours
+from recstream.embeddings.session_kernels import N_SIGNALS, candidates_batch, learn_batch
+from recstream.embeddings.session_knn import RecentSessions
+
+_USER_STATE = (("hist", np.int32), ("hlen", np.int64), ("last_ts", np.int64), ("skey", np.int64),
+               ("serial", np.int64))
+
+
+class SessionSignals:
+    """Per-user current sessions plus the item-to-item and session-neighbourhood signals they feed.
+
+    ``update`` learns a batch of events in order (after they were scored);
+    ``candidates`` gives, per user, the items the session signals reach and
+    their blended score (see the module docstring). The same events in the
+    same order give the same arrays, however they are batched.
+    """
+
+    def __init__(self, config) -> None:
+        c = config
+        self.config = config
+        self.gap_ms = float(c.session_gap_s) * 1000.0
+        self.length = c.session_length
+        self.rules = ItemNeighbours(c.session_neighbours, c.session_half_life_s)
+        self.cooc = ItemNeighbours(c.session_neighbours, c.session_half_life_s)
+        self.ring = RecentSessions(c.session_ring, c.session_length, c.session_per_item, c.session_knn_sample,
+                                   c.session_knn_k)
+        self.weights = np.array([c.session_rules_weight, c.session_cooc_weight, c.session_knn_weight,
+                                 c.session_repeat_weight], dtype=np.float64)
+        self.hist = np.zeros((1024, self.length), dtype=np.int32)
+        self.hlen = np.zeros(1024, dtype=np.int64)
+        self.last_ts = np.zeros(1024, dtype=np.int64)
+        self.skey = np.zeros(1024, dtype=np.int64)
+        self.serial = np.zeros(1024, dtype=np.int64)
+        self.next_serial = np.zeros(1, dtype=np.int64)
+        self.repeats = np.array([1.0, 2.0])  # (decayed) re-view clicks, continuing clicks
+        self._items = 0
+        self._fit_scratch(1024)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.weights.any())
+
+    def _fit_scratch(self, items: int) -> None:
+        self.acc = np.zeros((N_SIGNALS + 1, items), dtype=np.float64)
+        self.touched = np.zeros(items, dtype=np.int64)
+        self.tmark = np.zeros(items, dtype=np.int64)
+        self.n_touched = np.zeros(1, dtype=np.int64)
+        self.session_buf = np.zeros(self.length, dtype=np.int64)
+        self.calls = np.zeros(1, dtype=np.int64)
+        self.knn_scratch = self.ring.scratch(items, self.length)
+
+    def fit(self, users: int, items: int) -> None:
+        """Room for user rows below ``users`` and item rows below ``items``."""
+        if users > len(self.hlen):
+            size = max(users, 2 * len(self.hlen))
+            for name, dtype in _USER_STATE:
+                old = getattr(self, name)
+                new = np.zeros((size, *old.shape[1:]), dtype=dtype)
+                new[: len(old)] = old
+                setattr(self, name, new)
+        if items > self._items:
+            self._items = items
+            self.rules.fit(items)
+            self.cooc.fit(items)
+            self.ring.fit(items)
+            if items > len(self.tmark):
+                self._fit_scratch(max(items, 2 * len(self.tmark)))
+
+    def learn_args(self) -> tuple:
+        """The arrays the learning kernel takes after the events (see ``_learn_event``)."""
+        return (self.gap_ms, self.config.session_rules_window, self.hist, self.hlen, self.last_ts, self.skey,
+                self.serial, self.next_serial, self.rules.rows, self.rules.weights, self.rules.errors, self.rules.clock,
+                self.cooc.rows, self.cooc.weights, self.cooc.errors, self.cooc.clock, self.rules.half_life_ms,
+                self.ring.items, self.ring.lengths, self.ring.times, self.ring.serials, self.ring.item_serials,
+                self.ring.item_heads, self.repeats)
+
+    def score_args(self) -> tuple:
+        """The arrays ``session_scores`` takes after the user, time and key."""
+        return (self.gap_ms, self.config.session_query_window, self.weights, self.hist, self.hlen, self.last_ts,
+                self.skey, self.serial, self.rules.rows, self.rules.weights, self.rules.errors, self.cooc.rows,
+                self.cooc.weights, self.cooc.errors,
+                self.ring.items, self.ring.lengths, self.ring.times, self.ring.serials, self.ring.item_serials,
+                self.ring.item_heads, self.ring.sample, self.ring.k, self.acc, self.touched, self.tmark,
+                self.n_touched, self.session_buf, self.knn_scratch, self.calls, self.repeats)
+
+    def update(self, user_rows: np.ndarray, item_rows: np.ndarray, timestamps: np.ndarray,
+               session_keys: np.ndarray | None = None) -> None:
+        """Learn events in order: ``session_keys`` (int64, 0 = none) mark sessions; without them a
+        user's gap over ``session_gap_s`` starts a new one."""
+        if len(user_rows) == 0:
+            return
+        users, items = np.asarray(user_rows, dtype=np.int64), np.asarray(item_rows, dtype=np.int64)
+        self.fit(int(users.max()) + 1, int(items.max()) + 1)
+        keys = np.zeros(len(users), np.int64) if session_keys is None else np.asarray(session_keys, dtype=np.int64)
+        learn_batch(users, items, np.asarray(timestamps, dtype=np.int64), keys, self.learn_args())
+
+    def candidates(self, user_rows: np.ndarray, now_ms: int | np.ndarray = 0,
+                   session_keys: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per user: the item rows the session signals reach and their blended score.
+
+        ``now_ms`` (event time, one or per user): a session whose last event is older than
+        ``session_gap_s`` is over and gives nothing; 0 means "at the user's last event".
+        """
+        users = np.asarray(user_rows, dtype=np.int64)
+        if len(users) == 0 or not self.enabled:
+            return [(np.zeros(0, np.int64), np.zeros(0, np.float64)) for _ in range(len(users))]
+        self.fit(int(users.max()) + 1, 1)
+        now = np.asarray(now_ms, dtype=np.int64)
+        now = np.where(now > 0, now, self.last_ts[users]) if now.ndim or now <= 0 else np.full(len(users), now)
+        keys = self.skey[users] if session_keys is None else np.asarray(session_keys, dtype=np.int64)
+        out: list[tuple[np.ndarray, np.ndarray]] = []
+        size = max(256, 64 * len(users))
+        done = 0
+        while done < len(users):  # the buffers grow until a user's items fit
+            out_rows, out_scores = np.empty(size, np.int64), np.empty(size, np.float64)
+            out_n = np.zeros(len(users) - done, np.int64)
+            stop = candidates_batch(users[done:], now[done:], keys[done:], self.score_args(), out_rows, out_scores, out_n)
+            start = 0
+            for end in out_n[:stop].tolist():
+                out.append((out_rows[start:end], out_scores[start:end]))
+                start = end
+            done += stop
+            size *= 2
+        return out
+
+    def bytes_per_item(self) -> int:
+        """Memory the signals hold per item (rules, co-occurrence, item -> session index, scratch)."""
+        return (self.rules.bytes_per_item() + self.cooc.bytes_per_item() + self.ring.bytes_per_item()
+                + self.acc.itemsize * self.acc.shape[0] + 2 * 8 + 16)
+
+    def to_arrays(self, users: int, items: int) -> dict[str, np.ndarray]:
+        """Everything the signals learned, as named arrays (copies)."""
+        self.fit(users, items)
+        out = {name: getattr(self, name)[:users].copy() for name, _ in _USER_STATE}
+        out["next_serial"] = self.next_serial.copy()
+        out["repeats"] = self.repeats.copy()
+        out.update({f"rules.{k}": v for k, v in self.rules.to_arrays(items).items()})
+        out.update({f"cooc.{k}": v for k, v in self.cooc.to_arrays(items).items()})
+        out.update({f"ring.{k}": v for k, v in self.ring.to_arrays(items).items()})
+        return out
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore :meth:`to_arrays` output (states from before session signals have none: they start empty)."""
+        if "hlen" not in arrays:
+            return
+        users = len(arrays["hlen"])
+        if arrays["hist"].shape[1] != self.length:
+            arrays = {**arrays, "hlen": np.zeros(users, np.int64)}  # a changed session length: sessions restart
+            arrays["hist"] = np.zeros((users, self.length), np.int32)
+        for name, dtype in _USER_STATE:
+            stored = np.asarray(arrays[name], dtype=dtype)
+            full = np.zeros((max(users, 1024), *stored.shape[1:]), dtype=dtype)
+            full[:users] = stored
+            setattr(self, name, full)
+        self.next_serial = np.array(arrays["next_serial"], dtype=np.int64).reshape(1)
+        self.repeats = np.array(arrays["repeats"], dtype=np.float64).reshape(2)
+        self.rules.load_arrays({k[6:]: v for k, v in arrays.items() if k.startswith("rules.")})
+        self.cooc.load_arrays({k[5:]: v for k, v in arrays.items() if k.startswith("cooc.")})
+        self.ring.load_arrays({k[5:]: v for k, v in arrays.items() if k.startswith("ring.")})
+        self._items = 0
+        self.fit(users, len(self.rules.rows))
