@@ -22,11 +22,7 @@ def _add(users, items, start, length, cap, pool, top, order, n_order, limit):  #
                 break
         if seen:
             continue
-        if n == 0 and cap[u] == 0:  # the user's first item
-            order[n_order] = u
-            n_order += 1
-        if limit <= 0:
-            continue
+        first = n == 0 and cap[u] == 0  # the user's first item: the user joins ``order`` once stored
         if n < cap[u]:
             pool[s + n] = i
             length[u] = n + 1
@@ -41,6 +37,9 @@ def _add(users, items, start, length, cap, pool, top, order, n_order, limit):  #
         else:  # full: forget the item first interacted with longest ago
             pool[s:s + n - 1] = pool[s + 1:s + n]
             pool[s + n - 1] = i
+        if first:  # after the early return above: a batch resumed there must not list the user twice
+            order[n_order] = u
+            n_order += 1
     return len(users), top, n_order
 
 

@@ -52,3 +52,14 @@ def test_history_equals_the_ordered_set_definition_through_batches_and_a_restore
     at_user, at_item = history.pairs(asked)
     assert list(zip(at_user.tolist(), at_item.tolist())) == [
         (n, i) for n, u in enumerate(asked.tolist()) for i in reference.items.get(u, {})]
+
+
+def test_a_batch_that_outgrows_the_pool_lists_each_user_once():
+    history = InteractionHistory(500)
+    users = np.arange(200_000)  # 200k new users in one batch: the pool (64k entries) grows mid-batch
+    history.add(users, users % 7)
+    arrays = history.to_arrays()
+    assert len(arrays["users"]) == len(np.unique(arrays["users"])) == 200_000
+    restored = InteractionHistory(500)
+    restored.load_arrays(arrays)
+    assert restored.items_of(123_456) == {123_456 % 7: None}
