@@ -105,20 +105,28 @@ def published_lists(recommender, user_rows: np.ndarray, index, now_ms: int, use_
     return [top.of(n)[0] for n in range(len(top))]
 
 
-def exact_top(model, history, user_rows: np.ndarray, now_ms: int, k: int) -> list[np.ndarray]:
-    """Exact top-k by brute force over all items (remembered items excluded), best first."""
+def exact_top(model, history, user_rows: np.ndarray, now_ms: int, k: int, sessions=None) -> list[np.ndarray]:
+    """Exact top-k by brute force over all items (remembered items excluded), best first; with
+    ``sessions`` (the service's session signals), the blended score the service ranks by:
+    ``session_mf_weight * factor score + signals`` for a user whose session reaches any item."""
     Q, biases = model.items.vectors, model.ranking_biases()
     users = model.query_vectors(user_rows, now_ms)
+    found = sessions.candidates(user_rows, now_ms) if sessions is not None and sessions.enabled else None
+    weight = np.float32(model.config.session_mf_weight)
     step = max(1, 50_000_000 // max(len(Q), 1))  # float32 scores per chunk: 200 MB
     out = []
     for start in range(0, len(user_rows), step):
         scores = users[start:start + step] @ Q.T
         scores += biases
         for n, u in enumerate(user_rows[start:start + step].tolist()):
+            row = scores[n]
+            if found is not None and len(found[start + n][0]):
+                rows, blend = found[start + n]
+                row *= weight
+                row[rows] += blend
             if history is not None:
                 seen = np.fromiter(history.items_of(u), dtype=np.int64)
-                scores[n, seen] = -np.inf
-            row = scores[n]
+                row[seen] = -np.inf
             top = np.argpartition(-row, k)[:k] if len(row) > k else np.arange(len(row))
             top = top[np.argsort(-row[top], kind="stable")]
             out.append(top[np.isfinite(row[top])])
@@ -156,7 +164,7 @@ def measure_recall(service: RecStreamService, user_ids: list[str]) -> dict:
         lookups = service.recommender.last.index_lookups
         hot_only = published_lists(service.recommender, rows, index, now_ms, use_index=False)
         started = time.perf_counter()
-        exact = exact_top(model, history, rows, now_ms, K)
+        exact = exact_top(model, history, rows, now_ms, K, service.state.sessions)
         exact_s = time.perf_counter() - started
         changed = model.items_changed_since(index.model_version) if index is not None else np.arange(len(model.items))
     exact_items = np.concatenate(exact) if exact else np.zeros(0, dtype=np.int64)

@@ -84,44 +84,62 @@ class _ItemNorms:
 
 
 @njit(cache=True, nogil=True)
-def _blend_into(top_rows, top_scores, weight, start, cand_rows, cand_scores, seen_start, seen_items):
+def _blend_into(top_rows, top_scores, weight, users, Q, biases, start, cand_rows, cand_blend, seen_start, seen_items):
     """Each user's factor top-k (scores times ``weight``) merged with their session candidates
-    ``cand_rows[start[n]:start[n + 1]]`` (blended scores; an item in both keeps its blended
-    score); users without candidates keep their list as it is."""
+    ``cand_rows[start[n]:start[n + 1]]`` by the blended score ``weight * factor + blend``; users
+    without candidates keep their list as it is.
+
+    Candidates are visited in order of their blend and scored exactly until the best a further
+    one could reach (its blend plus ``weight`` times the user's best factor score) cannot enter
+    the list: exact, and a handful of candidates per user when the signals reach hundreds.
+    """
     n_users, k = top_rows.shape
+    dim = Q.shape[1]
     for n in range(n_users):
         a, b = start[n], start[n + 1]
         if a == b:
             continue
+        best_factor = top_scores[n, 0] if top_rows[n, 0] >= 0 else np.inf
         old_rows = top_rows[n].copy()
         old_scores = top_scores[n].copy()
         vals = top_scores[n]
         idx = top_rows[n]
         vals[:] = -np.inf
         idx[:] = -1
-        for j in range(k):
+        for j in range(k):  # the factor list, an item the signals also reach with its blended score
             item = old_rows[j]
             if item < 0:
                 continue
-            candidate = False
+            x = weight * old_scores[j]
             for c in range(a, b):
                 if cand_rows[c] == item:
-                    candidate = True
+                    x += cand_blend[c]
                     break
-            x = weight * old_scores[j]
-            if not candidate and x > vals[k - 1]:
+            if x > vals[k - 1]:
                 insert_descending(vals, idx, k, x, item)
-        for c in range(a, b):
+        for c in a + np.argsort(-cand_blend[a:b]):
+            if cand_blend[c] + weight * best_factor <= vals[k - 1]:
+                break  # in order of blend: no later candidate can enter
             item = cand_rows[c]
-            x = cand_scores[c]
-            if x <= vals[k - 1]:
+            listed = False
+            for j in range(k):
+                if old_rows[j] == item:
+                    listed = True
+                    break
+            if listed:
                 continue
             excluded = False
             for t in range(seen_start[n], seen_start[n + 1]):
                 if seen_items[t] == item:
                     excluded = True
                     break
-            if not excluded:
+            if excluded:
+                continue
+            factor = biases[item]
+            for f in range(dim):
+                factor += users[n, f] * Q[item, f]
+            x = weight * factor + cand_blend[c]
+            if x > vals[k - 1]:
                 insert_descending(vals, idx, k, x, item)
 
 
@@ -240,15 +258,12 @@ class Recommender:
         counts = np.fromiter((len(rows) for rows, _ in found), dtype=np.int64, count=len(found))
         if not counts.any():
             return
-        rows = np.concatenate([rows for rows, _ in found]).astype(np.int64)
-        blend = np.concatenate([blend for _, blend in found]).astype(np.float32)
-        owner = np.repeat(np.arange(len(found)), counts)
-        factor = np.einsum("ij,ij->i", Q[rows], users[owner]) + biases[rows]
-        weight = np.float32(self.model.config.session_mf_weight)
         start = np.zeros(len(found) + 1, dtype=np.int64)
         np.cumsum(counts, out=start[1:])
-        _blend_into(top_rows, top_scores, weight, start, rows, (weight * factor + blend).astype(np.float32),
-                    seen_start, seen_items)
+        _blend_into(top_rows, top_scores, np.float32(self.model.config.session_mf_weight),
+                    np.ascontiguousarray(users, dtype=np.float32), Q, biases, start,
+                    np.concatenate([rows for rows, _ in found]).astype(np.int64),
+                    np.concatenate([blend for _, blend in found]).astype(np.float32), seen_start, seen_items)
 
     def _seen(self, user_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each user's remembered items, CSR-style: ``items[start[n]:start[n + 1]]`` for user ``n``."""
