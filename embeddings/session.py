@@ -77,6 +77,11 @@ class SessionSignals:
         self.repeats = np.array([1.0, 2.0])  # (decayed) re-view clicks, continuing clicks
         self._items = 0
         self._fit_scratch(1024)
+        # Load the compiled kernels now (from numba's disk cache: about a second, once per process),
+        # not in the first batch a consumer handles.
+        empty = np.zeros(0, dtype=np.int64)
+        learn_batch(empty, empty, empty, empty, self.learn_args())
+        candidates_batch(empty, empty, empty, self.score_args(), empty, np.zeros(0), empty)
 
     @property
     def enabled(self) -> bool:
