@@ -42,6 +42,9 @@ from recstream.index.build import mips_query
 from recstream.index.exact import ClusteredItems, insert_descending
 from recstream.index.refresh import BuiltIndex
 
+# Below this many scores per call (users x hot items), a plain product beats clustering the items.
+_BRUTE_FORCE_SCORES = 1_000_000
+
 
 @njit(cache=True, nogil=True)
 def _merge_into(top_rows, top_scores, r, cand_rows, cand_scores, n):
@@ -277,10 +280,29 @@ class Recommender:
     def _exact_top(self, users: np.ndarray, items: np.ndarray, Q: np.ndarray, biases: np.ndarray,
                    seen_start: np.ndarray, seen_items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per user, the best ``k`` of ``items`` by exact score, remembered items left out."""
+        k = self.k
         if len(items) == 0:
-            return (np.full((len(users), self.k), -1, dtype=np.int64),
-                    np.full((len(users), self.k), -np.inf, dtype=np.float32))
-        return ClusteredItems(Q[items], biases[items], items).top_k(users, seen_start, seen_items, self.k)
+            return np.full((len(users), k), -1, dtype=np.int64), np.full((len(users), k), -np.inf, dtype=np.float32)
+        if len(users) * len(items) > _BRUTE_FORCE_SCORES:
+            return ClusteredItems(Q[items], biases[items], items).top_k(users, seen_start, seen_items, k)
+        # A few users (a query, a small round): one product costs less than clustering the items.
+        scores = users @ Q[items].T + biases[items]
+        at = np.searchsorted(items, seen_items)  # items are sorted: remembered items as columns
+        found = at < len(items)
+        found[found] = items[at[found]] == seen_items[found]
+        owner = np.repeat(np.arange(len(users)), np.diff(seen_start))
+        scores[owner[found], at[found]] = -np.inf
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k] if len(items) <= k else None
+        if best is None:
+            best = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            best = np.take_along_axis(best, np.argsort(-np.take_along_axis(scores, best, 1), axis=1, kind="stable"), 1)
+        top_scores = np.full((len(users), k), -np.inf, dtype=np.float32)
+        top_rows = np.full((len(users), k), -1, dtype=np.int64)
+        chosen = np.take_along_axis(scores, best, 1)
+        keep = np.isfinite(chosen)
+        top_scores[:, : best.shape[1]] = np.where(keep, chosen, -np.inf)
+        top_rows[:, : best.shape[1]] = np.where(keep, items[best], -1)
+        return top_rows, top_scores
 
     def _tail_possible(self, user_norms: np.ndarray, hot: np.ndarray, item_norms: np.ndarray, biases: np.ndarray,
                        top_scores: np.ndarray) -> np.ndarray:

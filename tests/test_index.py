@@ -216,3 +216,18 @@ def test_clustered_exact_search_equals_brute_force_with_exclusions():
         truth = np.argsort(-allowed)[:10]
         np.testing.assert_array_equal(found_rows[u], rows[truth])
         np.testing.assert_allclose(found_scores[u], allowed[truth], rtol=1e-5, atol=1e-5)
+
+
+def test_a_small_batch_scored_by_one_product_ranks_as_the_clustered_search(tmp_path, monkeypatch):
+    from recstream.index import query
+
+    mf, _ = _capped_setup(tmp_path)
+    history = InteractionHistory()
+    users = mf.users.rows([f"u{x}" for x in range(60)])
+    history.add(users, mf.items.rows([f"i{x}" for x in range(60)]))
+    recommender = Recommender(mf, history, k=10, exact_items=400)
+    product = recommender.recommend(users, None)  # 60 x 400 scores: below the threshold
+    monkeypatch.setattr(query, "_BRUTE_FORCE_SCORES", 0)
+    clustered = recommender.recommend(users, None)
+    np.testing.assert_array_equal(product.item_rows, clustered.item_rows)
+    np.testing.assert_allclose(product.scores, clustered.scores, rtol=1e-5, atol=1e-5)
