@@ -32,6 +32,8 @@ _KMEANS_ITERATIONS = 4
 _FIT_SAMPLE_PER_CLUSTER = 8
 
 
+# insert_descending and among are inlined into index/query.py's kernels too. Numba's on-disk cache
+# checks only the file a kernel is defined in: after changing them, touch index/query.py.
 @njit(cache=True, nogil=True, inline="always")
 def insert_descending(vals, idx, k, x, c):
     """Put score ``x`` of item ``c`` into the descending buffer ``vals``/``idx``."""
@@ -42,6 +44,15 @@ def insert_descending(vals, idx, k, x, c):
         pos -= 1
     vals[pos] = x
     idx[pos] = c
+
+
+@njit(cache=True, nogil=True, inline="always")
+def among(values, start, stop, x):
+    """Whether ``x`` is one of ``values[start:stop]`` (short lists: a scan beats a set)."""
+    for j in range(start, stop):
+        if values[j] == x:
+            return True
+    return False
 
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
@@ -70,15 +81,8 @@ def _pruned_top_k(X, x_norms, vectors, biases, rows, starts, centroids, max_bias
                 s = biases[j]
                 for f in range(dim):
                     s += x[f] * vectors[j, f]
-                if s > vals[k - 1]:
-                    item = rows[j]
-                    excluded = False
-                    for t in range(a, b):
-                        if seen_items[t] == item:
-                            excluded = True
-                            break
-                    if not excluded:
-                        insert_descending(vals, idx, k, s, item)
+                if s > vals[k - 1] and not among(seen_items, a, b, rows[j]):
+                    insert_descending(vals, idx, k, s, rows[j])
     return out_rows, out_scores
 
 

@@ -39,7 +39,7 @@ from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import OnlineMF
 from recstream.embeddings.session import SessionSignals
 from recstream.index.build import mips_query
-from recstream.index.exact import ClusteredItems, insert_descending
+from recstream.index.exact import ClusteredItems, among, insert_descending
 from recstream.index.refresh import BuiltIndex
 
 # Below this many scores per call (users x hot items), a plain product beats clustering the items.
@@ -54,15 +54,8 @@ def _merge_into(top_rows, top_scores, r, cand_rows, cand_scores, n):
     idx = top_rows[r]
     for c in range(n):
         x = cand_scores[c]
-        if x > vals[k - 1]:
-            item = cand_rows[c]
-            duplicate = False
-            for j in range(k):
-                if idx[j] == item:
-                    duplicate = True
-                    break
-            if not duplicate:
-                insert_descending(vals, idx, k, x, item)
+        if x > vals[k - 1] and not among(idx, 0, k, cand_rows[c]):
+            insert_descending(vals, idx, k, x, cand_rows[c])
 
 
 class _ItemNorms:
@@ -115,7 +108,7 @@ def _blend_into(top_rows, top_scores, weight, users, Q, biases, start, cand_rows
                 continue
             x = weight * old_scores[j]
             for c in range(a, b):
-                if cand_rows[c] == item:
+                if cand_rows[c] == item:  # the signals reach it too: its blended score
                     x += cand_blend[c]
                     break
             if x > vals[k - 1]:
@@ -124,20 +117,8 @@ def _blend_into(top_rows, top_scores, weight, users, Q, biases, start, cand_rows
             if cand_blend[c] + weight * best_factor <= vals[k - 1]:
                 break  # in order of blend: no later candidate can enter
             item = cand_rows[c]
-            listed = False
-            for j in range(k):
-                if old_rows[j] == item:
-                    listed = True
-                    break
-            if listed:
-                continue
-            excluded = False
-            for t in range(seen_start[n], seen_start[n + 1]):
-                if seen_items[t] == item:
-                    excluded = True
-                    break
-            if excluded:
-                continue
+            if among(old_rows, 0, k, item) or among(seen_items, seen_start[n], seen_start[n + 1], item):
+                continue  # already scored above, or left out
             factor = biases[item]
             for f in range(dim):
                 factor += users[n, f] * Q[item, f]
