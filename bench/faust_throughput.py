@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from recstream.stream.broker import EmbeddedBroker, create_topics, free_port  # noqa: E402
+from recstream.stream.broker import EmbeddedBroker, create_topics, free_port, produce_all  # noqa: E402
 from recstream.stream.synthetic import SyntheticClickstream  # noqa: E402
 from throughput import end_to_end  # noqa: E402
 
@@ -39,20 +39,11 @@ def _applied(port: int) -> int | None:
 
 
 def faust_run(bootstrap: str, messages) -> dict:
-    from confluent_kafka import Producer
 
     tag = uuid.uuid4().hex[:8]
     topic = f"faust-bench-{tag}"
     create_topics(bootstrap, {topic: 4})
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
-    for key, value in messages:
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key)
-                break
-            except BufferError:
-                producer.poll(0.05)
-    producer.flush()
+    produce_all(bootstrap, topic, messages)
     port = free_port()
     env = {**os.environ, "KAFKA_BROKER": f"kafka://{bootstrap}", "CLICKS_TOPIC": topic,
            "FAUST_APP_ID": f"faust-bench-{tag}", "FAUST_SESSION_TIMEOUT_S": "4", "FAUST_HEARTBEAT_S": "0.5"}

@@ -51,7 +51,7 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, Producer
 from recstream.embeddings.model import _ITEM_ARRAYS, _USER_ARRAYS
 from recstream.index.build import build_in_subprocess, mips_item_vectors, mips_query
-from recstream.stream.broker import EmbeddedBroker, create_topics
+from recstream.stream.broker import EmbeddedBroker, create_topics, produce_all
 from recstream.stream.checkpoint import CheckpointStore
 from recstream.stream.config import load_config
 from recstream.stream.service import RecStreamService
@@ -472,16 +472,8 @@ def catch_up(bootstrap: str, topic: str, n: int, publish: bool, timeout_s: float
 
 
 def produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) -> float:
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
     started = time.perf_counter()
-    for key, value in messages:
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key)
-                break
-            except BufferError:
-                producer.poll(0.05)
-    producer.flush()
+    produce_all(bootstrap, topic, messages)
     return len(messages) / (time.perf_counter() - started)
 
 

@@ -27,9 +27,8 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from confluent_kafka import Producer
 from recstream.embeddings.model import MFConfig, OnlineMF
-from recstream.stream.broker import EmbeddedBroker, create_topics
+from recstream.stream.broker import EmbeddedBroker, create_topics, produce_all
 from recstream.stream.config import load_config
 from recstream.stream.service import RecStreamService
 from recstream.stream.synthetic import EVENT_TYPES, SyntheticClickstream
@@ -69,15 +68,7 @@ def end_to_end(bootstrap: str, messages, dim: int, publish: bool, state_dir: str
     tag = uuid.uuid4().hex[:8]
     topics = {"input": f"bench-{tag}", "output": f"bench-recs-{tag}", "dlq": f"bench-{tag}.dlq"}
     create_topics(bootstrap, {topics["input"]: 4, topics["output"]: 4, topics["dlq"]: 1})
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
-    for key, value in messages:
-        while True:
-            try:
-                producer.produce(topics["input"], value=value, key=key)
-                break
-            except BufferError:
-                producer.poll(0.05)
-    producer.flush()
+    produce_all(bootstrap, topics["input"], messages)
     config = load_config(overrides={
         "kafka.bootstrap.servers": bootstrap, "kafka.session.timeout.ms": "2000",
         "kafka.heartbeat.interval.ms": "300", "topics.input": topics["input"], "topics.output": topics["output"],

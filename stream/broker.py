@@ -9,9 +9,10 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,21 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def produce_all(bootstrap_servers: str, topic: str, messages: Iterable[tuple[bytes | None, bytes | None]],
+                flush_timeout_s: float = 60.0) -> int:
+    """Produce (key, value) messages to ``topic`` in order, waiting while the local queue is full;
+    returns how many were still undelivered after ``flush_timeout_s`` (for tools and tests)."""
+    producer = Producer({"bootstrap.servers": bootstrap_servers, "linger.ms": 20})
+    for key, value in messages:
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key)
+                break
+            except BufferError:  # the local queue is full: let deliveries drain
+                producer.poll(0.05)
+    return producer.flush(flush_timeout_s)
 
 
 def create_topics(bootstrap_servers: str, partitions: dict[str, int], settings: dict[str, str] | None = None,

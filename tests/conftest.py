@@ -22,8 +22,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
-from recstream.stream.broker import EmbeddedBroker, create_topics
+from confluent_kafka import Consumer, TopicPartition
+from recstream.stream.broker import EmbeddedBroker, create_topics, produce_all
 from recstream.stream.config import ServiceConfig, load_config
 from recstream.stream.service import RecStreamService
 
@@ -164,15 +164,7 @@ def service_config(bootstrap: str, topics: dict[str, str], **overrides: object) 
 
 
 def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]]) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
-    for key, value in messages:
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key)
-                break
-            except BufferError:
-                producer.poll(0.05)
-    assert producer.flush(30) == 0
+    assert produce_all(bootstrap, topic, messages, flush_timeout_s=30) == 0
 
 
 def event(user: object, item: object, **fields: object) -> tuple[bytes, bytes]:
