@@ -225,8 +225,16 @@ def wait_for(predicate, timeout_s: float = 60.0, what: str = "condition") -> Non
 @contextmanager
 def running(config: ServiceConfig) -> Iterator[RecStreamService]:
     """The service in a background thread; stopped (gracefully) and joined on exit."""
-    stop = threading.Event()
-    service = RecStreamService(config, stop=stop)
+    service = RecStreamService(config, stop=threading.Event())
+    with service_thread(service) as thread:
+        thread.start()
+        yield service
+
+
+@contextmanager
+def service_thread(service: RecStreamService) -> Iterator[threading.Thread]:
+    """A thread (not started) that runs ``service``; on exit the service is stopped, the thread
+    joined, and an exception the service raised is raised here."""
     errors: list[BaseException] = []
 
     def target() -> None:
@@ -236,12 +244,12 @@ def running(config: ServiceConfig) -> Iterator[RecStreamService]:
             errors.append(exc)
 
     thread = threading.Thread(target=target, name="service-under-test")
-    thread.start()
     try:
-        yield service
+        yield thread
     finally:
-        stop.set()
-        thread.join(timeout=60)
+        service.stop.set()
+        if thread.is_alive():
+            thread.join(timeout=60)
         assert not thread.is_alive(), "service did not stop within 60 s"
     if errors:
         raise errors[0]

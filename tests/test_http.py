@@ -25,7 +25,7 @@ from recstream.stream.metrics import Histogram, reason_label
 from recstream.stream.service import RecStreamService
 from recstream.stream.web import ServiceHttp
 
-from conftest import cli_run_args, event, produce, read_all, service_config, wait_for
+from conftest import cli_run_args, event, produce, read_all, service_config, service_thread, wait_for
 
 OUTPUT_KEYS = {"user_id", "items", "index_version", "model_version", "generated_at", "last_event_ts"}
 
@@ -61,26 +61,9 @@ def value(metrics: dict[str, list], name: str, **labels: str) -> float:
 @contextmanager
 def serving(config, on_flush=None, sample_interval_s: float = 2.0) -> Iterator[tuple[RecStreamService, str]]:
     """The service with its HTTP side started before ``run()`` (so readiness is seen from the start)."""
-    stop = threading.Event()
-    service = RecStreamService(config, stop=stop, on_flush=on_flush)
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            service.run()
-        except BaseException as exc:
-            errors.append(exc)
-
-    with ServiceHttp(service, sample_interval_s=sample_interval_s) as http:
-        thread = threading.Thread(target=target, name="service-under-test")
-        try:
-            yield service, http.address, thread
-        finally:
-            stop.set()
-            thread.join(timeout=60)
-            assert not thread.is_alive(), "service did not stop within 60 s"
-    if errors:
-        raise errors[0]
+    service = RecStreamService(config, stop=threading.Event(), on_flush=on_flush)
+    with ServiceHttp(service, sample_interval_s=sample_interval_s) as http, service_thread(service) as thread:
+        yield service, http.address, thread
 
 
 def http_config(bootstrap, topics, **overrides):
