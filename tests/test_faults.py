@@ -9,6 +9,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -16,8 +17,9 @@ import numpy as np
 import orjson
 import pytest
 from confluent_kafka import Producer
+from prometheus_client.parser import text_string_to_metric_families
 from recstream.embeddings.model import MFConfig
-from recstream.stream.broker import create_topics
+from recstream.stream.broker import create_topics, free_port
 from recstream.stream.config import EventsConfig
 from recstream.stream.events import EventDecoder
 from recstream.stream.replay import export_state
@@ -71,6 +73,10 @@ def _latest_meta(state_dir: Path) -> dict:
     return {}
 
 
+def _checkpoint_names(state_dir: Path) -> set[str]:
+    return {path.name for path in (state_dir / "checkpoints").glob("ckpt-*.json")}
+
+
 def _produce_partitioned(bootstrap: str, topic: str, values: list[bytes], partitions: int,
                          rate: float | None = None) -> list[int]:
     """Produce in order, event n to partition n % partitions, at ``rate`` events/s; returns counts."""
@@ -94,8 +100,12 @@ def _kill_restart_until_done(bootstrap, topics, state_dir, total, kills, seed) -
     rng = random.Random(seed)
     group = f"g-{uuid.uuid4().hex[:8]}"
     for _ in range(kills):
+        before = _checkpoint_names(state_dir)
         process = _start(bootstrap, topics, group, state_dir)
-        time.sleep(rng.uniform(2.0, 5.0))
+        # Killed at a random moment after the run wrote a checkpoint of its own, so that the next run
+        # resumes mid-stream however long this machine takes to start a process.
+        wait_for(lambda: _checkpoint_names(state_dir) - before, timeout_s=120, what="a checkpoint of this run")
+        time.sleep(rng.uniform(0.0, 1.5))
         process.send_signal(signal.SIGKILL)
         process.wait()
     log = state_dir.parent / f"{state_dir.name}.log"
@@ -163,16 +173,19 @@ def test_a_second_process_joins_and_leaves_without_loss_or_double_application(ka
     producer.start()
     group = f"g-{uuid.uuid4().hex[:8]}"
     first = _start(kafka_bootstrap, topics, group, tmp_path / "a")
-    time.sleep(3)
+    wait_for(lambda: _latest_meta(tmp_path / "a").get("events_applied", 0) > 0, timeout_s=120,
+             what="the first process to apply and checkpoint events")
     second = _start(kafka_bootstrap, topics, group, tmp_path / "b")
-    wait_for(lambda: _latest_meta(tmp_path / "b").get("events_applied", 0) > 0, timeout_s=60,
+    wait_for(lambda: _latest_meta(tmp_path / "b").get("events_applied", 0) > 0, timeout_s=120,
              what="the second process to take over partitions")
     time.sleep(2)
     second.send_signal(signal.SIGTERM)  # leaves the group: its partitions go back to the first
     assert second.wait(timeout=60) == 0
     producer.join()
-    wait_for(lambda: all(_latest_meta(tmp_path / "a").get("positions", {}).get(f"{topics['input']}/{p}", 0)
-                         >= counts[p] for p in range(4)), timeout_s=120, what="the first process to finish")
+    # The group's commits, not the first process's checkpoints: when the second process had already
+    # read to the end of a partition, the first takes it back with nothing new to apply or checkpoint.
+    wait_for(lambda: list(committed_offsets(kafka_bootstrap, group, topics["input"], 4).values()) == counts,
+             timeout_s=120, what="the group to commit the end of every partition")
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=60) == 0
 
@@ -299,6 +312,17 @@ def test_fuzzed_input_every_bad_message_in_the_dlq_every_good_one_applied(kafka_
     assert all(m.value() == originals[m.key()] for m in letters)  # original bytes, 1 MB ones too
 
 
+def _partitions_applied(port: int) -> set[str]:
+    """Partitions the service at ``port`` has applied events of, from its /metrics over HTTP."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:  # not listening yet
+        return set()
+    return {sample.labels["partition"] for family in text_string_to_metric_families(text)
+            if family.name == "recstream_events_applied" for sample in family.samples if sample.value > 0}
+
+
 def test_sigterm_under_load_checkpoints_commits_and_exits(kafka_bootstrap, tmp_path):
     topics = _topics(kafka_bootstrap, 2)
     values = [v for _, v in SyntheticClickstream(n_users=5000, n_items=2000, seed=4).events(150_000).messages()]
@@ -307,10 +331,13 @@ def test_sigterm_under_load_checkpoints_commits_and_exits(kafka_bootstrap, tmp_p
     producer.start()
     group = f"g-{uuid.uuid4().hex[:8]}"
     secret = "hunter2-must-not-leak"
+    port = free_port()
     process = _start(kafka_bootstrap, topics, group, tmp_path / "state", "--set", "checkpoint.interval_s=60",
-                     "-X", "sasl.username=recstream", "-X", f"sasl.password={secret}")
-    wait_for(lambda: "assigned" in (tmp_path / "state.log").read_text(), timeout_s=60, what="assignment")
-    time.sleep(1.5)
+                     "--http-port", str(port), "-X", "sasl.username=recstream", "-X", f"sasl.password={secret}")
+    # Signalled while both partitions are being consumed (the producer is still at it), whenever
+    # this machine gets there: the shutdown checkpoint and commit then cover two partitions mid-stream.
+    wait_for(lambda: _partitions_applied(port) == {"0", "1"}, timeout_s=120,
+             what="events applied on both partitions")
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0  # the bound: finish the batch, checkpoint, commit, exit
     producer.join()

@@ -208,10 +208,10 @@ def test_run_creates_its_topics_and_serves_http_from_the_command_line(kafka_boot
             except OSError:
                 return False
 
-        wait_for(healthy, what="recstream run to serve /healthz")
+        wait_for(healthy, timeout_s=120, what="recstream run to serve /healthz")
         produce(kafka_bootstrap, topics["input"], [event("u1", "i1"), event("u1", "i2")])
         wait_for(lambda: value(scrape(f"http://127.0.0.1:{port}"), "recstream_events_applied_total") == 2,
-                 what="the events in /metrics")
+                 timeout_s=120, what="the events in /metrics")
     finally:
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=60)
