@@ -149,7 +149,7 @@ class MFConfig:
     # session_*_weight times each signal (all 0 turns them off).
     session_gap_s: float = 1800.0
     session_length: int = 20
-    session_rules_window: int = 10
+    session_rules_window: int = 2
     session_query_window: int = 1
     session_neighbours: int = 32
     session_half_life_s: float = 2_592_000.0  # 30 days

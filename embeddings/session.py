@@ -30,8 +30,8 @@ the items the session signals do not reach. Weights are ``model.session_*_weight
 >>> users, items = np.zeros(4, np.int64), np.array([0, 1, 0, 1])  # one session: 0 1 0 1
 >>> signals.update(users, items, np.arange(4, dtype=np.int64) * 1000)
 >>> rows, weights = signals.rules.neighbours(0)
->>> sorted(zip(rows.tolist(), weights.tolist()))  # 0 -> 1 twice at gap 1, once at gap 3; 0 -> 0 at gap 2
-[(0, 0.5), (1, 2.3333332538604736)]
+>>> sorted(zip(rows.tolist(), weights.tolist()))  # 0 -> 1 twice at gap 1 (gap 3 is past the window of 2); 0 -> 0 at gap 2
+[(0, 0.5), (1, 2.0)]
 >>> rows, scores = signals.candidates(np.array([0]), 3000)[0]
 >>> int(rows[np.argmax(scores)])  # after ... 0 1, item 0 comes next
 0
@@ -39,11 +39,18 @@ the items the session signals do not reach. Weights are ``model.session_*_weight
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
+import numba
 import numpy as np
 from recstream.embeddings.item_neighbours import ItemNeighbours
 from recstream.embeddings.session_kernels import N_SIGNALS, candidates_batch, learn_batch
 from recstream.embeddings.session_knn import RecentSessions
 
+# Fewer users than this per thread are scored in the calling thread alone.
+_USERS_PER_THREAD = 256
+# Room for this many reached items per user to begin with (the buffers double when a user needs more).
+_ROWS_PER_USER = 64
 _USER_STATE = (("hist", np.int32), ("hlen", np.int64), ("last_ts", np.int64), ("skey", np.int64),
                ("serial", np.int64))
 
@@ -88,13 +95,15 @@ class SessionSignals:
         return bool(self.weights.any())
 
     def _fit_scratch(self, items: int) -> None:
-        self.acc = np.zeros((N_SIGNALS + 1, items), dtype=np.float64)
-        self.touched = np.zeros(items, dtype=np.int64)
-        self.tmark = np.zeros(items, dtype=np.int64)
-        self.n_touched = np.zeros(1, dtype=np.int64)
-        self.session_buf = np.zeros(self.length, dtype=np.int64)
-        self.calls = np.zeros(1, dtype=np.int64)
-        self.knn_scratch = self.ring.scratch(items, self.length)
+        (self.acc, self.touched, self.tmark, self.n_touched, self.session_buf, self.knn_scratch,
+         self.calls) = self._new_scratch(items, self.ring.scratch(items, self.length))
+        self._thread_scratch: list[tuple] = []  # one more set per further thread of ``candidates_csr``
+
+    def _new_scratch(self, items: int, knn_scratch: tuple) -> tuple:
+        """The work arrays of one ``candidates_batch`` call (marked, never cleared between users)."""
+        return (np.zeros((N_SIGNALS + 1, items), dtype=np.float64), np.zeros(items, dtype=np.int64),
+                np.zeros(items, dtype=np.int64), np.zeros(1, dtype=np.int64), np.zeros(self.length, dtype=np.int64),
+                knn_scratch, np.zeros(1, dtype=np.int64))
 
     def fit(self, users: int, items: int) -> None:
         """Room for user rows below ``users`` and item rows below ``items``."""
@@ -121,14 +130,17 @@ class SessionSignals:
                 self.ring.items, self.ring.lengths, self.ring.times, self.ring.serials, self.ring.item_serials,
                 self.ring.item_heads, self.repeats)
 
-    def score_args(self) -> tuple:
-        """The arrays ``session_scores`` takes after the user, time and key."""
+    def score_args(self, scratch: tuple | None = None) -> tuple:
+        """The arrays ``session_scores`` takes after the user, time and key (``scratch``: another
+        thread's work arrays, from ``_new_scratch``)."""
+        acc, touched, tmark, n_touched, session_buf, knn_scratch, calls = scratch or (
+            self.acc, self.touched, self.tmark, self.n_touched, self.session_buf, self.knn_scratch, self.calls)
         return (self.gap_ms, self.config.session_query_window, self.weights, self.hist, self.hlen, self.last_ts,
                 self.skey, self.serial, self.rules.rows, self.rules.weights, self.rules.errors, self.cooc.rows,
                 self.cooc.weights, self.cooc.errors,
                 self.ring.items, self.ring.lengths, self.ring.times, self.ring.serials, self.ring.item_serials,
-                self.ring.item_heads, self.ring.sample, self.ring.k, self.acc, self.touched, self.tmark,
-                self.n_touched, self.session_buf, self.knn_scratch, self.calls, self.repeats)
+                self.ring.item_heads, self.ring.sample, self.ring.k, acc, touched, tmark,
+                n_touched, session_buf, knn_scratch, calls, self.repeats)
 
     def update(self, user_rows: np.ndarray, item_rows: np.ndarray, timestamps: np.ndarray,
                session_keys: np.ndarray | None = None) -> None:
@@ -148,27 +160,66 @@ class SessionSignals:
         ``now_ms`` (event time, one or per user): a session whose last event is older than
         ``session_gap_s`` is over and gives nothing; 0 means "at the user's last event".
         """
+        start, rows, scores = self.candidates_csr(user_rows, now_ms, session_keys)
+        return [(rows[a:b], scores[a:b]) for a, b in zip(start[:-1].tolist(), start[1:].tolist())]
+
+    def candidates_csr(self, user_rows: np.ndarray, now_ms: int | np.ndarray = 0,
+                       session_keys: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`candidates` as one array each: user ``n`` reaches ``rows[start[n]:start[n + 1]]``
+        with blends ``scores[start[n]:start[n + 1]]``.
+
+        Users are scored by as many threads as numba uses (the kernel releases the GIL), each with
+        its own work arrays: a publishing round then uses the cores the consumer leaves idle.
+        """
         users = np.asarray(user_rows, dtype=np.int64)
         if len(users) == 0 or not self.enabled:
-            return [(np.zeros(0, np.int64), np.zeros(0, np.float64)) for _ in range(len(users))]
+            return np.zeros(len(users) + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
         self.fit(int(users.max()) + 1, 1)
         now = np.asarray(now_ms, dtype=np.int64)
         now = np.where(now > 0, now, self.last_ts[users]) if now.ndim or now <= 0 else np.full(len(users), now)
         keys = self.skey[users] if session_keys is None else np.asarray(session_keys, dtype=np.int64)
-        out: list[tuple[np.ndarray, np.ndarray]] = []
-        size = max(256, 64 * len(users))
-        done = 0
-        while done < len(users):  # the buffers grow until a user's items fit
-            out_rows, out_scores = np.empty(size, np.int64), np.empty(size, np.float64)
+        threads = min(numba.get_num_threads(), max(1, len(users) // _USERS_PER_THREAD))
+        if threads == 1:
+            ends, rows, scores = self._candidates_chunk(users, now, keys, self.score_args())
+        else:
+            while len(self._thread_scratch) < threads - 1:
+                items = len(self.tmark)
+                self._thread_scratch.append(self._new_scratch(items, self.ring.new_scratch(items, self.length)))
+            cuts = np.linspace(0, len(users), threads + 1).astype(np.int64)
+            with ThreadPoolExecutor(threads) as pool:
+                parts = list(pool.map(
+                    lambda t: self._candidates_chunk(users[cuts[t]:cuts[t + 1]], now[cuts[t]:cuts[t + 1]],
+                                                     keys[cuts[t]:cuts[t + 1]],
+                                                     self.score_args(self._thread_scratch[t - 1] if t else None)),
+                    range(threads)))
+            offsets = np.cumsum([0] + [len(rows) for _, rows, _ in parts[:-1]])
+            ends = np.concatenate([part_ends + offset for (part_ends, _, _), offset in zip(parts, offsets)])
+            rows = np.concatenate([rows for _, rows, _ in parts])
+            scores = np.concatenate([scores for _, _, scores in parts])
+        start = np.zeros(len(users) + 1, dtype=np.int64)
+        start[1:] = ends
+        return start, rows, scores
+
+    @staticmethod
+    def _candidates_chunk(users: np.ndarray, now: np.ndarray, keys: np.ndarray, score_args: tuple
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``candidates_batch`` over ``users``: each user's end in the rows and scores, which grow
+        until every user's items fit."""
+        ends = np.zeros(len(users), np.int64)
+        size = max(256, _ROWS_PER_USER * len(users))
+        rows, scores = np.empty(size, np.int64), np.empty(size, np.float64)
+        done, used = 0, 0
+        while done < len(users):
             out_n = np.zeros(len(users) - done, np.int64)
-            stop = candidates_batch(users[done:], now[done:], keys[done:], self.score_args(), out_rows, out_scores, out_n)
-            start = 0
-            for end in out_n[:stop].tolist():
-                out.append((out_rows[start:end], out_scores[start:end]))
-                start = end
+            stop = candidates_batch(users[done:], now[done:], keys[done:], score_args, rows[used:], scores[used:],
+                                    out_n)
+            ends[done:done + stop] = out_n[:stop] + used
+            used = int(ends[done + stop - 1]) if stop else used
             done += stop
-            size *= 2
-        return out
+            if done < len(users):  # out of room: twice the buffers, keeping what is written
+                rows = np.concatenate([rows[:used], np.empty(2 * len(rows), np.int64)])
+                scores = np.concatenate([scores[:used], np.empty(2 * len(scores), np.float64)])
+        return ends, rows[:used], scores[:used]
 
     def bytes_per_item(self) -> int:
         """Memory the signals hold per item (rules, co-occurrence, item -> session index, scratch)."""

@@ -85,12 +85,16 @@ class RecentSessions:
         """Work arrays for ``ring_score`` (kept: they are marked, never cleared)."""
         n_items = max(n_items, len(self.item_heads))
         if self._scratch_items < n_items or len(self._scratch[4]) < max_session * self.item_serials.shape[1]:
-            cand = max_session * self.item_serials.shape[1]
-            self._scratch = (np.zeros(n_items, np.float64), np.zeros(n_items, np.int64),
-                             np.zeros(len(self.lengths), np.int64), np.zeros(cand, np.int64),
-                             np.zeros(cand, np.int64), np.zeros(cand, np.float64), np.zeros(1, np.int64))
+            self._scratch = self.new_scratch(n_items, max_session)
             self._scratch_items = n_items
         return self._scratch
+
+    def new_scratch(self, n_items: int, max_session: int) -> tuple[np.ndarray, ...]:
+        """A further set of ``ring_score`` work arrays, for another thread."""
+        n_items = max(n_items, len(self.item_heads))
+        cand = max_session * self.item_serials.shape[1]
+        return (np.zeros(n_items, np.float64), np.zeros(n_items, np.int64), np.zeros(len(self.lengths), np.int64),
+                np.zeros(cand, np.int64), np.zeros(cand, np.int64), np.zeros(cand, np.float64), np.zeros(1, np.int64))
 
     def bytes_per_item(self) -> int:
         return self.item_serials.itemsize * self.item_serials.shape[1] + self.item_heads.itemsize

@@ -34,7 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import OnlineMF
 from recstream.embeddings.session import SessionSignals
@@ -79,7 +79,7 @@ class _ItemNorms:
         return self.norms
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, parallel=True)
 def _blend_into(top_rows, top_scores, weight, users, Q, biases, start, cand_rows, cand_blend, seen_start, seen_items):
     """Each user's factor top-k (scores times ``weight``) merged with their session candidates
     ``cand_rows[start[n]:start[n + 1]]`` by the blended score ``weight * factor + blend``; users
@@ -91,7 +91,7 @@ def _blend_into(top_rows, top_scores, weight, users, Q, biases, start, cand_rows
     """
     n_users, k = top_rows.shape
     dim = Q.shape[1]
-    for n in range(n_users):
+    for n in prange(n_users):  # users are independent: each writes its own row
         a, b = start[n], start[n + 1]
         if a == b:
             continue
@@ -238,16 +238,12 @@ class Recommender:
                         now_ms: int, seen_start: np.ndarray, seen_items: np.ndarray, top_rows: np.ndarray,
                         top_scores: np.ndarray) -> None:
         """Merge the items each user's session reaches into their top-k, by the blended score (in place)."""
-        found = self.sessions.candidates(user_rows, now_ms)
-        counts = np.fromiter((len(rows) for rows, _ in found), dtype=np.int64, count=len(found))
-        if not counts.any():
+        start, rows, blend = self.sessions.candidates_csr(user_rows, now_ms)
+        if len(rows) == 0:
             return
-        start = np.zeros(len(found) + 1, dtype=np.int64)
-        np.cumsum(counts, out=start[1:])
         _blend_into(top_rows, top_scores, np.float32(self.model.config.session_mf_weight),
-                    np.ascontiguousarray(users, dtype=np.float32), Q, biases, start,
-                    np.concatenate([rows for rows, _ in found]).astype(np.int64),
-                    np.concatenate([blend for _, blend in found]).astype(np.float32), seen_start, seen_items)
+                    np.ascontiguousarray(users, dtype=np.float32), Q, biases, start, rows,
+                    blend.astype(np.float32), seen_start, seen_items)
 
     def _seen(self, user_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each user's remembered items, CSR-style: ``items[start[n]:start[n + 1]]`` for user ``n``."""

@@ -224,6 +224,8 @@ class ServiceMetrics:
             family.add_metric([topic, str(partition)], lag)
         yield family
         yield gauge("recstream_assigned_partitions", "Partitions assigned to this member", len(s.assigned))
+        yield gauge("recstream_pending_updates", "Users whose update waits for a publishing round",
+                    len(service.state.pending))
         yield gauge("recstream_loop_turn_age_seconds", "Seconds since the poll loop last turned",
                     now - service.last_loop_turn)
         yield gauge("recstream_last_event_timestamp_seconds", "Event time of the newest event applied",

@@ -54,7 +54,7 @@ from recstream.stream.config import ConfigError, ServiceConfig
 from recstream.stream.events import EventBatch, EventDecoder
 from recstream.stream.logs import kafka_logger, settings_for
 from recstream.stream.metadata import parse_item_metadata
-from recstream.stream.publishing import PendingUpdates, UpdateSchedule
+from recstream.stream.publishing import UpdateSchedule
 from recstream.stream.state import RecState
 from recstream.stream.update_json import update_values
 
@@ -64,6 +64,9 @@ DLQ_REASON_HEADER = "recstream.error"
 DLQ_TRUNCATE_BYTES = 64 * 1024
 # librdkafka's logical offsets, by what they mean for an assigned partition (the log says these).
 _OFFSET_NAMES = {OFFSET_INVALID: "committed", OFFSET_BEGINNING: "earliest", OFFSET_END: "latest"}
+# Users per recommendation call in a round with a time budget: small enough to stop near the
+# budget, large enough that the per-call work (hot set, its clusters) is spread over many users.
+_BUDGETED_CHUNK = 4096
 
 
 @dataclass
@@ -150,7 +153,6 @@ class RecStreamService:
         self._reported_index_version = 0
         self.refresher = IndexRefresher(self.model, self.model_lock, index_dir, config.index,
                                         first_version=self.state.index_version + 1)
-        self._pending = PendingUpdates()
         self._behind = False  # the last poll came back full: there is a backlog
         self._uncommitted: dict[tuple[str, int], int] = {}  # next offsets applied but not committed
         self._failed: list[tuple[str, bytes | None, bytes | None, list | None]] = []
@@ -244,9 +246,9 @@ class RecStreamService:
                     self._process(messages)
                 if self._uncommitted and (
                     self._schedule.due()
-                    or (not self._behind and len(self._pending) >= self.config.output.max_pending_users)
+                    or (not self._behind and len(self.state.pending) >= self.config.output.max_pending_users)
                 ):
-                    self.flush()
+                    self.flush(budgeted=True)
             self.flush(checkpoint=True)
         finally:
             self.refresher.stop()
@@ -305,7 +307,7 @@ class RecStreamService:
                             "retrain/reindex recommended", before, after)
             self.stats.loss_mean = self.loss_drift.mean
             if self.config.output.publish:
-                self._pending.add(user_rows, stamps)
+                self.state.pending.add(user_rows, stamps)
             self.stats.events_applied += len(batch)
             self.stats.last_event_ts = max(self.stats.last_event_ts, batch_now(stamps, self.decoder.clock_tolerance_ms))
             self.refresher.poke()
@@ -390,35 +392,42 @@ class RecStreamService:
 
     # -- publishing, checkpointing and committing ----------------------------------------------
 
-    def flush(self, checkpoint: bool = False, patient: bool = True) -> bool:
+    def flush(self, checkpoint: bool = False, patient: bool = True, budgeted: bool = False) -> bool:
         """Publish updates for the users touched since the last flush, deliver, then commit.
 
         With a state dir, offsets are committed only together with a checkpoint
         (when one is due, or ``checkpoint`` is set). ``patient=False`` (inside a
-        rebalance callback) tries delivery once instead of retrying. Returns
+        rebalance callback) tries delivery once instead of retrying. ``budgeted``
+        (the loop's rounds): while behind, publish only for the round's time budget
+        (stream.publishing); the users left stay pending, carried by the checkpoints,
+        and without a state dir nothing is committed until none are left. Returns
         False if output was left undelivered, and so nothing was committed.
         """
         started = time.monotonic()
-        pending_ms = self._pending.event_times() if self.metrics is not None else None
+        budget = self._schedule.budget_s() if budgeted and self._behind else None
+        published_ms: list[np.ndarray] = []
         try:
             # Events applied while deliveries were retried add users to publish: loop until none are left.
-            while self._pending:
-                self._publish_updates()
+            while self.state.pending:
+                published_ms.append(self._publish_updates(None if budget is None else _BUDGETED_CHUNK))
                 if not self._deliver_all(patient):
                     return False  # leave the offsets uncommitted
+                if budget is not None and time.monotonic() - started >= budget:
+                    break  # at least one chunk per round: the backlog of updates always moves
         finally:
             self._schedule.round_done(started, time.monotonic() - started, self._behind)
         if not self._deliver_all(patient):
             return False
         if self.metrics is not None:
-            self.metrics.flushed(pending_ms, time.monotonic() - started)
+            self.metrics.flushed(np.concatenate(published_ms) if published_ms else np.zeros(0, np.int64),
+                                 time.monotonic() - started)
         if self.store is not None:
             self._collect_checkpoint()
             due = (time.monotonic() >= self._next_checkpoint
                    or self.model.events_applied - self._checkpointed_events >= self.config.checkpoint.events)
             if checkpoint or due:
                 self._checkpoint(wait=checkpoint)
-        else:
+        elif not self.state.pending:
             self._commit(dict(self._uncommitted))
         self._report_item_drift()
         self._refresh_content()
@@ -525,8 +534,10 @@ class RecStreamService:
                 del self._uncommitted[tp]
         self.stats.commits += 1
 
-    def _publish_updates(self) -> None:
-        user_rows, last_event_ts = self._pending.take()
+    def _publish_updates(self, limit: int | None = None) -> np.ndarray:
+        """Publish updates for the ``limit`` longest-waiting users (all if None); returns their
+        latest event times."""
+        user_rows, last_event_ts = self.state.pending.take(limit)
         index = self.refresher.current
         with self.model_lock:
             # Behind, every lookup delays the catch-up: the hot set alone answers until it is over.
@@ -542,6 +553,7 @@ class RecStreamService:
             self._produce(topic, user_ids[user].encode(), values[start:end])
             start = end
         self.stats.updates_published += len(top)
+        return np.asarray(last_event_ts, dtype=np.int64)
 
     def _deliver_all(self, patient: bool = True) -> bool:
         """Wait until everything produced is delivered, re-producing failures with backoff.

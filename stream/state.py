@@ -19,6 +19,7 @@ from recstream.embeddings.session import SessionSignals
 from recstream.embeddings.text import HashedWords, MiniLMText, make_text_encoder
 from recstream.stream.checkpoint import Checkpoint, CheckpointStore, IncompatibleCheckpoint
 from recstream.stream.events import EventBatch
+from recstream.stream.publishing import PendingUpdates
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,8 @@ _MUST_MATCH = ("dim",)
 
 
 class RecState:
-    """Model, interaction history, and per input partition: next offset and events applied.
+    """Model, interaction history, users awaiting an update, and per input partition: next offset
+    and events applied.
 
     Partitions are keyed ``"topic/partition"`` so the checkpoint metadata stays plain JSON.
     """
@@ -39,6 +41,9 @@ class RecState:
         self.content = ItemContent()
         self.projector = ContentProjector()
         self.placeholders = ContentPlaceholders()
+        # Users whose update is still to be published: a checkpoint may commit offsets past their
+        # events only because it carries them (see stream.publishing).
+        self.pending = PendingUpdates()
         self.text_encoder: HashedWords | MiniLMText = HashedWords()  # how item text becomes features
         self.positions: dict[str, int] = {}  # next offset to read
         self.applied: dict[str, int] = {}  # valid events applied to the model
@@ -126,6 +131,7 @@ class RecState:
         arrays.update({f"content.{k}": v for k, v in self.placeholders.to_arrays().items()})
         # The fitted regression too: metadata arriving after a restart gets its placeholder at once.
         arrays.update({f"projector.{k}": np.array(v, copy=True) for k, v in self.projector.to_arrays().items()})
+        arrays.update({f"pending.{k}": v for k, v in self.pending.to_arrays().items()})
         meta = {
             "model_config": asdict(self.model.config),
             "positions": dict(self.positions),
@@ -133,6 +139,7 @@ class RecState:
             "index_version": self.index_version,
             "topic_ids": dict(self.topic_ids),
             "events_applied": self.model.events_applied,
+            "pending_users": len(self.pending),
         }
         return arrays, meta
 
@@ -165,6 +172,7 @@ class RecState:
             state.content.load_arrays(content)
             state.placeholders.load_arrays(content)
         state.projector.load_arrays({k[10:]: v for k, v in arrays.items() if k.startswith("projector.")})
+        state.pending.load_arrays({k[8:]: v for k, v in arrays.items() if k.startswith("pending.")})
         state.positions = {k: int(v) for k, v in checkpoint.meta.get("positions", {}).items()}
         state.applied = {k: int(v) for k, v in checkpoint.meta.get("applied", {}).items()}
         state.index_version = int(checkpoint.meta.get("index_version", 0))

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer
 from prometheus_client.parser import text_string_to_metric_families
 from recstream.embeddings.model import MFConfig
 from recstream.stream.broker import create_topics, free_port
@@ -373,3 +373,44 @@ def test_falling_back_to_an_older_checkpoint_reads_the_lost_events_again(kafka_b
     reference = RecState(MFConfig(dim=DIM))
     reference.apply(EventDecoder(EventsConfig()).decode(values)[0])
     np.testing.assert_array_equal(got["user_vectors"], reference.model.users.vectors)
+
+
+def test_kill_9_while_updates_wait_loses_no_users_final_update(kafka_bootstrap, tmp_path):
+    """Behind its input, a round publishes only what its time budget allows; the users left wait in
+    the checkpoint that commits their events. Killed then, the next run publishes them."""
+    topics = _topics(kafka_bootstrap, 2)
+    n_users, t0 = 50_000, 1_700_000_000_000
+    # The first half's users are not seen again: their update may only come from a waiting list.
+    values = [orjson.dumps({"user_id": f"{'ab'[n // 200_000]}{n % n_users}", "item_id": f"i{n % 499}", "ts": t0 + n})
+              for n in range(400_000)]
+    last_ts = {f"{half}{u}": t0 + end - n_users + u for half, end in (("a", 200_000), ("b", 400_000))
+               for u in range(n_users)}
+    _produce_partitioned(kafka_bootstrap, topics["input"], values, 2)  # a backlog: the consumer is behind
+    group, state_dir = f"g-{uuid.uuid4().hex[:8]}", tmp_path / "state"
+    first = _start(kafka_bootstrap, topics, group, state_dir, "--set", "output.max_publish_share=0.1",
+                   "--set", "loop.batch_size=2000")
+    wait_for(lambda: _latest_meta(state_dir).get("pending_users", 0) > 0, timeout_s=120,
+             what="a checkpoint carrying users whose update waits")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    second = _start(kafka_bootstrap, topics, group, state_dir)
+    wait_for(lambda: list(committed_offsets(kafka_bootstrap, group, topics["input"], 2).values()) == [200_000] * 2,
+             timeout_s=120, what="the group to commit the end of the input")
+
+    newest: dict[str, int] = {}
+    consumer = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    consumer.subscribe([topics["output"]])
+    try:
+        def every_user_has_their_final_update() -> bool:
+            for m in consumer.consume(5000, 0.5):
+                if m.error() is None:
+                    user = m.key().decode()
+                    newest[user] = max(newest.get(user, 0), orjson.loads(m.value())["last_event_ts"])
+            return newest == last_ts
+
+        wait_for(every_user_has_their_final_update, timeout_s=120, what="every user's final update")
+    finally:
+        consumer.close()
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=60) == 0

@@ -9,6 +9,7 @@ from recstream.embeddings.evaluate import Interactions
 from recstream.embeddings.evaluate_session import _VSKNN, prequential_baseline, prequential_session
 from recstream.embeddings.item_neighbours import ItemNeighbours
 from recstream.embeddings.model import MFConfig
+from recstream.embeddings import session as session_module
 from recstream.embeddings.session import SessionSignals
 from recstream.embeddings.session_knn import RecentSessions
 from recstream.stream.checkpoint import CheckpointStore
@@ -234,3 +235,23 @@ def test_session_settings_are_range_checked():
         with pytest.raises(ConfigError, match=key):
             load_config(None, {key: value})
     assert load_config(None, {"model.session_mf_weight": 0.1}).model.session_mf_weight == 0.1
+
+
+@pytest.mark.parametrize("rows_per_user", [64, 1])
+def test_candidates_of_many_users_at_once_equal_each_users_alone(rows_per_user, monkeypatch):
+    """A round's users are scored in chunks, by as many threads as numba runs, each with its own
+    work arrays; the result must not depend on the cut, nor on buffers grown mid-way (1 row per user
+    to begin with makes them grow)."""
+    monkeypatch.setattr(session_module, "_ROWS_PER_USER", rows_per_user)
+    signals = SessionSignals(MFConfig(session_half_life_s=0))
+    events = _sessions(n_sessions=3000, n_items=400, seed=7)
+    ids = {s: n for n, s in enumerate(dict.fromkeys(s for _, s, _ in events))}
+    signals.update(np.array([ids[s] for _, s, _ in events]), np.array([int(x[1:]) for _, _, x in events]),
+                   np.array([t for t, _, _ in events]))
+    users = np.arange(len(ids))[::-1].copy()  # not in row order
+    start, rows, scores = signals.candidates_csr(users)
+    assert np.diff(start).sum() > 0 and len(users) >= 4 * 256  # several threads' worth, where there are cores
+    for n, user in enumerate(users.tolist()):
+        alone_start, alone_rows, alone_scores = signals.candidates_csr(np.array([user]))
+        np.testing.assert_array_equal(rows[start[n]:start[n + 1]], alone_rows)
+        np.testing.assert_array_equal(scores[start[n]:start[n + 1]], alone_scores)
