@@ -13,7 +13,8 @@ and the fast-test group-join timeouts are set).
     events/s for ``--live-seconds``, each event's ``ts`` its produce time; for
     probe events, the time until an independent consumer of the output topic
     receives the first update for that user whose ``last_event_ts`` covers the
-    probe (the live service starts from the catch-up's checkpoint);
+    probe (the live service starts from the catch-up's checkpoint; the producer
+    starts once it has its partitions);
 (c) recall@10 of the lists the service publishes (the same call, at the end of
     the publishing catch-up) against the exact top-10 by brute force over all
     items, with the same exclusions;
@@ -307,7 +308,13 @@ def live_service_child(conn, progress, ready, stop, settings: dict) -> None:
     service = RecStreamService(config, on_flush=on_flush)
     restore_s = time.time() - started
     threading.Thread(target=lambda: (stop.wait(), service.stop.set()), daemon=True).start()
-    ready.set()
+
+    def ready_once_assigned() -> None:  # kernels loaded, group joined: what a running service is
+        while not service.stats.assigned and not service.stop.is_set():
+            time.sleep(0.05)
+        ready.set()
+
+    threading.Thread(target=ready_once_assigned, daemon=True).start()
     service.run()
     conn.send({"pid": os.getpid(), "restore_s": restore_s, "events_applied": service.stats.events_applied,
                "updates_published": service.stats.updates_published, "checkpoints": service.stats.checkpoints,
