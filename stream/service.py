@@ -306,6 +306,7 @@ class RecStreamService:
             self.stats.loss_mean = self.loss_drift.mean
             if self.config.output.publish:
                 self._pending.add(user_rows, stamps)
+                self._pending.forget(self.state.forgotten)  # bounded memory: users the batch forgot
             self.stats.events_applied += len(batch)
             self.stats.last_event_ts = max(self.stats.last_event_ts, batch_now(stamps, self.decoder.clock_tolerance_ms))
             self.refresher.poke()
