@@ -11,6 +11,8 @@ from recstream.stream.events import EventBatch
 from recstream.stream.publishing import PendingUpdates
 from recstream.stream.state import RecState
 
+from conftest import event, produce, read_all, running, service_config, wait_for
+
 CFG = MFConfig(dim=8, seed=3, user_init_std=0.1, max_users=40, user_ttl_s=600)
 
 
@@ -183,3 +185,26 @@ def test_bad_memory_settings_stop_start_up_naming_the_field():
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(overrides={key: value})
     assert load_config(overrides={"model.max_users": "1000"}).model.max_users == 1000
+
+
+def test_a_capped_service_keeps_running_on_a_flood_of_new_users_within_its_cap(kafka_bootstrap, topics, tmp_path):
+    flood = _flood(12_000, seed=5, new_share=0.8)
+    messages = [event(u, i, ts=int(t)) for u, i, t in zip(flood.user_ids, flood.item_ids, flood.timestamps.tolist())]
+    produce(kafka_bootstrap, topics["input"], messages)
+    cap = 500
+    config = service_config(kafka_bootstrap, topics, **{"model.max_users": cap, "loop.batch_size": 1000,
+                                                       "state_dir": str(tmp_path / "state")})
+    with running(config) as service:
+        wait_for(lambda: service.stats.events_applied == len(messages), what="all events applied")
+        wait_for(lambda: service.stats.commits > 0 and not service._uncommitted, what="a commit of everything")
+        forgotten = service.state.users_forgotten
+    # The table never grew past the cap (its row count is its high-water mark), and most users came and went.
+    assert len(service.model.users) <= cap and forgotten > len(set(flood.user_ids)) - cap
+    updates = read_all(kafka_bootstrap, topics["output"], expect=service.stats.updates_published)
+    assert len(updates) == service.stats.updates_published > 0
+    # Updates went to real users only (none to a row left free by a forgotten one).
+    assert {m.key().decode() for m in updates} <= set(flood.user_ids)
+    with running(config) as restarted:  # the checkpoint keeps the free rows and the activity
+        wait_for(lambda: restarted.stats.assigned, what="an assignment")
+        assert restarted.model.users.ids.live == service.model.users.ids.live
+        assert restarted.model.users.ids.free.tolist() == service.model.users.ids.free.tolist()
