@@ -221,6 +221,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "index.build_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
     "index.exact_items": (lambda v: v >= 1, "a positive integer"),
     "index.max_lookups": (lambda v: v >= 0, "a non-negative integer"),
+    "index.min_item_events": (lambda v: v >= 1, "a positive integer (1: every item)"),
     "output.top_k": (lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
     "output.history_per_user": (lambda v: v >= 0, "a non-negative integer"),
     "output.flush_interval_s": (lambda v: v > 0, "a positive number of seconds"),

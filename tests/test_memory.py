@@ -1,10 +1,14 @@
 """Bounded memory: user expiry, the user cap with least-recently-active eviction, row reuse."""
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
-from recstream.embeddings.model import _USER_ARRAYS, MFConfig
+from recstream.embeddings.model import _USER_ARRAYS, MFConfig, OnlineMF
+from recstream.index.build import mips_query
+from recstream.index.query import Recommender
+from recstream.index.refresh import IndexConfig, IndexRefresher
 from recstream.stream.checkpoint import CheckpointStore
 from recstream.stream.config import ConfigError, load_config
 from recstream.stream.events import EventBatch
@@ -208,3 +212,35 @@ def test_a_capped_service_keeps_running_on_a_flood_of_new_users_within_its_cap(k
         wait_for(lambda: restarted.stats.assigned, what="an assignment")
         assert restarted.model.users.ids.live == service.model.users.ids.live
         assert restarted.model.users.ids.free.tolist() == service.model.users.ids.free.tolist()
+
+
+def test_items_enter_the_index_and_recommendations_only_after_min_item_events(tmp_path):
+    rng = np.random.default_rng(2)
+    mf = OnlineMF(MFConfig(dim=8, seed=2, negative_pool=64))
+    n = 20_000
+    mf.learn([f"u{x}" for x in rng.integers(0, 200, n)], [f"i{x}" for x in rng.zipf(1.3, n) % 2000])
+    counts = mf.interaction_counts(np.arange(len(mf.items)))
+    rare = np.flatnonzero(counts < 5)
+    assert 50 < len(rare) < len(counts) - 200  # many items below the threshold, many above
+    refresher = IndexRefresher(mf, threading.Lock(), tmp_path, IndexConfig(n_trees=10, min_item_events=5))
+    index = refresher.rebuild()
+    assert index.n_items == len(counts)  # rows stay item rows
+    everything = index.nearest(mips_query(np.ones(8, np.float32)), len(counts), search_k=10**8)
+    assert sorted(everything) == np.flatnonzero(counts >= 5).tolist()
+    # Recommendations skip them too, in the hot set (capped and not) and from the index's tail;
+    # a rare item made the best for everyone shows that the filter, not its score, keeps it out.
+    users = mf.users.rows([f"u{x}" for x in range(50)])
+    mf.items.biases[rare[0]] = 100.0
+    for exact_items in (None, 100):
+        plain = Recommender(mf, None, k=10, exact_items=exact_items, search_k=10**6)
+        assert (plain.recommend(users, index).item_rows[:, 0] == rare[0]).all()
+        filtered = Recommender(mf, None, k=10, exact_items=exact_items, search_k=10**6, min_item_events=5)
+        top = filtered.recommend(users, index).item_rows
+        assert not np.isin(top, rare).any() and (top >= 0).all()
+        assert filtered.hot_items(1.0, np.linalg.norm(mf.items.vectors, axis=1), mf.ranking_biases(),
+                                  filtered.eligible()).tolist() != []
+
+
+def test_min_item_events_must_be_positive():
+    with pytest.raises(ConfigError, match=r"index\.min_item_events"):
+        load_config(overrides={"index.min_item_events": 0})
