@@ -318,7 +318,7 @@ class Recommender:
                   top_scores: np.ndarray) -> int:
         """Merge the index's candidates among the ``tail`` items into the top-k of the users ``need``;
         returns the lookups made."""
-        tail = tail[: min(index.n_items, len(Q))]
+        tail = tail[: min(index.annoy.get_n_items(), len(Q))]  # (rows the index's ids span)
         for n in need.tolist():
             seen = seen_items[seen_start[n]:seen_start[n + 1]]
             fetch = self.k + min(len(seen), self.max_index_fetch)

@@ -56,7 +56,7 @@ class BuiltIndex:
     annoy: AnnoyIndex
     version: int
     model_version: int  # item rows changed after this are not reflected in ``annoy``
-    n_items: int
+    n_items: int  # items indexed (with index.min_item_events, not all rows below annoy's item count)
     built_at: float
     build_seconds: float
     path: Path
@@ -119,12 +119,11 @@ class IndexRefresher:
         n_items = len(self.model.items)
         if n_items < self.config.min_items:
             return False
-        if self.config.min_item_events > 1:
-            with self.model_lock:
-                if len(self._indexable()) < self.config.min_items:
-                    return False
         current = self.current
         if current is None:
+            if self.config.min_item_events > 1:  # (items' counts only grow: checked until the first build)
+                with self.model_lock:
+                    return len(self._indexable()) >= self.config.min_items
             return True
         age = time.monotonic() - current.built_at
         if age < current.build_seconds / self.config.max_build_share - current.build_seconds:
@@ -187,8 +186,7 @@ class IndexRefresher:
                             rows=rows)
         annoy = AnnoyIndex(points.shape[1], "angular")
         annoy.load(str(path))  # memory-maps: no copy, ~0 ms
-        built = BuiltIndex(annoy, version, model_version, len(vectors), time.monotonic(), time.monotonic() - started,
-                           path)
+        built = BuiltIndex(annoy, version, model_version, len(points), time.monotonic(), time.monotonic() - started, path)
         previous, self.current = self.current, built
         self.builds += 1
         if previous is not None:

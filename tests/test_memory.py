@@ -224,7 +224,7 @@ def test_items_enter_the_index_and_recommendations_only_after_min_item_events(tm
     assert 50 < len(rare) < len(counts) - 200  # many items below the threshold, many above
     refresher = IndexRefresher(mf, threading.Lock(), tmp_path, IndexConfig(n_trees=10, min_item_events=5))
     index = refresher.rebuild()
-    assert index.n_items == len(counts)  # rows stay item rows
+    assert index.n_items == np.count_nonzero(counts >= 5)
     everything = index.nearest(mips_query(np.ones(8, np.float32)), len(counts), search_k=10**8)
     assert sorted(everything) == np.flatnonzero(counts >= 5).tolist()
     # Recommendations skip them too, in the hot set (capped and not) and from the index's tail;
@@ -244,3 +244,23 @@ def test_items_enter_the_index_and_recommendations_only_after_min_item_events(tm
 def test_min_item_events_must_be_positive():
     with pytest.raises(ConfigError, match=r"index\.min_item_events"):
         load_config(overrides={"index.min_item_events": 0})
+
+
+def test_similar_items_leave_out_items_below_min_item_events(tmp_path):
+    from recstream.stream.service import RecStreamService
+    from recstream.stream.web import ServiceHttp
+
+    config = load_config(overrides={"model.dim": 8, "index.min_item_events": 3, "index.n_trees": 5})
+    service = RecStreamService(config)  # no broker needed: the HTTP side reads the state
+    rng = np.random.default_rng(4)
+    n = 5000
+    service.state.apply(_batch(rng.integers(0, 100, n), rng.integers(0, 300, n) % 300, np.arange(n) * 1000 + 1))
+    service.state.apply(_batch(["u1"] * 100, ["rare"] + [f"r{x}" for x in range(99)], [n * 1000 + 1] * 100))
+    counts = service.model.interaction_counts(np.arange(len(service.model.items)))
+    service.refresher.rebuild()
+    http = ServiceHttp(service)
+    ids = service.model.items.ids
+    for item in ("5", "rare"):  # one in the index; one too rare for it (compared with every item exactly)
+        answer = http.similar(item, {"k": ["100"]})
+        assert answer["items"] and all(counts[ids.get(x["item_id"])] >= 3 for x in answer["items"])
+        assert not {x["item_id"] for x in answer["items"]} & {"rare", *(f"r{x}" for x in range(99))}
