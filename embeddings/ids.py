@@ -86,6 +86,7 @@ class IdMap:
         self._ids: list[str] = []
         # The encoded ids (see to_arrays); appended to while ids only grow, redone after a row is reused.
         self._encoded: tuple[bytes, np.ndarray] = (b"", np.zeros(0, dtype=np.int64))
+        self._stale = False  # a row's id changed since the encoding (a forgotten id, a reused row)
         self._free = np.zeros(0, dtype=np.int64)  # rows of forgotten ids, ascending: reused lowest first
         for key in ids:
             self._add(str(key))
@@ -146,7 +147,7 @@ class IdMap:
             ids = self._ids
             for row, key in zip(reused.tolist(), fresh):
                 ids[row] = key
-            self._encoded = (b"", np.zeros(0, dtype=np.int64))  # an encoded row changed: encode anew
+            self._stale = True
         self._ids += fresh[len(reused):]
         rows[missing] = list(map(row_of.__getitem__, new))
         return rows.astype(np.int64), given
@@ -191,7 +192,7 @@ class IdMap:
             del row_of[ids[row]]
             ids[row] = ""
         self._free = np.union1d(self._free, rows)
-        self._encoded = (b"", np.zeros(0, dtype=np.int64))
+        self._stale = True
 
     def get(self, key: object) -> int | None:
         """Row of ``key``, or None if it was never seen (or forgotten)."""
@@ -211,6 +212,8 @@ class IdMap:
         Only ids added since the previous call are encoded: a checkpoint of a
         million users does not re-encode them all every time (unless rows were reused).
         """
+        if self._stale:  # encode anew
+            self._encoded, self._stale = (b"", np.zeros(0, dtype=np.int64)), False
         blob, ends = self._encoded
         new = [k.encode() for k in self._ids[len(ends):]]
         if new:
@@ -219,6 +222,26 @@ class IdMap:
             blob, ends = blob + b"".join(new), np.concatenate([ends, added])
             self._encoded = (blob, ends)
         return np.frombuffer(blob, dtype=np.uint8), ends
+
+    def encoded(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The ids of ``rows`` encoded as :meth:`to_arrays` does: (bytes, end offsets, each row's
+        place in them). That is the whole map's encoding while ids are only added; once rows
+        were reused, only these ids, until the next :meth:`to_arrays` (a checkpoint), so that a
+        publishing round does not re-encode a million ids for a few thousand.
+
+        >>> ids = IdMap(["a", "b", "c"]); ids.forget(np.array([1])); _ = ids.rows(["bee"])
+        >>> blob, ends, at = ids.encoded(np.array([2, 1, 2]))
+        >>> [blob[(ends[n - 1] if n else 0):ends[n]].tobytes().decode() for n in at.tolist()]
+        ['c', 'bee', 'c']
+        """
+        rows = np.asarray(rows, dtype=np.int64)
+        if not self._stale:
+            blob, ends = self.to_arrays()
+            return blob, ends, rows
+        unique, at = np.unique(rows, return_inverse=True)
+        keys = [key.encode() for key in self.ids_of(unique.tolist())]
+        ends = np.cumsum(np.fromiter(map(len, keys), dtype=np.int64, count=len(keys)))
+        return np.frombuffer(b"".join(keys), dtype=np.uint8), ends, at.astype(np.int64)
 
     @classmethod
     def from_arrays(cls, blob: np.ndarray, ends: np.ndarray, free: np.ndarray | None = None) -> IdMap:
