@@ -264,3 +264,21 @@ def test_similar_items_leave_out_items_below_min_item_events(tmp_path):
         answer = http.similar(item, {"k": ["100"]})
         assert answer["items"] and all(counts[ids.get(x["item_id"])] >= 3 for x in answer["items"])
         assert not {x["item_id"] for x in answer["items"]} & {"rare", *(f"r{x}" for x in range(99))}
+
+
+def test_coded_id_columns_forget_exactly_as_plain_ones():
+    from recstream.embeddings.ids import CodedIds
+
+    events = _flood(2000, seed=3)
+
+    def coded(ids):
+        values, codes = np.unique(np.array(ids), return_inverse=True)
+        return CodedIds.first_appearance(values.tolist(), codes)
+
+    plain, columnar = RecState(CFG), RecState(CFG)
+    for batch in _cut(events, [700, 1500]):
+        plain.apply(batch)
+        columnar.apply(EventBatch(coded(batch.user_ids), coded(batch.item_ids), batch.ratings, batch.weights,
+                                  batch.timestamps, batch.positions, batch.session_keys))
+    assert plain.users_forgotten > 500
+    _assert_same_state(plain, columnar)
