@@ -91,6 +91,24 @@ class InteractionHistory:
                 grown[: self._top] = self._pool[: self._top]
                 self._pool = grown
 
+    def forget(self, user_rows: np.ndarray) -> None:
+        """Drop the items of ``user_rows`` (forgotten users: their rows go to new users).
+
+        Their blocks are abandoned; once the pool is mostly abandoned blocks it is compacted,
+        so that churning users does not grow it without bound."""
+        rows = np.asarray(user_rows, dtype=np.int64)
+        rows = rows[rows < len(self._start)]
+        if len(rows) == 0:
+            return
+        self._length[rows] = 0
+        self._cap[rows] = 0  # a new user of the row starts a block of its own, and joins ``_order`` again
+        order = self._order[: self._n_order]
+        kept = order[self._length[order] > 0]
+        self._order[: len(kept)] = kept
+        self._n_order = len(kept)
+        if self._top > 4 * int(self._length.sum()) + (1 << 16):
+            self.load_arrays(self.to_arrays())
+
     def _items(self, user_row: int) -> np.ndarray:
         if user_row >= len(self._start):
             return self._pool[:0]

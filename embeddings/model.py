@@ -39,6 +39,7 @@ class _RowArray(NamedTuple):
     fill: float  # value of a new row
     vector: bool = False  # one ``dim``-wide vector per row, not a scalar
     added_later: bool = False  # states written before it existed lack it: it loads as ``fill``
+    learned: bool = True  # False: bookkeeping, which the finiteness guard leaves alone
 
 
 _USER_ARRAYS = (
@@ -48,6 +49,10 @@ _USER_ARRAYS = (
     _RowArray("_user_events", "user_events", np.int64, 0, added_later=True),  # events of any kind
     _RowArray("_user_scale", "user_scale", np.float32, 1, added_later=True),  # how widely they use the rating scale
     _RowArray("_pop_taste", "popularity_taste", np.float32, 0, added_later=True),  # rating shift per log item count
+    # For bounded memory (embeddings/expiry.py): event time of the user's latest event (expiry),
+    # and its place in the input (events applied before it: least-recently-active eviction).
+    _RowArray("_last_active", "last_active", np.int64, 0, added_later=True, learned=False),
+    _RowArray("_last_seq", "last_seq", np.int64, 0, added_later=True, learned=False),
 )
 _ITEM_ARRAYS = (
     _RowArray("_item_seq", "item_seq", np.int64, 0),  # model version of the item's last change
@@ -162,6 +167,11 @@ class MFConfig:
     session_knn_weight: float = 1.0
     session_repeat_weight: float = 2.0  # times the measured odds that a next click is a re-view
     session_mf_weight: float = 0.01
+    # Bounded memory (embeddings/expiry.py): a user without an event for user_ttl_s of event time
+    # is forgotten (0: never), and at most max_users are held (0: no cap), the least recently
+    # active forgotten first. A forgotten user's row goes to the next new user.
+    max_users: int = 0
+    user_ttl_s: float = 0.0
 
 
 class OnlineMF:
@@ -303,13 +313,47 @@ class OnlineMF:
         Q[bad_items] = self.items.initial_vectors(bad_items)
         bi[bad_items] = 0
         for spec in _USER_ARRAYS:
-            getattr(self, spec.attr)[bad_users] = spec.fill
+            if spec.learned:
+                getattr(self, spec.attr)[bad_users] = spec.fill
         for spec in _ITEM_ARRAYS:
             if spec.key is not None:  # (the pool count is the ring's, not learned)
                 getattr(self, spec.attr)[bad_items] = spec.fill
         self._item_seq[bad_items] = self.model_version
         if not mean_ok:
             self._mean_state[:] = 0.0
+
+    def forget_users(self, rows: np.ndarray) -> None:
+        """Forget the users of ``rows``: their ids, learned values and ratings in the replay ring.
+        Their rows then hold exactly what a new user's row holds, ready for the next new id."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return
+        self._fit_user_arrays()
+        self.users.forget(rows)
+        for spec in _USER_ARRAYS:
+            getattr(self, spec.attr)[rows] = spec.fill
+        # Their ratings would step items against whoever gets the row next.
+        ring, state = self._replay, self._replay["state"]
+        position, filled = int(state[0]), int(state[1])
+        capacity = len(ring["users"])
+        order = (np.arange(position, position + filled) % capacity) if filled == capacity else np.arange(filled)
+        kept = order[~np.isin(ring["users"][order], rows)]
+        if len(kept) < filled:
+            for key in _REPLAY_RING:
+                values = ring[key][kept]
+                ring[key][:] = 0
+                ring[key][: len(kept)] = values
+            state[:] = (len(kept) % capacity, len(kept))
+
+    def activity(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per user row: event time of their latest event, and its place in the input (events
+        applied up to it); updated by the caller that knows the events' places (stream.state)."""
+        self._fit_user_arrays()
+        return self._last_active, self._last_seq
+
+    def latest_event_ms(self) -> int:
+        """The latest event time any user's short-term interest holds (0: none had a time)."""
+        return int(self._short_ts[: len(self.users)].max(initial=0))
 
     def _fit_user_arrays(self) -> None:
         self._fit_arrays(_USER_ARRAYS, len(self.users))

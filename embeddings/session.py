@@ -122,6 +122,16 @@ class SessionSignals:
             if items > len(self.tmark):
                 self._fit_scratch(max(items, 2 * len(self.tmark)))
 
+    def forget(self, user_rows: np.ndarray) -> None:
+        """Drop the current sessions of ``user_rows`` (forgotten users): a new user of the row
+        starts a session of its own. The ring keeps their past sessions, as it keeps everyone's."""
+        rows = np.asarray(user_rows, dtype=np.int64)
+        if len(rows) == 0:
+            return
+        self.fit(int(rows.max()) + 1, 0)
+        for name, _ in _USER_STATE:
+            getattr(self, name)[rows] = 0
+
     def learn_args(self) -> tuple:
         """The arrays the learning kernel takes after the events (see ``_learn_event``)."""
         return (self.gap_ms, self.config.session_rules_window, self.hist, self.hlen, self.last_ts, self.skey,

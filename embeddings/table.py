@@ -50,14 +50,19 @@ class EmbeddingTable:
         return len(self.ids)
 
     def rows(self, keys: Sequence[str]) -> np.ndarray:
-        """Rows of ``keys``; ids seen for the first time get a fresh row."""
-        before = len(self.ids)
-        rows = self.ids.rows(keys)
-        after = len(self.ids)
-        if after > before:
-            self._grow(after)
-            self._vectors[before:after] = self.initial_vectors(np.arange(before, after))
+        """Rows of ``keys``; ids seen for the first time get a fresh row (a forgotten id's, or a new one)."""
+        rows, new = self.ids.assign(keys)
+        if len(new):
+            self._grow(len(self.ids))
+            self._vectors[new] = self.initial_vectors(new)
+            self._biases[new] = 0
         return rows
+
+    def forget(self, rows: np.ndarray) -> None:
+        """Forget the ids of ``rows``: their rows are free for new ids (see ``IdMap.forget``)."""
+        self.ids.forget(rows)
+        self._vectors[rows] = 0
+        self._biases[rows] = 0
 
     def initial_vectors(self, rows: np.ndarray) -> np.ndarray:
         """The vectors ``rows`` got when their ids were first seen (a function of id and seed)."""
@@ -81,14 +86,15 @@ class EmbeddingTable:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         blob, ends = self.ids.to_arrays()
-        return {"id_bytes": blob, "id_ends": ends, "vectors": self.vectors, "biases": self.biases}
+        return {"id_bytes": blob, "id_ends": ends, "vectors": self.vectors, "biases": self.biases,
+                "free": self.ids.free}
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         """Replace the contents with :meth:`to_arrays` output (same dim)."""
         vectors = arrays["vectors"]
         if vectors.shape[1] != self.dim:
             raise ValueError(f"stored vectors have dim {vectors.shape[1]}, the table has {self.dim}")
-        self.ids = IdMap.from_arrays(arrays["id_bytes"], arrays["id_ends"])
+        self.ids = IdMap.from_arrays(arrays["id_bytes"], arrays["id_ends"], arrays.get("free"))  # older: none free
         n = len(self.ids)
         capacity = max(1024, 1 << max(n - 1, 1).bit_length())
         self._vectors = np.zeros((capacity, self.dim), dtype=np.float32)

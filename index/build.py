@@ -50,8 +50,9 @@ class BuildCancelled(RuntimeError):
 
 
 def build_in_subprocess(points: np.ndarray, out_path: Path, n_trees: int, timeout_s: float,
-                        cancel: threading.Event | None = None) -> None:
-    """Build an angular Annoy index of ``points`` into ``out_path`` in a child process.
+                        cancel: threading.Event | None = None, rows: np.ndarray | None = None) -> None:
+    """Build an angular Annoy index of ``points`` into ``out_path`` in a child process; point ``n``
+    gets id ``rows[n]`` (default ``n``: Annoy skips the ids no point has).
 
     The file appears at ``out_path`` only once complete (written to a temp
     name, then renamed), so a reader never maps a half-written index. Setting
@@ -60,13 +61,17 @@ def build_in_subprocess(points: np.ndarray, out_path: Path, n_trees: int, timeou
     """
     out_path = Path(out_path)
     points_path = out_path.with_suffix(".points.npy")
+    rows_path = out_path.with_suffix(".rows.npy")
     tmp_path = out_path.with_suffix(".building")
     np.save(points_path, points)
+    command = [sys.executable, "-m", "recstream.index.build", str(points_path), str(tmp_path), str(n_trees)]
+    if rows is not None:
+        np.save(rows_path, np.asarray(rows, dtype=np.int64))
+        command.append(str(rows_path))
     errors: list[bytes] = []
     stop = cancel or threading.Event()
     try:
-        with subprocess.Popen([sys.executable, "-m", "recstream.index.build", str(points_path), str(tmp_path),
-                               str(n_trees)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as child:
+        with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as child:
             # Read as it comes: a full pipe would block the child.
             reader = threading.Thread(target=lambda: errors.append(child.stderr.read()), daemon=True)
             reader.start()
@@ -84,20 +89,22 @@ def build_in_subprocess(points: np.ndarray, out_path: Path, n_trees: int, timeou
         os.replace(tmp_path, out_path)
     finally:
         points_path.unlink(missing_ok=True)
+        rows_path.unlink(missing_ok=True)
         tmp_path.unlink(missing_ok=True)
 
 
-def _build(points_path: str, out_path: str, n_trees: int) -> None:
+def _build(points_path: str, out_path: str, n_trees: int, rows_path: str | None = None) -> None:
     from annoy import AnnoyIndex
 
     points = np.load(points_path, mmap_mode="r")
+    ids = np.load(rows_path).tolist() if rows_path else range(len(points))
     index = AnnoyIndex(points.shape[1], "angular")
     index.set_seed(1)
     index.on_disk_build(out_path)
     add_item = index.add_item
     # In slices: one list of a million rows would hold tens of millions of Python floats at once.
     for start in range(0, len(points), _ADD_SLICE):
-        for row, point in enumerate(points[start:start + _ADD_SLICE].tolist(), start):
+        for row, point in zip(ids[start:start + _ADD_SLICE], points[start:start + _ADD_SLICE].tolist()):
             add_item(row, point)
     index.build(n_trees, n_jobs=1)
     index.unload()
@@ -120,9 +127,10 @@ def main() -> None:
     parser.add_argument("points")
     parser.add_argument("out")
     parser.add_argument("n_trees", type=int)
+    parser.add_argument("rows", nargs="?", help="a .npy of each point's id (default: its position)")
     args = parser.parse_args()
     _yield_cpu()
-    _build(args.points, args.out, args.n_trees)
+    _build(args.points, args.out, args.n_trees, args.rows)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ With session signals (``embeddings/session.py``), a user in a session gets the b
 and merged into the factor top-k, which keeps the result exact since the signals are never
 negative.
 
-Items the user interacted with recently are left out. Call with the model lock held: it reads
-live vectors.
+Items the user interacted with recently are left out, and so are items with fewer than
+``min_item_events`` events (the frequency filter: see ``IndexConfig``). Call with the model lock
+held: it reads live vectors.
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ class Recommender:
 
     def __init__(self, model: OnlineMF, history: InteractionHistory | None, k: int, search_k: int = -1,
                  max_index_fetch: int = 50, exact_items: int | None = None, max_lookups: int = 1000,
-                 sessions: SessionSignals | None = None) -> None:
+                 sessions: SessionSignals | None = None, min_item_events: int = 1) -> None:
         self.model = model
         self.history = history
         self.sessions = sessions if sessions is not None and sessions.enabled else None
@@ -184,18 +185,29 @@ class Recommender:
         self.max_index_fetch = max_index_fetch
         self.exact_items = exact_items
         self.max_lookups = max_lookups
+        self.min_item_events = min_item_events
         self.last = QueryStats()
         self._item_norms = _ItemNorms()
 
-    def hot_items(self, query_norm: float, item_norms: np.ndarray, biases: np.ndarray) -> np.ndarray:
-        """Item rows scored exactly (sorted): the recently popular, then the highest potential."""
-        n_items = len(biases)
+    def eligible(self) -> np.ndarray | None:
+        """Which items may be recommended (None: all): those with ``min_item_events`` events."""
+        if self.min_item_events <= 1:
+            return None
+        return self.model.interaction_counts(np.arange(len(self.model.items))) >= self.min_item_events
+
+    def hot_items(self, query_norm: float, item_norms: np.ndarray, biases: np.ndarray,
+                  eligible: np.ndarray | None = None) -> np.ndarray:
+        """Item rows scored exactly (sorted): the recently popular, then the highest potential
+        (of the ``eligible`` items, if given)."""
+        n_items = len(biases) if eligible is None else int(np.count_nonzero(eligible))
         cap = self.exact_items
         if cap is None or n_items <= cap:
-            return np.arange(n_items)
+            return np.arange(len(biases)) if eligible is None else np.flatnonzero(eligible)
         potential = biases + np.float32(query_norm) * item_norms
         # Recently popular items first, in order of potential among themselves.
         potential[self.model.recently_popular()] += np.float32(1e9)
+        if eligible is not None:
+            potential[~eligible] = -np.inf
         hot = np.argpartition(-potential, cap - 1)[:cap]
         hot.sort()
         return hot
@@ -219,26 +231,34 @@ class Recommender:
         biases = self.model.ranking_biases()
         user_norms = np.sqrt(np.einsum("ij,ij->i", users, users))
         item_norms = self._item_norms.update(self.model)
-        hot = self.hot_items(float(np.median(user_norms)), item_norms, biases)
+        eligible = self.eligible()
+        hot = self.hot_items(float(np.median(user_norms)), item_norms, biases, eligible)
         seen_start, seen_items = self._seen(user_rows)
         top_rows, top_scores = self._exact_top(users, hot, Q, biases, seen_start, seen_items)
         stats = QueryStats(len(user_rows), len(hot))
-        if len(hot) < n_items:
-            need = self._tail_possible(user_norms, hot, item_norms, biases, top_scores)
+        tail = np.ones(n_items, dtype=bool) if eligible is None else eligible.copy()
+        tail[hot] = False
+        if tail.any():
+            need = self._tail_possible(user_norms, tail, item_norms, biases, top_scores)
             stats.tail_possible = len(need)
             if index is not None and use_index:
-                stats.index_lookups = self._add_tail(users, index, hot, need[: self.max_lookups], Q, biases,
+                stats.index_lookups = self._add_tail(users, index, tail, need[: self.max_lookups], Q, biases,
                                                      seen_start, seen_items, top_rows, top_scores)
         if self.sessions is not None:
-            self._blend_sessions(user_rows, users, Q, biases, now_ms, seen_start, seen_items, top_rows, top_scores)
+            self._blend_sessions(user_rows, users, Q, biases, now_ms, seen_start, seen_items, top_rows, top_scores,
+                                 eligible)
         self.last = stats
         return TopK(user_rows, top_rows, top_scores)
 
     def _blend_sessions(self, user_rows: np.ndarray, users: np.ndarray, Q: np.ndarray, biases: np.ndarray,
                         now_ms: int, seen_start: np.ndarray, seen_items: np.ndarray, top_rows: np.ndarray,
-                        top_scores: np.ndarray) -> None:
+                        top_scores: np.ndarray, eligible: np.ndarray | None = None) -> None:
         """Merge the items each user's session reaches into their top-k, by the blended score (in place)."""
         start, rows, blend = self.sessions.candidates_csr(user_rows, now_ms)
+        if eligible is not None and len(rows):  # items below index.min_item_events are not recommended
+            keep = eligible[rows]
+            start = np.concatenate([[0], np.cumsum(keep)])[start]
+            rows, blend = rows[keep], blend[keep]
         if len(rows) == 0:
             return
         _blend_into(top_rows, top_scores, np.float32(self.model.config.session_mf_weight),
@@ -281,24 +301,22 @@ class Recommender:
         top_rows[:, : best.shape[1]] = np.where(keep, items[best], -1)
         return top_rows, top_scores
 
-    def _tail_possible(self, user_norms: np.ndarray, hot: np.ndarray, item_norms: np.ndarray, biases: np.ndarray,
+    def _tail_possible(self, user_norms: np.ndarray, tail: np.ndarray, item_norms: np.ndarray, biases: np.ndarray,
                        top_scores: np.ndarray) -> np.ndarray:
-        """Positions of the users whose tail could beat their k-th hot score, widest gap first."""
-        tail = np.ones(len(biases), dtype=bool)
-        tail[hot] = False
+        """Positions of the users whose tail (the items of the mask ``tail``) could beat their k-th hot
+        score, widest gap first."""
         tail_bias = float(biases[tail].max(initial=-np.inf))
         tail_norm = float(item_norms[tail].max(initial=0.0))
         gap = tail_bias + user_norms * tail_norm - top_scores[:, -1]
         need = np.flatnonzero(gap >= 0)
         return need[np.argsort(-gap[need], kind="stable")]
 
-    def _add_tail(self, users: np.ndarray, index: BuiltIndex, hot: np.ndarray, need: np.ndarray, Q: np.ndarray,
+    def _add_tail(self, users: np.ndarray, index: BuiltIndex, tail: np.ndarray, need: np.ndarray, Q: np.ndarray,
                   biases: np.ndarray, seen_start: np.ndarray, seen_items: np.ndarray, top_rows: np.ndarray,
                   top_scores: np.ndarray) -> int:
-        """Merge the index's candidates into the top-k of the users ``need``; returns the lookups made."""
-        n_indexed = min(index.n_items, len(Q))
-        tail = np.ones(n_indexed, dtype=bool)
-        tail[hot[hot < n_indexed]] = False
+        """Merge the index's candidates among the ``tail`` items into the top-k of the users ``need``;
+        returns the lookups made."""
+        tail = tail[: min(index.annoy.get_n_items(), len(Q))]  # (rows the index's ids span)
         for n in need.tolist():
             seen = seen_items[seen_start[n]:seen_start[n + 1]]
             fetch = self.k + min(len(seen), self.max_index_fetch)

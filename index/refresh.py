@@ -43,6 +43,10 @@ class IndexConfig:
     # publishing round (see index/query.py).
     exact_items: int = 8192
     max_lookups: int = 1000
+    # Frequency filter: an item is indexed and recommended only once it has this many events (it
+    # is learned from the first): ids seen once or twice (typos, bots, a flood of new ids) stay
+    # out of the index and out of everyone's top-K. 1: every item.
+    min_item_events: int = 1
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,7 @@ class BuiltIndex:
     annoy: AnnoyIndex
     version: int
     model_version: int  # item rows changed after this are not reflected in ``annoy``
-    n_items: int
+    n_items: int  # items indexed (with index.min_item_events, not all rows below annoy's item count)
     built_at: float
     build_seconds: float
     path: Path
@@ -117,6 +121,9 @@ class IndexRefresher:
             return False
         current = self.current
         if current is None:
+            if self.config.min_item_events > 1:  # (items' counts only grow: checked until the first build)
+                with self.model_lock:
+                    return len(self._indexable()) >= self.config.min_items
             return True
         age = time.monotonic() - current.built_at
         if age < current.build_seconds / self.config.max_build_share - current.build_seconds:
@@ -147,6 +154,11 @@ class IndexRefresher:
                               self.current.version if self.current else None)
                 self._stop.wait(5.0)
 
+    def _indexable(self) -> np.ndarray:
+        """Rows of the items with ``min_item_events`` events or more (call with the model lock)."""
+        counts = self.model.interaction_counts(np.arange(len(self.model.items)))
+        return np.flatnonzero(counts >= self.config.min_item_events)
+
     def rebuild(self) -> BuiltIndex:
         """Build an index of the current item vectors and swap it in (blocking)."""
         started = time.monotonic()
@@ -155,6 +167,7 @@ class IndexRefresher:
             vectors = self.model.items.vectors.copy()
             biases = self.model.ranking_biases()
             settled = np.flatnonzero(self.model.interaction_counts(np.arange(len(vectors))) >= SETTLED_EVENTS)
+            rows = self._indexable() if self.config.min_item_events > 1 else None
         if self._previous_vectors is not None:
             # Only items settled at the previous build too: one that got its first 50 events since
             # then has left its random start, which is learning, not drift.
@@ -165,11 +178,12 @@ class IndexRefresher:
         self._previous_vectors = vectors
         self._previous_settled = np.zeros(len(vectors), dtype=bool)
         self._previous_settled[settled] = True
-        points = mips_item_vectors(vectors, biases)
+        points = mips_item_vectors(vectors, biases) if rows is None else mips_item_vectors(vectors[rows], biases[rows])
         version = self.next_version
         self.next_version += 1
         path = self.directory / f"items-v{version}.ann"
-        build_in_subprocess(points, path, self.config.n_trees, self.config.build_timeout_s, cancel=self._stop)
+        build_in_subprocess(points, path, self.config.n_trees, self.config.build_timeout_s, cancel=self._stop,
+                            rows=rows)
         annoy = AnnoyIndex(points.shape[1], "angular")
         annoy.load(str(path))  # memory-maps: no copy, ~0 ms
         built = BuiltIndex(annoy, version, model_version, len(points), time.monotonic(), time.monotonic() - started, path)

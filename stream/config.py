@@ -196,6 +196,8 @@ _RULES: dict[str, tuple[Any, str]] = {
        ("length", "rules_window", "query_window", "neighbours", "ring", "per_item", "knn_sample", "knn_k")},
     **{f"model.session_{k}": (lambda v: v >= 0, "a number >= 0") for k in
        ("gap_s", "half_life_s", "rules_weight", "cooc_weight", "knn_weight", "repeat_weight", "mf_weight")},
+    "model.max_users": (lambda v: 0 <= v <= 2**40, "an integer >= 0 (0: no cap)"),
+    "model.user_ttl_s": (lambda v: v == 0 or 1 <= v <= 100 * 365 * 86400, "0 (never) or seconds from 1 to 100 years"),
     "model.rating_replay_steps": (lambda v: 0 <= v <= 1000, "an integer from 0 to 1000"),
     "model.rating_replay_pool": (lambda v: 1 <= v <= 100_000_000, "an integer from 1 to 100000000"),
     "model.rating_replay_learning_rate": (lambda v: 0 <= v < 10, "a number in [0, 10)"),
@@ -219,6 +221,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "index.build_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
     "index.exact_items": (lambda v: v >= 1, "a positive integer"),
     "index.max_lookups": (lambda v: v >= 0, "a non-negative integer"),
+    "index.min_item_events": (lambda v: v >= 1, "a positive integer (1: every item)"),
     "output.top_k": (lambda v: 1 <= v <= 1000, "an integer from 1 to 1000"),
     "output.history_per_user": (lambda v: v >= 0, "a non-negative integer"),
     "output.flush_interval_s": (lambda v: v > 0, "a positive number of seconds"),

@@ -51,7 +51,8 @@ class FaustLearner:
         self.model_lock = threading.Lock()
         self.decoder = EventDecoder(self.config.events)
         self.recommender = Recommender(self.model, self.state.history if out.exclude_seen else None,
-                                       out.top_k, self.config.index.search_k)
+                                       out.top_k, self.config.index.search_k,
+                                       min_item_events=self.config.index.min_item_events)
         self._index_dir = tempfile.TemporaryDirectory(prefix="recstream-faust-index-")
         self.refresher = IndexRefresher(self.model, self.model_lock, Path(self._index_dir.name), self.config.index)
         self.refresher.start()

@@ -232,7 +232,9 @@ class ServiceMetrics:
                     s.last_event_ts / 1000.0)
 
         model = service.model
-        yield gauge("recstream_model_users", "Users in the model", len(model.users))
+        yield gauge("recstream_model_users", "Users in the model", model.users.ids.live)
+        yield counter("recstream_users_forgotten", "Users forgotten since start-up (model.max_users, user_ttl_s)",
+                      service.state.users_forgotten)
         yield gauge("recstream_model_items", "Items in the model", len(model.items))
         yield gauge("recstream_model_version", "Model version (one per applied batch)", model.model_version)
         yield counter("recstream_model_events", "Events the model has learned, restored checkpoints included",

@@ -94,6 +94,11 @@ class PendingUpdates:
         # A dict built from pairs keeps the last write per key: the latest event in input order.
         self._latest.update(zip(user_rows.tolist(), event_ts.tolist()))
 
+    def forget(self, user_rows: np.ndarray) -> None:
+        """Drop forgotten users (their rows are free: there is no one to publish for)."""
+        for row in user_rows.tolist():
+            self._latest.pop(row, None)
+
     def event_times(self) -> np.ndarray:
         """The latest event time (epoch ms) of each pending user."""
         return np.fromiter(self._latest.values(), dtype=np.int64, count=len(self._latest))

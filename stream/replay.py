@@ -404,11 +404,12 @@ def export_state(state_dir: str | Path, out: str | Path) -> dict[str, int]:
     state = RecState.restore(checkpoint, MFConfig(**stored))
     model = state.model
     names = sorted(set(state.positions) | set(state.applied))
+    held = np.setdiff1d(np.arange(len(model.users)), model.users.ids.free)  # rows of forgotten users: no one's
     np.savez(
         out,
-        user_ids=np.array(model.users.ids.ids, dtype=str),
-        user_vectors=model.users.vectors,
-        user_bias=model.users.biases,
+        user_ids=np.array(model.users.ids.ids_of(held.tolist()), dtype=str),
+        user_vectors=model.users.vectors[held],
+        user_bias=model.users.biases[held],
         item_ids=np.array(model.items.ids.ids, dtype=str),
         item_vectors=model.items.vectors,
         item_bias=model.items.biases,
@@ -418,4 +419,4 @@ def export_state(state_dir: str | Path, out: str | Path) -> dict[str, int]:
         events_applied=np.array([state.applied.get(n, 0) for n in names], dtype=np.int64),
         events_applied_total=np.int64(model.events_applied),
     )
-    return {"users": len(model.users), "items": len(model.items), "events": model.events_applied}
+    return {"users": len(held), "items": len(model.items), "events": model.events_applied}

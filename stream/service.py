@@ -146,7 +146,8 @@ class RecStreamService:
         self.model_lock = threading.Lock()
         self.recommender = Recommender(self.model, self.state.history if out.exclude_seen else None,
                                        out.top_k, config.index.search_k, exact_items=config.index.exact_items,
-                                       max_lookups=config.index.max_lookups, sessions=self.state.sessions)
+                                       max_lookups=config.index.max_lookups, sessions=self.state.sessions,
+                                       min_item_events=config.index.min_item_events)
         self.decoder = EventDecoder(config.events)
         self.loss_drift = LossDriftDetector(config.monitor.adwin_delta)
         self.item_drift_alarm = ItemDriftAlarm(config.monitor.item_drift_threshold)
@@ -308,6 +309,7 @@ class RecStreamService:
             self.stats.loss_mean = self.loss_drift.mean
             if self.config.output.publish:
                 self.state.pending.add(user_rows, stamps)
+                self.state.pending.forget(self.state.forgotten)  # bounded memory: users the batch forgot
             self.stats.events_applied += len(batch)
             self.stats.last_event_ts = max(self.stats.last_event_ts, batch_now(stamps, self.decoder.clock_tolerance_ms))
             self.refresher.poke()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from recstream.embeddings.content import ContentPlaceholders, ContentProjector, ItemContent, metadata_features
+from recstream.embeddings.expiry import UserExpiry, part
 from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import MFConfig, OnlineMF
 from recstream.embeddings.session import SessionSignals
@@ -49,20 +50,42 @@ class RecState:
         self.applied: dict[str, int] = {}  # valid events applied to the model
         self.index_version = 0
         self.topic_ids: dict[str, str] = {}  # input topic -> the broker's id for it (a recreated topic has a new one)
+        self.expiry = UserExpiry(config.max_users, config.user_ttl_s)
+        # Rows of users the last apply forgot that no new user took (anything keyed by row, such as
+        # the updates pending for publication, must drop them).
+        self.forgotten = np.zeros(0, dtype=np.int64)
+        self.users_forgotten = 0  # all time (since start-up)
 
     def apply(self, batch: EventBatch, topic: str | None = None, partition_of_event: np.ndarray | None = None,
               rate_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Learn from ``batch`` in order; ``partition_of_event`` (of ``topic``) feeds the per-partition counts.
 
         Returns the user and item rows of the events and each event's prequential loss
-        (squared error of a rating; logistic loss of an implicit positive).
+        (squared error of a rating; logistic loss of an implicit positive). With bounded memory
+        (``model.max_users``, ``model.user_ttl_s``) the batch is learned in runs, users forgotten
+        between them where the event sequence says so (see embeddings/expiry.py): a row in the
+        result belongs to the user who had it at that event.
         """
-        users = self.model.users.rows(batch.user_ids)
-        items = self.model.items.rows(batch.item_ids)
-        predictions = np.empty(len(users), dtype=np.float64)
-        self.learn_rows(users, items, batch.ratings, batch.weights, predictions, np.maximum(batch.timestamps, 0),
-                        rate_scale, batch.session_keys)
-        self.history.add(users, items)
+        timestamps = np.maximum(batch.timestamps, 0)
+        predictions = np.empty(len(batch), dtype=np.float64)
+        if not self.expiry.enabled:
+            users, items = self._apply_run(batch, timestamps, predictions, rate_scale, 0, len(batch))
+        else:
+            forgotten, runs = [], []
+            start = 0
+            while start < len(batch):
+                last_active, last_seq = self.model.activity()
+                forget = self.expiry.to_forget(self.model.users.ids, last_active, last_seq, batch.user_ids,
+                                               timestamps, start)
+                if len(forget):
+                    self.forget_users(forget)
+                    forgotten.append(forget)
+                end = self.expiry.run_end(self.model.users.ids, batch.user_ids, timestamps, start)
+                runs.append(self._apply_run(batch, timestamps, predictions, rate_scale, start, end))
+                start = end
+            users, items = (np.concatenate(rows) for rows in zip(*runs)) if runs else (np.zeros(0, np.int64),) * 2
+            self.forgotten = (np.intersect1d(np.concatenate(forgotten), self.model.users.ids.free) if forgotten
+                              else np.zeros(0, dtype=np.int64))
         if partition_of_event is not None:
             counts = np.bincount(partition_of_event)
             for partition in np.flatnonzero(counts).tolist():
@@ -71,6 +94,31 @@ class RecState:
         explicit = ~np.isnan(batch.ratings)
         losses = np.where(explicit, (batch.ratings - predictions) ** 2, np.logaddexp(0.0, -predictions))
         return users, items, losses
+
+    def _apply_run(self, batch: EventBatch, timestamps: np.ndarray, predictions: np.ndarray, rate_scale: float,
+                   start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """Learn events ``start:end`` of ``batch``; returns their user and item rows."""
+        users = self.model.users.rows(part(batch.user_ids, start, end))
+        items = self.model.items.rows(part(batch.item_ids, start, end))
+        ts = timestamps[start:end]
+        seq_before = self.model.events_applied
+        self.learn_rows(users, items, batch.ratings[start:end], batch.weights[start:end], predictions[start:end], ts,
+                        rate_scale, None if batch.session_keys is None else batch.session_keys[start:end])
+        self.history.add(users, items)
+        # Kept also while nothing expires: turning expiry on later finds every user's activity.
+        last_active, last_seq = self.model.activity()
+        np.maximum.at(last_active, users, ts)
+        np.maximum.at(last_seq, users, np.arange(seq_before + 1, seq_before + 1 + len(users), dtype=np.int64))
+        self.expiry.advance(ts)
+        return users, items
+
+    def forget_users(self, rows: np.ndarray) -> None:
+        """Forget the users of ``rows`` everywhere: their ids, learned values, history and session.
+        A forgotten user's row then holds exactly what a new user's row holds, for the next new id."""
+        self.model.forget_users(rows)
+        self.history.forget(rows)
+        self.sessions.forget(rows)
+        self.users_forgotten += len(rows)
 
     def use_text_encoder(self, name: str) -> None:
         """``content.text_encoder`` (not stored in checkpoints: the features it made are)."""
@@ -125,6 +173,7 @@ class RecState:
         """A consistent copy of the state (arrays and metadata), safe to write from another thread."""
         arrays = {f"model.{k}": np.array(v, copy=True) for k, v in self.model.state_arrays().items()}
         arrays.update({f"history.{k}": v for k, v in self.history.to_arrays().items()})
+        arrays.update({f"expiry.{k}": v for k, v in self.expiry.to_arrays().items()})
         arrays.update({f"sessions.{k}": v for k, v in
                        self.sessions.to_arrays(len(self.model.users), len(self.model.items)).items()})
         arrays.update({f"content.{k}": v for k, v in self.content.to_arrays().items()})
@@ -167,6 +216,7 @@ class RecState:
                                          "older version of recstream (use a new state dir)") from exc
         state.history.load_arrays({k[8:]: v for k, v in arrays.items() if k.startswith("history.")})
         state.sessions.load_arrays({k[9:]: v for k, v in arrays.items() if k.startswith("sessions.")})
+        state._load_expiry(arrays)
         if "content.items" in arrays:
             content = {k[8:]: v for k, v in arrays.items() if k.startswith("content.")}
             state.content.load_arrays(content)
@@ -178,6 +228,20 @@ class RecState:
         state.index_version = int(checkpoint.meta.get("index_version", 0))
         state.topic_ids = dict(checkpoint.meta.get("topic_ids", {}))
         return state
+
+    def _load_expiry(self, arrays: dict[str, np.ndarray]) -> None:
+        """The expiry clock and users' activity, or for a checkpoint from before bounded memory
+        (which has neither) the newest event time it holds, with every user active then: none
+        expires before a full ``user_ttl_s`` after the restart's events."""
+        if "expiry.state" in arrays:
+            self.expiry.load_arrays({k[7:]: v for k, v in arrays.items() if k.startswith("expiry.")})
+            return
+        last_active, _ = self.model.activity()
+        n = len(self.model.users)
+        clock = max(self.model.latest_event_ms(), int(self.sessions.last_ts[:n].max(initial=0)))
+        self.expiry.clock = clock
+        if "model.last_active" not in arrays:
+            last_active[:n] = clock
 
     @classmethod
     def load_or_new(cls, store: CheckpointStore | None, config: MFConfig, history_per_user: int = 500) -> RecState:

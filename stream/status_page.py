@@ -78,8 +78,8 @@ class StatusHistory:
     def _pick_users(self) -> list[str]:
         service = self.http.service
         with service.model_lock:
-            n_users = len(service.model.users)
-            rows = self._rng.choice(n_users, size=min(WATCHED_USERS, n_users), replace=False).tolist()
+            held = np.setdiff1d(np.arange(len(service.model.users)), service.model.users.ids.free)  # not forgotten
+            rows = self._rng.choice(held, size=min(WATCHED_USERS, len(held)), replace=False).tolist()
             return service.model.users.ids.ids_of(rows)
 
     def status(self) -> dict:

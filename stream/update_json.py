@@ -164,9 +164,9 @@ def update_values(users: IdMap, items: IdMap, user_rows: np.ndarray, item_rows: 
 
     ``item_rows`` entries of -1 are padding and left out. Scores must be finite.
     """
-    user_blob, user_ends = users.to_arrays()
+    user_blob, user_ends, user_at = users.encoded(user_rows)  # (only the round's users once rows were reused)
     item_blob, item_ends = items.to_arrays()
-    buf, ends = _write(user_blob, user_ends, item_blob, item_ends, np.ascontiguousarray(user_rows, dtype=np.int64),
+    buf, ends = _write(user_blob, user_ends, item_blob, item_ends, np.ascontiguousarray(user_at, dtype=np.int64),
                        np.ascontiguousarray(item_rows, dtype=np.int64), np.ascontiguousarray(scores, dtype=np.float32),
                        np.asarray(last_event_ts, dtype=np.int64), index_version, model_version, generated_at, _HEX,
                        _USER, _ITEMS, _ITEM, _SCORE, _INDEX, _MODEL, _GENERATED, _LAST)

@@ -234,11 +234,14 @@ class ServiceHttp:
         with service.model_lock:
             row = model.items.ids.get(item_id)
             n_items = len(model.items)
+            eligible = service.recommender.eligible()  # (index.min_item_events)
         if row is None:
             raise HttpError(HTTPStatus.NOT_FOUND, "unknown item: no event or metadata of it has been applied",
                             item_id=item_id)
         candidates = None
-        if index is not None and row < index.n_items:  # the index is immutable: no lock needed
+        # The index is immutable: no lock needed. An item it does not hold (newer, or below
+        # index.min_item_events at the build) has the zero vector there; index points never do.
+        if index is not None and row < index.annoy.get_n_items() and any(index.annoy.get_item_vector(row)):
             candidates = np.asarray(index.annoy.get_nns_by_item(row, SIMILAR_FETCH_FACTOR * k + 1,
                                                                  service.config.index.search_k), dtype=np.int64)
         with service.model_lock:
@@ -253,6 +256,8 @@ class ServiceHttp:
             scores = (found @ q) / np.maximum(np.sqrt(np.einsum("ij,ij->i", found, found)) * np.linalg.norm(q), 1e-12)
             model_version = model.model_version
         keep = candidates != row
+        if eligible is not None:
+            keep &= eligible[candidates]
         candidates, scores = candidates[keep], scores[keep]
         top = np.argsort(-scores, kind="stable")[:k]
         with service.model_lock:

@@ -1,0 +1,128 @@
+"""Memory per user and per item, and a capped run on a flood of new user ids.
+
+    python bench/memory.py [--ids 400000] [--flood 1000000] [--cap 100000] [--dim 32] \
+        [--out bench/results/memory.json]
+
+Each scenario runs in a process of its own (its RSS is its own) and applies batches of 10,000
+events through ``RecState.apply`` (the path the service takes), with the service's default model
+settings (session signals on, history of 500 items per user):
+
+- ``users``: ``--ids`` events, each from a user never seen before, on 10,000 items;
+- ``capped``: ``--flood`` such events with ``model.max_users = --cap`` (and, for the rate, the
+  same run uncapped: ``flood-uncapped``);
+- ``items``: ``--ids`` events, each on an item never seen before, from 10,000 users.
+
+RSS (``/proc/self/statm``) is read after every 100,000 events; "per id" is its growth over the
+second half of the run divided by the ids added there (the first half pays for imports and the
+numba kernels). "Checkpoint bytes per id" is the growth of the state's arrays (what a checkpoint
+holds: the model's tables, histories, sessions) over the same half. Events/s are per scenario, in
+one invocation, so the capped and uncapped rates compare; the machine is shared and noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+BATCH = 10_000
+STEP = 100_000
+FIXED = 10_000  # items in the "users" scenarios, users in the "items" one
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_scenario(scenario: str, n_ids: int, cap: int, dim: int) -> dict:
+    from recstream.embeddings.model import MFConfig
+    from recstream.stream.events import EventBatch
+    from recstream.stream.state import RecState
+
+    state = RecState(MFConfig(dim=dim, max_users=cap if scenario == "capped" else 0))
+    rng = np.random.default_rng(0)
+    marks, seconds = [], 0.0
+    for start in range(0, n_ids, BATCH):
+        fresh = [f"new-{n}" for n in range(start, start + BATCH)]
+        fixed = [f"x{x}" for x in rng.integers(0, FIXED, BATCH).tolist()]
+        users, items = (fixed, fresh) if scenario == "items" else (fresh, fixed)
+        ts = 1_700_000_000_000 + np.arange(start, start + BATCH, dtype=np.int64) * 100
+        batch = EventBatch(users, items, np.full(BATCH, np.nan, np.float32), np.ones(BATCH, np.float32), ts,
+                           list(range(BATCH)))
+        began = time.perf_counter()
+        state.apply(batch)
+        seconds += time.perf_counter() - began
+        if (start + BATCH) % STEP == 0:
+            arrays, _ = state.snapshot()
+            marks.append({"events": start + BATCH, "rss_bytes": _rss(),
+                          "state_bytes": int(sum(a.nbytes for a in arrays.values())),
+                          "users_held": state.model.users.ids.live, "user_rows": len(state.model.users),
+                          "items": len(state.model.items)})
+    half = marks[len(marks) // 2 - 1]
+    last = marks[-1]
+    added = last["events"] - half["events"]
+    return {
+        "scenario": scenario,
+        "marks": marks,
+        "rss_bytes_per_id": (last["rss_bytes"] - half["rss_bytes"]) / added,
+        "rss_growth_per_100k_ids_mb": (last["rss_bytes"] - half["rss_bytes"]) / added * STEP / 2**20,
+        "checkpoint_bytes_per_id": (last["state_bytes"] - half["state_bytes"]) / added,
+        "events_per_s": n_ids / seconds,
+        "users_forgotten": state.users_forgotten,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ids", type=int, default=400_000)
+    parser.add_argument("--flood", type=int, default=1_000_000)
+    parser.add_argument("--cap", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=32)
+    parser.add_argument("--out", default="bench/results/memory.json")
+    parser.add_argument("--scenario", help=argparse.SUPPRESS)  # one scenario, in this process (internal)
+    args = parser.parse_args()
+    if args.scenario:
+        print(json.dumps(run_scenario(args.scenario, args.ids, args.cap, args.dim)))
+        return
+    results = {}
+    for scenario in ("users", "capped", "flood-uncapped", "items"):
+        n_ids = args.flood if scenario in ("capped", "flood-uncapped") else args.ids
+        out = subprocess.run([sys.executable, __file__, "--scenario", scenario, "--ids", str(n_ids),
+                              "--cap", str(args.cap), "--dim", str(args.dim)],
+                             check=True, capture_output=True, text=True).stdout
+        results[scenario] = json.loads(out.strip().splitlines()[-1])
+    uncapped, capped, flood = results["users"], results["capped"], results["flood-uncapped"]
+    summary = {
+        "ids": args.ids, "flood": args.flood, "cap": args.cap, "dim": args.dim,
+        "rss_bytes_per_user": uncapped["rss_bytes_per_id"],
+        "checkpoint_bytes_per_user": uncapped["checkpoint_bytes_per_id"],
+        "rss_bytes_per_item": results["items"]["rss_bytes_per_id"],
+        "checkpoint_bytes_per_item": results["items"]["checkpoint_bytes_per_id"],
+        "capped_rss_growth_per_100k_new_users_mb": capped["rss_growth_per_100k_ids_mb"],
+        "uncapped_rss_growth_per_100k_new_users_mb": flood["rss_growth_per_100k_ids_mb"],
+        "capped_rss_mb": capped["marks"][-1]["rss_bytes"] / 2**20,
+        "uncapped_rss_mb": flood["marks"][-1]["rss_bytes"] / 2**20,
+        "capped_over_uncapped_events_per_s": capped["events_per_s"] / flood["events_per_s"],
+        "scenarios": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"per user: {summary['rss_bytes_per_user']:,.0f} B RSS, {summary['checkpoint_bytes_per_user']:,.0f} B "
+          f"of state arrays; per item: {summary['rss_bytes_per_item']:,.0f} B RSS, "
+          f"{summary['checkpoint_bytes_per_item']:,.0f} B of state arrays")
+    print(f"{args.flood:,} new users, RSS growth per 100k over the second half (RSS at the end): uncapped "
+          f"{summary['uncapped_rss_growth_per_100k_new_users_mb']:.1f} MB ({summary['uncapped_rss_mb']:,.0f} MB), "
+          f"capped at {args.cap:,} {summary['capped_rss_growth_per_100k_new_users_mb']:.1f} MB "
+          f"({summary['capped_rss_mb']:,.0f} MB); "
+          f"capped/uncapped events/s {summary['capped_over_uncapped_events_per_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

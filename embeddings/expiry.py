@@ -1,0 +1,133 @@
+"""Bounded memory for users: expiry after a time without events, and a cap with least-recently-active
+eviction (Monolith's feature expiry and eviction, for the user table).
+
+Both are decided at points of the event sequence, never at batch boundaries, so the same events
+in the same order forget the same users however they are cut into batches (and a replay after a
+crash ends in the state an uninterrupted run reaches):
+
+- **expiry** (``model.user_ttl_s``): the clock is the largest event time applied. Each time it
+  passes the next sweep time (sweeps are ``user_ttl_s / SWEEPS_PER_TTL`` apart), before the
+  event that moved it, every user whose latest event is more than ``user_ttl_s`` older than the
+  clock is forgotten. A user is thus kept at least ``user_ttl_s`` and at most
+  ``user_ttl_s * (1 + 1 / SWEEPS_PER_TTL)`` after their last event (in event time), and a sweep
+  is one vectorised pass over the users, not a per-event cost.
+- **cap** (``model.max_users``): before the event that would hold one user more than the cap,
+  the least recently active users (by their latest event's place in the input, not its time: a
+  producer's clock cannot protect a user) are forgotten, ``EVICT_SHARE`` of the cap at once, so
+  the eviction's sort runs once per that many new users.
+
+Forgetting a user is :meth:`stream.state.RecState.forget_users`: every per-user array is reset to
+a new user's, and the row goes to the next new id.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from recstream.embeddings.ids import CodedIds, IdMap
+
+# Sweeps per TTL: a user outlives their TTL by at most 1/SWEEPS_PER_TTL of it.
+SWEEPS_PER_TTL = 16
+# Share of the cap forgotten at once when it is reached: the eviction's O(users log users) sort
+# is paid once per this many new users, and the cap is held to within it.
+EVICT_SHARE = 0.02
+
+
+def least_recently_active(last_seq: np.ndarray, held: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` rows of ``held`` (ascending) with the smallest ``last_seq``; ties: lowest row first.
+
+    >>> least_recently_active(np.array([5, 0, 3, 0, 9]), np.array([0, 1, 2, 3, 4]), 3).tolist()
+    [1, 3, 2]
+    """
+    if n >= len(held):
+        return held.copy()
+    order = np.argsort(last_seq[held], kind="stable")  # stable: ties keep row order
+    return held[order[:n]]
+
+
+def part(keys, start: int, end: int):
+    """Events ``start:end`` of an id column (a list or :class:`CodedIds`)."""
+    if start == 0 and end == len(keys):
+        return keys
+    if isinstance(keys, CodedIds):
+        return keys.kept(slice(start, end))
+    return keys[start:end]
+
+
+class UserExpiry:
+    """Where in a run of events users must be forgotten, and which (see the module docstring).
+
+    >>> from recstream.embeddings.ids import IdMap
+    >>> expiry = UserExpiry(max_users=2, ttl_s=0)
+    >>> ids = IdMap(["a", "b"])
+    >>> expiry.run_end(ids, ["a", "c", "d"], np.zeros(3, np.int64), 0)  # "c" would be a third user
+    1
+    >>> last_active, last_seq = np.zeros(2, np.int64), np.array([7, 3])  # "b" was last active earlier
+    >>> expiry.to_forget(ids, last_active, last_seq, ["c"], np.zeros(1, np.int64), 0).tolist()
+    [1]
+    """
+
+    def __init__(self, max_users: int = 0, ttl_s: float = 0.0) -> None:
+        self.max_users = max_users
+        self.ttl_ms = int(round(ttl_s * 1000))
+        self.period_ms = max(self.ttl_ms // SWEEPS_PER_TTL, 1)
+        self.batch = max(1, math.ceil(EVICT_SHARE * max_users))
+        self.clock = 0  # the largest event time applied (epoch ms)
+        self.next_sweep = 0  # the clock at which the next expiry sweep runs
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_users > 0 or self.ttl_ms > 0
+
+    def run_end(self, ids: IdMap, keys, ts: np.ndarray, start: int) -> int:
+        """The end of the run of events from ``start`` that forgets no one: the first event after
+        ``start`` that moves the clock to the next sweep, or that adds a user over the cap."""
+        end = len(keys)
+        if self.ttl_ms:
+            moved = np.flatnonzero(ts[start + 1:] >= self.next_sweep)
+            if len(moved):
+                end = start + 1 + int(moved[0])
+        if self.max_users and ids.live + (end - start) > self.max_users:
+            end = start + ids.new_id_positions(part(keys, start, end), self.max_users - ids.live)
+        return end
+
+    def to_forget(self, ids: IdMap, last_active: np.ndarray, last_seq: np.ndarray, keys, ts: np.ndarray,
+                  start: int) -> np.ndarray:
+        """Rows to forget before event ``start`` (ascending); moves the clock to that event."""
+        forget = np.zeros(0, dtype=np.int64)
+        held = None
+        if self.ttl_ms:
+            self.clock = max(self.clock, int(ts[start]))
+            if self.clock >= self.next_sweep:
+                self.next_sweep = self.clock + self.period_ms
+                held = _held(ids)
+                forget = held[last_active[held] < self.clock - self.ttl_ms]
+        if self.max_users and ids.get(_text(keys[start])) is None and ids.live - len(forget) >= self.max_users:
+            held = _held(ids) if held is None else held
+            if len(forget):
+                held = held[~np.isin(held, forget, assume_unique=True)]
+            over = len(held) + 1 - self.max_users
+            forget = np.union1d(forget, least_recently_active(last_seq, held, max(over, self.batch)))
+        return forget
+
+    def advance(self, ts: np.ndarray) -> None:
+        """Events with times ``ts`` were applied: the clock is at least their latest."""
+        if len(ts):
+            self.clock = max(self.clock, int(ts.max()))
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        return {"state": np.array([self.clock, self.next_sweep], dtype=np.int64)}
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        self.clock, self.next_sweep = (int(x) for x in arrays["state"])
+
+
+def _held(ids: IdMap) -> np.ndarray:
+    held = np.ones(len(ids), dtype=bool)
+    held[ids.free] = False
+    return np.flatnonzero(held)
+
+
+def _text(key: object) -> str:
+    return key if key.__class__ is str else str(key)
