@@ -26,11 +26,11 @@ demo: $(DEMO_STAMP)
 	$(BIN)/recstream demo $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q --doctest-modules embeddings index stream tests
+	$(BIN)/python -m pytest -q --doctest-modules embeddings evaluation index stream tests
 
 # No broker: unit tests and doctests only (tests that use the broker are marked kafka).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q --doctest-modules -m "not kafka" embeddings index stream tests
+	$(BIN)/python -m pytest -q --doctest-modules -m "not kafka" embeddings evaluation index stream tests
 
 # The Faust path in a venv of its own (its click pin conflicts with the text extra's).
 FAUST_VENV := .venv-faust

@@ -13,7 +13,7 @@ import sys
 
 import recstream
 
-for _package in ("embeddings", "index", "stream"):
+for _package in ("embeddings", "evaluation", "index", "stream"):
     _parent = importlib.import_module(f"recstream.{_package}")
     sys.modules.setdefault(_package, _parent)
     for _info in pkgutil.iter_modules(_parent.__path__):

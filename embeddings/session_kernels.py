@@ -5,7 +5,7 @@ a cached kernel calling a kernel of another file would keep running that
 callee's old code after it changed. Keeping every session kernel here keeps
 the cache right; the classes and the equations live in embeddings.item_neighbours
 (pair weights), embeddings.session_knn (the session ring), embeddings.session
-(the signals and their blend) and embeddings.evaluate_session (the protocol).
+(the signals and their blend) and evaluation.session (the protocol).
 """
 
 from __future__ import annotations

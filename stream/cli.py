@@ -132,7 +132,7 @@ def _top_reasons(reasons) -> str:
 
 def _load_interactions(args: argparse.Namespace, config: ServiceConfig):
     import numpy as np
-    from recstream.embeddings.evaluate import Interactions
+    from recstream.evaluation.prequential import Interactions
     from recstream.stream.events import EventDecoder
     from recstream.stream.replay import parse_columns, read_event_log
 
@@ -194,7 +194,7 @@ def _read_item_metadata(path: str) -> dict[str, tuple[dict | None, str | None]]:
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from recstream.embeddings import evaluate as ev
+    from recstream.evaluation import prequential as ev
 
     config = _config(args, {})
     data, rejected = _load_interactions(args, config)
@@ -259,7 +259,7 @@ def _eval_session(args: argparse.Namespace, config: ServiceConfig, data, rejecte
     """``--protocol session``: next-click HR/MRR@20 of recstream beside popularity, SR and V-SKNN."""
     import json
 
-    from recstream.embeddings import evaluate_session as es
+    from recstream.evaluation import session as es
 
     results = {"recstream": es.prequential_session(data, config.model).metrics}
     if args.baseline != "none":
@@ -288,7 +288,7 @@ def _plot(results: dict, args: argparse.Namespace, baseline_name: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise ConfigError("--plot needs matplotlib (pip install 'recstream[eval]')") from exc
-    from recstream.embeddings.evaluate import rolling_mean
+    from recstream.evaluation.prequential import rolling_mean
 
     window = 5000
     fig, ax = plt.subplots(figsize=(9, 4))
@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--protocol", choices=("prequential", "split", "session"), default="prequential",
                           help="prequential: predict/rank then learn, in log order; split: per-user seeded "
                                "held-out fraction, learned for --epochs; session: next-click HR/MRR@20 "
-                               "beside popularity, SR and V-SKNN (see embeddings/evaluate_session.py)")
+                               "beside popularity, SR and V-SKNN (see evaluation/session.py)")
     evaluate.add_argument("--epochs", type=int, default=10)
     evaluate.add_argument("--test-fraction", type=float, default=0.2)
     evaluate.add_argument("--seed", type=int, default=0)

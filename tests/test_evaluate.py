@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from recstream.embeddings import evaluate as ev
+from recstream.evaluation import prequential as ev
 from recstream.embeddings.model import MFConfig
 
 

@@ -5,8 +5,8 @@ import random
 
 import numpy as np
 import pytest
-from recstream.embeddings.evaluate import Interactions
-from recstream.embeddings.evaluate_session import _VSKNN, prequential_baseline, prequential_session
+from recstream.evaluation.prequential import Interactions
+from recstream.evaluation.session import _VSKNN, prequential_baseline, prequential_session
 from recstream.embeddings.item_neighbours import ItemNeighbours
 from recstream.embeddings.model import MFConfig
 from recstream.embeddings import session as session_module

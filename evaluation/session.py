@@ -30,7 +30,7 @@ import heapq
 import time
 
 import numpy as np
-from recstream.embeddings.evaluate import EvalResult, Interactions, _rows
+from recstream.evaluation.prequential import EvalResult, Interactions, _rows
 from recstream.embeddings.model import MFConfig
 from recstream.embeddings.session_kernels import K, expected_hit_rr, rank_then_learn
 
