@@ -64,9 +64,10 @@ DLQ_REASON_HEADER = "recstream.error"
 DLQ_TRUNCATE_BYTES = 64 * 1024
 # librdkafka's logical offsets, by what they mean for an assigned partition (the log says these).
 _OFFSET_NAMES = {OFFSET_INVALID: "committed", OFFSET_BEGINNING: "earliest", OFFSET_END: "latest"}
-# Users per recommendation call in a round with a time budget: small enough to stop near the
-# budget, large enough that the per-call work (hot set, its clusters) is spread over many users.
-_BUDGETED_CHUNK = 4096
+# Users per recommendation call in a round: small enough that a round with a time budget stops
+# near it and that a round of a whole catch-up's users does not hold all their candidates and
+# messages at once, large enough to spread the per-call work (hot set, its clusters).
+_ROUND_CHUNK = 4096
 
 
 @dataclass
@@ -409,13 +410,15 @@ class RecStreamService:
         budget = self._schedule.budget_s() if budgeted and self._behind else None
         published_ms: list[np.ndarray] = []
         try:
-            # Events applied while deliveries were retried add users to publish: loop until none are left.
             while self.state.pending:
-                published_ms.append(self._publish_updates(None if budget is None else _BUDGETED_CHUNK))
+                while self.state.pending:  # in chunks; delivered once, at the end
+                    published_ms.append(self._publish_updates(_ROUND_CHUNK))
+                    if budget is not None and time.monotonic() - started >= budget:
+                        break  # at least one chunk per round: the backlog of updates always moves
                 if not self._deliver_all(patient):
                     return False  # leave the offsets uncommitted
-                if budget is not None and time.monotonic() - started >= budget:
-                    break  # at least one chunk per round: the backlog of updates always moves
+                if budget is not None:
+                    break  # the rest waits; unbudgeted, events applied while deliveries were retried join
         finally:
             self._schedule.round_done(started, time.monotonic() - started, self._behind)
         if not self._deliver_all(patient):
@@ -536,9 +539,8 @@ class RecStreamService:
                 del self._uncommitted[tp]
         self.stats.commits += 1
 
-    def _publish_updates(self, limit: int | None = None) -> np.ndarray:
-        """Publish updates for the ``limit`` longest-waiting users (all if None); returns their
-        latest event times."""
+    def _publish_updates(self, limit: int) -> np.ndarray:
+        """Publish updates for the ``limit`` longest-waiting users; returns their latest event times."""
         user_rows, last_event_ts = self.state.pending.take(limit)
         index = self.refresher.current
         with self.model_lock:
