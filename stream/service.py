@@ -421,6 +421,8 @@ class RecStreamService:
                     break  # the rest waits; unbudgeted, events applied while deliveries were retried join
         finally:
             self._schedule.round_done(started, time.monotonic() - started, self._behind)
+            log.debug("round: %d updates in %.3fs (%s), %d waiting", sum(map(len, published_ms)),
+                      time.monotonic() - started, "behind" if self._behind else "caught up", len(self.state.pending))
         if not self._deliver_all(patient):
             return False
         if self.metrics is not None:
