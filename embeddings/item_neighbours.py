@@ -85,9 +85,8 @@ class ItemNeighbours:
         return (self.rows.itemsize + self.weights.itemsize + self.errors.itemsize) * self.n
 
     def to_arrays(self, items: int) -> dict[str, np.ndarray]:
-        """The tables of items below ``items`` (views: copy or write them out at once)."""
-        return {"rows": self.rows[:items], "weights": self.weights[:items], "errors": self.errors[:items],
-                "clock": self.clock}
+        return {"rows": self.rows[:items].copy(), "weights": self.weights[:items].copy(),
+                "errors": self.errors[:items].copy(), "clock": self.clock.copy()}
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         rows, weights = np.asarray(arrays["rows"], np.int32), np.asarray(arrays["weights"], np.float32)

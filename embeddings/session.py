@@ -237,11 +237,11 @@ class SessionSignals:
                 + self.acc.itemsize * self.acc.shape[0] + 2 * 8 + 16)
 
     def to_arrays(self, users: int, items: int) -> dict[str, np.ndarray]:
-        """Everything the signals learned, as named arrays (views: copy or write them out at once)."""
+        """Everything the signals learned, as named arrays (copies)."""
         self.fit(users, items)
-        out = {name: getattr(self, name)[:users] for name, _ in _USER_STATE}
-        out["next_serial"] = self.next_serial
-        out["repeats"] = self.repeats
+        out = {name: getattr(self, name)[:users].copy() for name, _ in _USER_STATE}
+        out["next_serial"] = self.next_serial.copy()
+        out["repeats"] = self.repeats.copy()
         out.update({f"rules.{k}": v for k, v in self.rules.to_arrays(items).items()})
         out.update({f"cooc.{k}": v for k, v in self.cooc.to_arrays(items).items()})
         out.update({f"ring.{k}": v for k, v in self.ring.to_arrays(items).items()})

@@ -100,9 +100,9 @@ class RecentSessions:
         return self.item_serials.itemsize * self.item_serials.shape[1] + self.item_heads.itemsize
 
     def to_arrays(self, items: int) -> dict[str, np.ndarray]:
-        """The ring and the item index of items below ``items`` (views: copy or write them out at once)."""
-        return {"items": self.items, "lengths": self.lengths, "times": self.times, "serials": self.serials,
-                "item_serials": self.item_serials[:items], "item_heads": self.item_heads[:items]}
+        return {"items": self.items.copy(), "lengths": self.lengths.copy(), "times": self.times.copy(),
+                "serials": self.serials.copy(), "item_serials": self.item_serials[:items].copy(),
+                "item_heads": self.item_heads[:items].copy()}
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         if arrays["items"].shape != self.items.shape or arrays["item_serials"].shape[1] != self.item_serials.shape[1]:

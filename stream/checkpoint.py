@@ -189,37 +189,6 @@ class StateDirLock:
     __del__ = release  # a service that failed to start must not keep the dir locked
 
 
-class SnapshotBuffers:
-    """Memory kept from one snapshot to the next, so that taking one copies into pages already
-    mapped: most of the time a large snapshot took was the kernel handing out fresh pages.
-
-    >>> buffers = SnapshotBuffers()
-    >>> first = buffers.copy("v", np.arange(4.0))
-    >>> second = buffers.copy("v", np.arange(5.0))  # grown: a new buffer, with room to spare
-    >>> third = buffers.copy("v", np.arange(3.0) + 1)
-    >>> third.tolist(), np.shares_memory(second, third)
-    ([1.0, 2.0, 3.0], True)
-    """
-
-    _ROOM = 1.25  # a buffer outgrown by a growing table is replaced with this much room
-
-    def __init__(self) -> None:
-        self._kept: dict[str, np.ndarray] = {}
-
-    def copy(self, name: str, array: np.ndarray) -> np.ndarray:
-        """``array`` copied into the buffer kept for ``name`` (the copy it returned last time is
-        overwritten)."""
-        array = np.asarray(array)
-        kept = self._kept.get(name)
-        if (kept is None or kept.dtype != array.dtype or kept.shape[1:] != array.shape[1:]
-                or (array.ndim and len(kept) < len(array)) or (not array.ndim and kept.ndim)):
-            rows = (int(len(array) * self._ROOM) + 1,) if array.ndim else ()
-            kept = self._kept[name] = np.empty(rows + array.shape[1:], dtype=array.dtype)
-        out = kept[: len(array)] if array.ndim else kept
-        np.copyto(out, array)
-        return out
-
-
 class BackgroundCheckpointWriter:
     """Writes one checkpoint at a time on a thread of its own, so the consumer only pays for the
     snapshot; the caller collects the outcome (and commits) when it is done."""
@@ -228,18 +197,10 @@ class BackgroundCheckpointWriter:
         self.store = store
         self._thread: threading.Thread | None = None
         self._outcome: tuple[Any, Path | None, BaseException | None] | None = None
-        self._buffers = SnapshotBuffers()
 
     @property
     def busy(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
-
-    @property
-    def buffers(self) -> SnapshotBuffers:
-        """Where to take the next snapshot: the previous one's memory, free once it is written."""
-        if self.busy:
-            raise RuntimeError("a checkpoint is being written from these buffers")
-        return self._buffers
 
     def start(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], payload: Any = None) -> None:
         if self.busy:

@@ -476,7 +476,7 @@ class RecStreamService:
             started = time.monotonic()
             current = self.refresher.current
             self.state.index_version = current.version if current else self.state.index_version
-            arrays, meta = self.state.snapshot(self.writer.buffers)
+            arrays, meta = self.state.snapshot()
             # What the checkpoint covers, for the partitions this member may commit for.
             covered = {tp: self.state.positions[f"{tp[0]}/{tp[1]}"] for tp in self.stats.assigned
                        if f"{tp[0]}/{tp[1]}" in self.state.positions}

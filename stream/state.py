@@ -18,7 +18,7 @@ from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import MFConfig, OnlineMF
 from recstream.embeddings.session import SessionSignals
 from recstream.embeddings.text import HashedWords, MiniLMText, make_text_encoder
-from recstream.stream.checkpoint import Checkpoint, CheckpointStore, IncompatibleCheckpoint, SnapshotBuffers
+from recstream.stream.checkpoint import Checkpoint, CheckpointStore, IncompatibleCheckpoint
 from recstream.stream.events import EventBatch
 from recstream.stream.publishing import PendingUpdates
 
@@ -169,17 +169,12 @@ class RecState:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def snapshot(self, buffers: SnapshotBuffers | None = None) -> tuple[dict[str, np.ndarray], dict]:
-        """A consistent copy of the state (arrays and metadata), safe to write from another thread.
-
-        With ``buffers`` the largest arrays (model, session signals) are copied into memory kept
-        from the previous snapshot, which must no longer be in use (written out).
-        """
-        copy = buffers.copy if buffers is not None else (lambda _, array: np.array(array, copy=True))
-        arrays = {f"model.{k}": copy(f"model.{k}", v) for k, v in self.model.state_arrays().items()}
+    def snapshot(self) -> tuple[dict[str, np.ndarray], dict]:
+        """A consistent copy of the state (arrays and metadata), safe to write from another thread."""
+        arrays = {f"model.{k}": np.array(v, copy=True) for k, v in self.model.state_arrays().items()}
         arrays.update({f"history.{k}": v for k, v in self.history.to_arrays().items()})
         arrays.update({f"expiry.{k}": v for k, v in self.expiry.to_arrays().items()})
-        arrays.update({f"sessions.{k}": copy(f"sessions.{k}", v) for k, v in
+        arrays.update({f"sessions.{k}": v for k, v in
                        self.sessions.to_arrays(len(self.model.users), len(self.model.items)).items()})
         arrays.update({f"content.{k}": v for k, v in self.content.to_arrays().items()})
         arrays.update({f"content.{k}": v for k, v in self.placeholders.to_arrays().items()})
