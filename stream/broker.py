@@ -14,6 +14,7 @@ from pathlib import Path
 
 from confluent_kafka import KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
+from recstream.stream.logs import kafka_logger
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def produce_all(bootstrap_servers: str, topic: str, messages: Iterable[tuple[byt
                 flush_timeout_s: float = 60.0) -> int:
     """Produce (key, value) messages to ``topic`` in order, waiting while the local queue is full;
     returns how many were still undelivered after ``flush_timeout_s`` (for tools and tests)."""
-    producer = Producer({"bootstrap.servers": bootstrap_servers, "linger.ms": 20})
+    producer = Producer({"bootstrap.servers": bootstrap_servers, "linger.ms": 20, "logger": kafka_logger()})
     for key, value in messages:
         while True:
             try:
@@ -115,7 +116,9 @@ def produce_all(bootstrap_servers: str, topic: str, messages: Iterable[tuple[byt
 def create_topics(bootstrap_servers: str, partitions: dict[str, int], settings: dict[str, str] | None = None,
                   timeout_s: float = 30.0) -> None:
     """Create each topic with its partition count; an existing topic is left as it is."""
-    admin = AdminClient({"bootstrap.servers": bootstrap_servers, **(settings or {})})
+    # Its log lines go through logging like the service's (a JSON log stays JSON): without a logger
+    # librdkafka writes to stderr itself, e.g. when the client is destroyed with events unserved.
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers, "logger": kafka_logger(), **(settings or {})})
     futures = admin.create_topics(
         [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in partitions.items()],
         operation_timeout=timeout_s,
