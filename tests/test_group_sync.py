@@ -94,3 +94,32 @@ def test_sync_on_without_its_topic_stops_start_up_naming_the_setting(kafka_boots
     with pytest.raises(ConfigError, match="sync.mode: on, but the sync topic"):
         with running(config):
             pass
+
+
+def test_a_member_stopped_and_restarted_counts_every_event_once(kafka_bootstrap: str, group_topics: dict[str, str],
+                                                                 tmp_path) -> None:
+    """SIGTERM-like stop, the other member takes over, the first comes back from its checkpoint:
+    its own last deltas are not sent twice, the other's sent meanwhile are applied once."""
+    first, second = _events(3000, seed=2), _events(3000, seed=3)
+    config_a = _member_config(kafka_bootstrap, group_topics, state_dir=str(tmp_path / "a"))
+    config_b = _member_config(kafka_bootstrap, group_topics, state_dir=str(tmp_path / "b"))
+    counts: dict[str, int] = {}
+    for _, value in first + second:
+        item = orjson.loads(value)["item_id"]
+        counts[item] = counts.get(item, 0) + 1
+    with running(config_b) as b:
+        with running(config_a) as a:
+            wait_for(lambda: a.stats.assigned and b.stats.assigned, timeout_s=60, what="both members assigned")
+            produce(kafka_bootstrap, group_topics["input"], first)
+            wait_for(lambda: a.stats.events_applied + b.stats.events_applied >= len(first), timeout_s=90,
+                     what="the first half applied")
+            member_a = a.state.item_sync.member
+        applied_by_a = a.stats.events_applied
+        produce(kafka_bootstrap, group_topics["input"], second)  # b alone, then with a again
+        with running(config_a) as a2:
+            wait_for(lambda: a2.state.item_sync is not None, timeout_s=60, what="the member to start its sync")
+            assert a2.state.item_sync.member == member_a  # the same member, from its state dir
+            wait_for(lambda: applied_by_a + a2.stats.events_applied + b.stats.events_applied
+                     >= len(first) + len(second), timeout_s=90, what="the second half applied")
+            wait_for(lambda: all(_item_events(m, item) == counts[item] for m in (a2, b) for item in counts),
+                     timeout_s=30, what="each member to hold the group's event counts")
