@@ -523,11 +523,11 @@ class RecStreamService:
             started = time.monotonic()
             current = self.refresher.current
             self.state.index_version = current.version if current else self.state.index_version
-            arrays, meta = self.state.snapshot()
             # What the checkpoint covers, for the partitions this member may commit for.
             covered = {tp: self.state.positions[f"{tp[0]}/{tp[1]}"] for tp in self.stats.assigned
                        if f"{tp[0]}/{tp[1]}" in self.state.positions}
-            self.writer.start(arrays, meta, payload=(covered, self.model.events_applied))
+            # The writer's child sees the state as of now (a fork): no copy needed here.
+            self.writer.start(lambda: self.state.snapshot(copy=False), payload=(covered, self.model.events_applied))
             self._state_changed = False
             self.stats.last_checkpoint_s = time.monotonic() - started
         if wait:

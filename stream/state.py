@@ -189,9 +189,10 @@ class RecState:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def snapshot(self) -> tuple[dict[str, np.ndarray], dict]:
-        """A consistent copy of the state (arrays and metadata), safe to write from another thread."""
-        arrays = {f"model.{k}": np.array(v, copy=True) for k, v in self.model.state_arrays().items()}
+    def snapshot(self, copy: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+        """The state as arrays and metadata: a consistent copy, safe to write from another thread;
+        ``copy=False`` leaves the model's arrays as views (for a forked writer, which has its own)."""
+        arrays = {f"model.{k}": np.array(v, copy=True) if copy else v for k, v in self.model.state_arrays().items()}
         arrays.update({f"history.{k}": v for k, v in self.history.to_arrays().items()})
         arrays.update({f"expiry.{k}": v for k, v in self.expiry.to_arrays().items()})
         arrays.update({f"sessions.{k}": v for k, v in
