@@ -74,8 +74,11 @@ class RecState:
         """
         timestamps = np.maximum(batch.timestamps, 0)
         predictions = np.empty(len(batch), dtype=np.float64)
+        if partition_of_event is not None:
+            partition_of_event = np.asarray(partition_of_event)
         if not self.expiry.enabled:
-            users, items = self._apply_run(batch, timestamps, predictions, rate_scale, 0, len(batch))
+            users, items = self._apply_run(batch, timestamps, predictions, rate_scale, 0, len(batch),
+                                           partition_of_event)
         else:
             forgotten, runs = [], []
             start = 0
@@ -87,7 +90,8 @@ class RecState:
                     self.forget_users(forget)
                     forgotten.append(forget)
                 end = self.expiry.run_end(self.model.users.ids, batch.user_ids, timestamps, start)
-                runs.append(self._apply_run(batch, timestamps, predictions, rate_scale, start, end))
+                runs.append(self._apply_run(batch, timestamps, predictions, rate_scale, start, end,
+                                            partition_of_event))
                 start = end
             users, items = (np.concatenate(rows) for rows in zip(*runs)) if runs else (np.zeros(0, np.int64),) * 2
             self.forgotten = (np.intersect1d(np.concatenate(forgotten), self.model.users.ids.free) if forgotten
@@ -102,7 +106,8 @@ class RecState:
         return users, items, losses
 
     def _apply_run(self, batch: EventBatch, timestamps: np.ndarray, predictions: np.ndarray, rate_scale: float,
-                   start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+                   start: int, end: int, partition_of_event: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
         """Learn events ``start:end`` of ``batch``; returns their user and item rows."""
         users = self.model.users.rows(part(batch.user_ids, start, end))
         items = self.model.items.rows(part(batch.item_ids, start, end))
@@ -116,6 +121,8 @@ class RecState:
         np.maximum.at(last_active, users, ts)
         np.maximum.at(last_seq, users, np.arange(seq_before + 1, seq_before + 1 + len(users), dtype=np.int64))
         self.expiry.advance(ts)
+        if partition_of_event is not None:  # (a user's later event wins: numpy assigns in order)
+            self.model.input_partitions()[users] = partition_of_event[start:end]
         return users, items
 
     def forget_users(self, rows: np.ndarray) -> None:
@@ -125,6 +132,13 @@ class RecState:
         self.history.forget(rows)
         self.sessions.forget(rows)
         self.users_forgotten += len(rows)
+
+    def users_of_partition(self, partition: int) -> np.ndarray:
+        """Rows of the held users whose latest event came from input ``partition``."""
+        n = len(self.model.users)
+        live = np.ones(n, dtype=bool)
+        live[self.model.users.ids.free] = False
+        return np.flatnonzero((self.model.input_partitions()[:n] == partition) & live)
 
     def enable_item_sync(self, member: str) -> ItemSync:
         """Share item state with the group as ``member``, continuing from the checkpoint's sync
