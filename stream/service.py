@@ -359,6 +359,10 @@ class RecStreamService:
                     self._process(messages)
                 if self.group_sync is not None:
                     self._sync_items()
+                if self.store is not None:
+                    # Commit as soon as a checkpoint is written, not at the next flush: until then a
+                    # crash leaves events in the checkpoint that the partition's next owner reads again.
+                    self._collect_checkpoint()
                 if self._uncommitted and (
                     self._schedule.due()
                     or (not self._behind and len(self.state.pending) >= self.config.output.max_pending_users)
