@@ -150,6 +150,7 @@ def test_users_go_with_their_partition_to_a_member_that_joins(kafka_bootstrap: s
             wait_for(lambda: len(_user_vectors(a)) + len(_user_vectors(b)) == len(before), timeout_s=60,
                      what="every user held by exactly one member")
             after_a, after_b = _user_vectors(a), _user_vectors(b)
+            assert b.stats.users_taken_over == len(after_b) and a.stats.users_handed_over == len(before)
             assert after_b and after_a.keys().isdisjoint(after_b.keys())
             for user, vector in {**after_a, **after_b}.items():
                 np.testing.assert_array_equal(vector, before[user])  # the vectors they had, not fresh ones
