@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-import pytest
 from confluent_kafka import Consumer, Producer
 from prometheus_client.parser import text_string_to_metric_families
 from recstream.embeddings.model import MFConfig
@@ -27,7 +26,7 @@ from recstream.stream.service import DLQ_REASON_HEADER
 from recstream.stream.state import RecState
 from recstream.stream.synthetic import SyntheticClickstream
 
-from conftest import cli_run_args, committed_offsets, read_all, running, service_config, wait_for
+from conftest import STARTED, cli_run_args, committed_offsets, read_all, running, service_config, wait_for
 
 DIM = 16
 
@@ -39,27 +38,12 @@ def _topics(bootstrap: str, partitions: int) -> dict[str, str]:
     return names
 
 
-_STARTED: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True)
-def _no_process_outlives_its_test():
-    """A failing test stops before it signals its processes: kill what is left, so nothing keeps
-    consuming (and loading the machine) after it."""
-    yield
-    while _STARTED:
-        process = _STARTED.pop()
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=30)
-
-
 def _start(bootstrap: str, topics: dict, group: str, state_dir: Path, *extra: str) -> subprocess.Popen:
     args = cli_run_args(bootstrap, topics, group, "--state-dir", str(state_dir), "--set", f"model.dim={DIM}",
                         "--set", "checkpoint.interval_s=0.5", "--set", "output.flush_interval_s=0.25", *extra)
     log = open(state_dir.parent / f"{state_dir.name}.log", "ab")
     process = subprocess.Popen(args, stdout=log, stderr=log)
-    _STARTED.append(process)
+    STARTED.append(process)
     return process
 
 

@@ -14,7 +14,7 @@ import pytest
 from recstream.stream.broker import create_topics
 from recstream.stream.config import ConfigError, sync_topic_for, user_state_topic_for
 
-from tests.conftest import committed_offsets, produce, read_all, running, service_config, wait_for
+from conftest import committed_offsets, produce, read_all, running, service_config, wait_for
 
 PARTITIONS = 4
 
@@ -174,7 +174,7 @@ def test_a_member_killed_with_9_loses_no_event_of_the_group(kafka_bootstrap: str
     and committing it leaves those events to the partition's next owner as well (docs/scale-out.md)."""
     import signal
 
-    from tests.test_faults import _latest_meta, _produce_partitioned, _start
+    from test_faults import _latest_meta, _produce_partitioned, _start
 
     values = [orjson.dumps({"user_id": f"u{n % 400}", "item_id": f"i{n % 53}", "ts": 1_700_000_000_000 + n})
               for n in range(60_000)]

@@ -8,6 +8,7 @@ import time
 import uuid
 
 import orjson
+from confluent_kafka.admin import AdminClient
 from recstream.stream.service import DLQ_REASON_HEADER
 from recstream.stream.synthetic import SyntheticClickstream
 
@@ -130,9 +131,13 @@ def test_cli_topics_and_generate_set_up_a_stream(kafka_bootstrap):
     tag = uuid.uuid4().hex[:8]
     cli = [sys.executable, "-m", "recstream.stream.cli"]
     made = subprocess.run(cli + ["topics", "--bootstrap-servers", kafka_bootstrap, "--input-topic", f"c-{tag}",
-                                 "--output-topic", f"r-{tag}", "--partitions", "2"],
+                                 "--output-topic", f"r-{tag}", "--partitions", "2", "--group-id", f"g-{tag}"],
                           capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
+    # A group's topics too: one sync partition every member reads, user state partitioned as the input.
+    listed = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10).topics
+    assert {name: len(listed[name].partitions) for name in (f"c-{tag}", f"g-{tag}.item-deltas", f"g-{tag}.user-state")
+            } == {f"c-{tag}": 2, f"g-{tag}.item-deltas": 1, f"g-{tag}.user-state": 2}
     sent = subprocess.run(cli + ["generate", "--bootstrap-servers", kafka_bootstrap, "--topic", f"c-{tag}",
                                  "--events", "1500", "--users", "50", "--items", "20"],
                           capture_output=True, text=True, timeout=120)
