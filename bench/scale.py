@@ -62,6 +62,7 @@ SPAWN = mp.get_context("spawn")
 # Only group joins are sped up (see /work/shared/BROKER-NOTES.md); everything else is the defaults.
 FAST_JOIN = {"kafka.consumer.session.timeout.ms": "2000", "kafka.consumer.heartbeat.interval.ms": "300"}
 WARMUP_S = 10.0
+OVERRIDES: dict[str, str] = {}  # --set: service settings for every phase (e.g. a low-latency setting)
 K = 10
 
 
@@ -207,12 +208,14 @@ def measure_recall(service: RecStreamService, user_ids: list[str]) -> dict:
 
 # -- service phases (each in its own spawned process) -------------------------------------------
 
-def service_config(bootstrap: str, topic: str, output: str, publish: bool, state_dir: str = ""):
+def service_config(bootstrap: str, topic: str, output: str, publish: bool, state_dir: str = "",
+                   overrides: dict | None = None):
+    """The service's defaults, plus the benchmark's topics and group, and ``--set`` overrides."""
     tag = uuid.uuid4().hex[:8]
     return load_config(overrides={
         "kafka.bootstrap.servers": bootstrap, **FAST_JOIN, "topics.input": topic, "topics.output": output,
         "topics.dead_letter": f"{topic}.dlq", "topics.group_id": f"scale-{tag}", "output.publish": publish,
-        "state_dir": state_dir,
+        "state_dir": state_dir, **(overrides or {}),
     })
 
 
@@ -221,7 +224,8 @@ def catch_up_child(conn, progress, settings: dict) -> None:
     recall, a checkpoint of the final state and the final item vectors as index points."""
     logging.basicConfig(level=logging.WARNING)
     baseline = current_rss()
-    config = service_config(settings["bootstrap"], settings["topic"], settings["output"], settings["publish"])
+    config = service_config(settings["bootstrap"], settings["topic"], settings["output"], settings["publish"],
+                            overrides=settings.get("overrides"))
     n = settings["events"]
     timeline: list[tuple[float, int, int]] = []  # (wall time, events applied, updates published) per flush
     deadline = time.time() + settings["timeout_s"]
@@ -294,7 +298,7 @@ def live_service_child(conn, progress, ready, stop, settings: dict) -> None:
     logging.basicConfig(level=logging.WARNING)
     baseline = current_rss()
     config = service_config(settings["bootstrap"], settings["topic"], settings["output"], True,
-                            settings["state_dir"])
+                            settings["state_dir"], settings.get("overrides"))
     timeline: list[tuple[float, int, int]] = []
 
     index_timeline: list[tuple[float, int, int, int]] = []
@@ -469,7 +473,7 @@ def catch_up(bootstrap: str, topic: str, n: int, publish: bool, timeout_s: float
         thread = threading.Thread(target=lambda: side.update(during(progress)), daemon=True)
         thread.start()
     settings = {"bootstrap": bootstrap, "topic": topic, "output": output, "events": n, "publish": publish,
-                "timeout_s": timeout_s, **extra}
+                "timeout_s": timeout_s, "overrides": OVERRIDES, **extra}
     result = run_child(catch_up_child, progress, settings, timeout_s=timeout_s + 600)
     if thread is not None:
         thread.join()
@@ -497,7 +501,7 @@ def live_phase(bootstrap: str, state_dir: str, events_path: str, args) -> dict:
                                                                {"bootstrap": bootstrap, "topic": output}))
     service = SPAWN.Process(target=live_service_child, args=(pipes["service"][1], applied, service_ready, stop_service,
                                                              {"bootstrap": bootstrap, "topic": topic, "output": output,
-                                                              "state_dir": state_dir}))
+                                                              "state_dir": state_dir, "overrides": OVERRIDES}))
     reader.start()
     service.start()
     print(f"live service: pid {service.pid}", file=sys.stderr, flush=True)
@@ -650,6 +654,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="100k users and items, 300k events, 15 s live (a smoke test of a few minutes)")
     parser.add_argument("--out", default=None, help="default bench/results/scale.json (scale-quick.json with --quick)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a service setting for every phase, e.g. output.flush_interval_s=0.25")
     args = parser.parse_args()
     if args.quick:
         defaults = {"users": 1_000_000, "items": 1_000_000, "events": 2_000_000, "live_seconds": 60}
@@ -658,6 +664,8 @@ def main() -> None:
             if getattr(args, key) == defaults[key]:
                 setattr(args, key, value)
     out = Path(args.out or ("bench/results/scale-quick.json" if args.quick else "bench/results/scale.json"))
+    OVERRIDES.update(setting.split("=", 1) for setting in args.set)
+    load_config(overrides=OVERRIDES)  # a bad --set stops here, naming the setting
     logging.basicConfig(level=logging.WARNING)
     info = machine()
 
@@ -744,6 +752,7 @@ def main() -> None:
     result = {
         "command": " ".join([sys.executable, *sys.argv]), "machine": info,
         "load_average_at_end": os.getloadavg(), "repeats": args.repeats,
+        "settings": OVERRIDES,
         "workload": {"users": args.users, "items": args.items, "events": args.events, "partitions": args.partitions,
                      "user_zipf": 0.8, "item_zipf": 1.0, "ids": "strings u<n>, i<n>", "seed": args.seed,
                      "pre_produce_events_per_s": produce_rate},
