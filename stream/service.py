@@ -296,26 +296,40 @@ class RecStreamService:
             self._checkpoint(wait=True)
 
     def _take_over(self, partitions: list[TopicPartition]) -> None:
-        """Take over the users of newly assigned ``partitions`` from their last handover, when it
-        reflects exactly where the partition resumes (the group's committed offset)."""
+        """For newly assigned ``partitions`` whose users this member does not hold as of where the
+        partition resumes: drop stale copies, and take the users over from their last handover when
+        it reflects exactly that offset (the group's committed one)."""
         partitions = [tp for tp in partitions if tp.topic == self.config.topics.input]
         if self.handover is None or not partitions:
             return
         committed = {tp.partition: tp.offset for tp in self.consumer.committed(partitions, timeout=30)}
+        our_commits = self.store.last_commits() if self.store is not None else {}
         for tp in partitions:
+            key, resume = f"{tp.topic}/{tp.partition}", committed.get(tp.partition, -1)
+            position = self.state.positions.get(key)
+            if position is not None and (resume < 0 or position >= resume or our_commits.get(key) == resume):
+                continue  # ours as of where it resumes (or we are ahead, or the group's offset is our own)
+            if position is not None:
+                # Another member went further since we held it: our copies of its users are stale.
+                with self.model_lock:
+                    rows = self.state.users_of_partition(tp.partition)
+                    self.state.forget_users(rows)
+                    self.state.pending.forget(rows)
+                    del self.state.positions[key]
+                self._state_changed = True
+                log.info("%s moved on while another member held it: forgot %d stale users of it", key, len(rows))
             marker, chunks = self.handover.read(tp.partition)
             if marker is None:
                 continue
-            if marker.offset != committed.get(tp.partition):
-                log.warning("the users of %s/%d were handed over at offset %d, but it resumes at %s: they start "
-                            "over here", tp.topic, tp.partition, marker.offset, committed.get(tp.partition))
+            if marker.offset != resume:
+                log.warning("the users of %s were handed over at offset %d, but it resumes at %s: they start "
+                            "over here", key, marker.offset, resume)
                 continue
             with self.model_lock:
                 taken = sum(len(import_users(self.state, chunk)) for chunk in chunks)
             self.stats.users_taken_over += taken
             self._state_changed = True
-            log.info("took over %d users of %s/%d (handed over at offset %d)", taken, tp.topic, tp.partition,
-                     marker.offset)
+            log.info("took over %d users of %s (handed over at offset %d)", taken, key, marker.offset)
 
     def _sync_items(self) -> None:
         """Apply the group's item deltas that have arrived; send ours when the interval is up."""
@@ -823,8 +837,7 @@ class RecStreamService:
                     self._uncommitted.setdefault((tp.topic, tp.partition), tp.offset)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        held = [tp for tp in partitions if f"{tp.topic}/{tp.partition}" in self.state.positions]
-        self._take_over([tp for tp in partitions if tp not in held])
+        self._take_over(partitions)
         self._start_offsets(partitions)
         cooperative = "cooperative" in self._client_configs()[0].get("partition.assignment.strategy", "")
         if cooperative:
