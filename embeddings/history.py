@@ -109,6 +109,26 @@ class InteractionHistory:
         if self._top > 4 * int(self._length.sum()) + (1 << 16):
             self.load_arrays(self.to_arrays())
 
+    def forget_items(self, item_rows: np.ndarray) -> None:
+        """Drop ``item_rows`` (forgotten items: their rows go to new items) from every user's
+        history, keeping the order of the rest: a new item of the row is not "seen" by anyone.
+        One pass over all histories (the pool is rebuilt compact), paid once per eviction.
+
+        >>> h = InteractionHistory()
+        >>> h.add(np.array([0, 0, 1, 0]), np.array([5, 6, 6, 7]))
+        >>> h.forget_items(np.array([6]))
+        >>> list(h.items_of(0)), list(h.items_of(1))
+        ([5, 7], [])
+        """
+        users = self._order[: self._n_order]
+        counts, items = self._gather(users)
+        drop = np.isin(items, np.asarray(item_rows, dtype=np.int64))
+        if not drop.any():
+            return
+        owner = np.repeat(np.arange(len(users)), counts)
+        kept = np.bincount(owner[~drop], minlength=len(users))
+        self.load_arrays({"users": users[kept > 0], "ends": np.cumsum(kept[kept > 0]), "items": items[~drop]})
+
     def _items(self, user_row: int) -> np.ndarray:
         if user_row >= len(self._start):
             return self._pool[:0]

@@ -73,6 +73,33 @@ class ItemNeighbours:
         add_pairs(self.rows, self.weights, self.errors, self.clock, self.half_life_ms, ys.astype(np.int64), xs.astype(np.int64),
                  gains.astype(np.float64), ts.astype(np.float64))
 
+    def forget(self, items: np.ndarray) -> None:
+        """Clear the rows of ``items`` (forgotten items) and take them out of every other row's
+        neighbours; the others keep their order, free slots last (the kernel relies on it).
+
+        >>> t = ItemNeighbours(n=3)
+        >>> t.add(np.array([0, 0, 0, 1]), np.array([1, 2, 3, 0]), np.ones(4), np.zeros(4, np.int64))
+        >>> t.forget(np.array([2, 1]))
+        >>> t.rows[0].tolist(), t.rows[1].tolist()
+        ([3, -1, -1], [-1, -1, -1])
+        """
+        items = np.asarray(items, dtype=np.int64)
+        items = items[items < len(self.rows)]
+        if len(items) == 0:
+            return
+        self.rows[items], self.weights[items], self.errors[items] = -1, 0, 0
+        hit = np.isin(self.rows, items)
+        affected = np.flatnonzero(hit.any(axis=1))
+        if len(affected) == 0:
+            return
+        rows, weights, errors = self.rows[affected], self.weights[affected], self.errors[affected]
+        gone = hit[affected]
+        rows[gone], weights[gone], errors[gone] = -1, 0, 0
+        order = np.argsort(rows < 0, axis=1, kind="stable")
+        self.rows[affected] = np.take_along_axis(rows, order, 1)
+        self.weights[affected] = np.take_along_axis(weights, order, 1)
+        self.errors[affected] = np.take_along_axis(errors, order, 1)
+
     def neighbours(self, y: int) -> tuple[np.ndarray, np.ndarray]:
         """``y``'s neighbour rows and weights (lower bounds; in the stored scale: compare them, don't
         read them as counts when decay is on)."""

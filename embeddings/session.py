@@ -45,7 +45,7 @@ import numba
 import numpy as np
 from recstream.embeddings.item_neighbours import ItemNeighbours
 from recstream.embeddings.session_kernels import N_SIGNALS, candidates_batch, learn_batch
-from recstream.embeddings.session_knn import RecentSessions
+from recstream.embeddings.session_knn import RecentSessions, drop_items
 
 # Fewer users than this per thread are scored in the calling thread alone.
 _USERS_PER_THREAD = 256
@@ -131,6 +131,20 @@ class SessionSignals:
         self.fit(int(rows.max()) + 1, 0)
         for name, _ in _USER_STATE:
             getattr(self, name)[rows] = 0
+
+    def forget_items(self, item_rows: np.ndarray) -> None:
+        """Drop ``item_rows`` (forgotten items) from everything the signals hold: their rule and
+        co-occurrence rows and their place among other items' neighbours, the sessions of the
+        ring and its item -> session index, and users' current sessions (which keep their other
+        clicks, in order). A new item of the row starts with no signal."""
+        items = np.asarray(item_rows, dtype=np.int64)
+        if len(items) == 0:
+            return
+        self.rules.forget(items)
+        self.cooc.forget(items)
+        self.ring.forget_items(items)
+        m = np.minimum(self.hlen, self.length)
+        drop_items(self.hist, self.hlen, items, start=(self.hlen - m) % self.length)
 
     def learn_args(self) -> tuple:
         """The arrays the learning kernel takes after the events (see ``_learn_event``)."""

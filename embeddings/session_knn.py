@@ -43,6 +43,36 @@ import numpy as np
 from recstream.embeddings.session_kernels import ring_add, ring_score
 
 
+def drop_items(lists: np.ndarray, lengths: np.ndarray, items: np.ndarray, start: np.ndarray | None = None) -> None:
+    """Remove ``items`` from the rows of ``lists`` holding ``min(lengths, width)`` entries each
+    from column ``start`` (default 0) on, circularly (in place). The rows that lose one have
+    their kept entries moved to columns ``0..``, in their order, and their length set to the count.
+
+    >>> lists, lengths = np.array([[1, 2, 3], [3, 9, 9], [5, 6, 7]], dtype=np.int32), np.array([3, 1, 5])
+    >>> drop_items(lists, lengths, np.array([2, 3]), start=np.array([0, 0, 2]))
+    >>> lists.tolist(), lengths.tolist()
+    ([[1, 0, 0], [0, 0, 0], [5, 6, 7]], [1, 0, 5])
+    """
+    width = lists.shape[1]
+    held = np.arange(width) < np.minimum(lengths, width)[:, None]
+    if start is None:
+        ordered = lists
+    else:  # each row's entries, oldest first
+        ordered = np.take_along_axis(lists, (np.asarray(start, dtype=np.int64)[:, None] + np.arange(width)) % width, 1)
+    drop = held & np.isin(ordered, items)
+    affected = np.flatnonzero(drop.any(axis=1))
+    if len(affected) == 0:
+        return
+    ordered = ordered[affected]
+    keep = held[affected] & ~drop[affected]
+    order = np.argsort(~keep, axis=1, kind="stable")  # kept entries first, in their order
+    new = np.take_along_axis(ordered, order, 1)
+    kept = keep.sum(axis=1)
+    new[np.arange(width) >= kept[:, None]] = 0
+    lists[affected] = new
+    lengths[affected] = kept
+
+
 class RecentSessions:
     """The ring of recent sessions and its item -> session index (see the module docstring)."""
 
@@ -71,6 +101,15 @@ class RecentSessions:
         self.fit(item + 1)
         ring_add(self.items, self.lengths, self.times, self.serials, self.item_serials, self.item_heads,
                  serial, item, t)
+
+    def forget_items(self, items: np.ndarray) -> None:
+        """Take ``items`` (forgotten items) out of every session of the ring (the others keep
+        their order) and clear their item -> session index: a new item of the row starts empty."""
+        items = np.asarray(items, dtype=np.int64)
+        drop_items(self.items, self.lengths, items)
+        items = items[items < len(self.item_heads)]
+        self.item_serials[items] = 0
+        self.item_heads[items] = 0
 
     def score(self, session: np.ndarray, own_serial: int, n_items: int, max_session: int, out: np.ndarray) -> None:
         """Add the kNN scores of ``session`` (its last ``max_session`` clicks) to ``out`` (one per item)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from recstream.embeddings.content import ContentPlaceholders, ContentProjector, ItemContent, metadata_features
-from recstream.embeddings.expiry import UserExpiry, part
+from recstream.embeddings.expiry import Expiry, part
 from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import MFConfig, OnlineMF
 from recstream.embeddings.session import SessionSignals
@@ -50,11 +50,16 @@ class RecState:
         self.applied: dict[str, int] = {}  # valid events applied to the model
         self.index_version = 0
         self.topic_ids: dict[str, str] = {}  # input topic -> the broker's id for it (a recreated topic has a new one)
-        self.expiry = UserExpiry(config.max_users, config.user_ttl_s)
+        self.expiry = Expiry(config.max_users, config.user_ttl_s)
+        self.item_expiry = Expiry(config.max_items, config.item_ttl_s)
         # Rows of users the last apply forgot that no new user took (anything keyed by row, such as
         # the updates pending for publication, must drop them).
         self.forgotten = np.zeros(0, dtype=np.int64)
         self.users_forgotten = 0  # all time (since start-up)
+        self.items_forgotten = 0
+        # Whatever forgets items (the item expiry here, or anyone calling OnlineMF.forget_items),
+        # what is kept per item beside the model goes with them.
+        self.model.item_forget_hooks.append(self._drop_items)
 
     def apply(self, batch: EventBatch, topic: str | None = None, partition_of_event: np.ndarray | None = None,
               rate_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -62,25 +67,27 @@ class RecState:
 
         Returns the user and item rows of the events and each event's prequential loss
         (squared error of a rating; logistic loss of an implicit positive). With bounded memory
-        (``model.max_users``, ``model.user_ttl_s``) the batch is learned in runs, users forgotten
-        between them where the event sequence says so (see embeddings/expiry.py): a row in the
-        result belongs to the user who had it at that event.
+        (``model.max_users``, ``user_ttl_s``, ``max_items``, ``item_ttl_s``) the batch is learned in
+        runs, users and items forgotten between them where the event sequence says so (see
+        embeddings/expiry.py): a row in the result belongs to the user or item that had it at that event.
         """
         timestamps = np.maximum(batch.timestamps, 0)
         predictions = np.empty(len(batch), dtype=np.float64)
-        if not self.expiry.enabled:
+        if not (self.expiry.enabled or self.item_expiry.enabled):
             users, items = self._apply_run(batch, timestamps, predictions, rate_scale, 0, len(batch))
         else:
+            model = self.model
             forgotten, runs = [], []
             start = 0
             while start < len(batch):
-                last_active, last_seq = self.model.activity()
-                forget = self.expiry.to_forget(self.model.users.ids, last_active, last_seq, batch.user_ids,
-                                               timestamps, start)
+                forget = self.expiry.to_forget(model.users.ids, *model.activity(), batch.user_ids, timestamps, start)
                 if len(forget):
                     self.forget_users(forget)
                     forgotten.append(forget)
-                end = self.expiry.run_end(self.model.users.ids, batch.user_ids, timestamps, start)
+                model.forget_items(self.item_expiry.to_forget(model.items.ids, *model.item_activity(), batch.item_ids,
+                                                              timestamps, start))
+                end = min(self.expiry.run_end(model.users.ids, batch.user_ids, timestamps, start),
+                          self.item_expiry.run_end(model.items.ids, batch.item_ids, timestamps, start))
                 runs.append(self._apply_run(batch, timestamps, predictions, rate_scale, start, end))
                 start = end
             users, items = (np.concatenate(rows) for rows in zip(*runs)) if runs else (np.zeros(0, np.int64),) * 2
@@ -105,11 +112,13 @@ class RecState:
         self.learn_rows(users, items, batch.ratings[start:end], batch.weights[start:end], predictions[start:end], ts,
                         rate_scale, None if batch.session_keys is None else batch.session_keys[start:end])
         self.history.add(users, items)
-        # Kept also while nothing expires: turning expiry on later finds every user's activity.
-        last_active, last_seq = self.model.activity()
-        np.maximum.at(last_active, users, ts)
-        np.maximum.at(last_seq, users, np.arange(seq_before + 1, seq_before + 1 + len(users), dtype=np.int64))
+        # Kept also while nothing expires: turning expiry on later finds every user's and item's activity.
+        seq = np.arange(seq_before + 1, seq_before + 1 + len(users), dtype=np.int64)
+        for rows, (last_active, last_seq) in ((users, self.model.activity()), (items, self.model.item_activity())):
+            np.maximum.at(last_active, rows, ts)
+            np.maximum.at(last_seq, rows, seq)
         self.expiry.advance(ts)
+        self.item_expiry.advance(ts)
         return users, items
 
     def forget_users(self, rows: np.ndarray) -> None:
@@ -119,6 +128,15 @@ class RecState:
         self.history.forget(rows)
         self.sessions.forget(rows)
         self.users_forgotten += len(rows)
+
+    def _drop_items(self, rows: np.ndarray) -> None:
+        """Forgotten items (an ``OnlineMF.forget_items`` hook) leave histories (the recommender's
+        exclusions), sessions and content."""
+        self.history.forget_items(rows)
+        self.sessions.forget_items(rows)
+        self.content.forget(rows)
+        self.placeholders.forget(rows)
+        self.items_forgotten += len(rows)
 
     def use_text_encoder(self, name: str) -> None:
         """``content.text_encoder`` (not stored in checkpoints: the features it made are)."""
@@ -152,7 +170,13 @@ class RecState:
         placeholder at once, not at the next refresh; returns how many did.
         """
         names, vectors = encoded if encoded is not None else self.encode_item_metadata(features, texts)
+        new = np.array([self.model.items.ids.get(i) is None for i in item_ids], dtype=bool)
         rows = self.model.items.rows(item_ids)
+        # An item announced by its metadata counts as active now (the input's current place and
+        # clock), or the item expiry would take it first; one already known keeps its activity.
+        last_active, last_seq = self.model.item_activity()
+        last_active[rows[new]] = self.item_expiry.clock
+        last_seq[rows[new]] = self.model.events_applied
         for n, row in enumerate(rows.tolist()):
             self.content.set(row, names[n], None if vectors is None else vectors[n])
         return self.placeholders.place(self.model, self.content, self.projector, rows)
@@ -174,6 +198,7 @@ class RecState:
         arrays = {f"model.{k}": np.array(v, copy=True) for k, v in self.model.state_arrays().items()}
         arrays.update({f"history.{k}": v for k, v in self.history.to_arrays().items()})
         arrays.update({f"expiry.{k}": v for k, v in self.expiry.to_arrays().items()})
+        arrays.update({f"item_expiry.{k}": v for k, v in self.item_expiry.to_arrays().items()})
         arrays.update({f"sessions.{k}": v for k, v in
                        self.sessions.to_arrays(len(self.model.users), len(self.model.items)).items()})
         arrays.update({f"content.{k}": v for k, v in self.content.to_arrays().items()})
@@ -230,18 +255,21 @@ class RecState:
         return state
 
     def _load_expiry(self, arrays: dict[str, np.ndarray]) -> None:
-        """The expiry clock and users' activity, or for a checkpoint from before bounded memory
-        (which has neither) the newest event time it holds, with every user active then: none
-        expires before a full ``user_ttl_s`` after the restart's events."""
-        if "expiry.state" in arrays:
-            self.expiry.load_arrays({k[7:]: v for k, v in arrays.items() if k.startswith("expiry.")})
-            return
-        last_active, _ = self.model.activity()
+        """The expiry clocks and users' and items' activity, or for a checkpoint from before bounded
+        memory for them (which has neither) the newest event time it holds, with every user (item)
+        active then: none expires before a full TTL after the restart's events."""
         n = len(self.model.users)
         clock = max(self.model.latest_event_ms(), int(self.sessions.last_ts[:n].max(initial=0)))
-        self.expiry.clock = clock
-        if "model.last_active" not in arrays:
-            last_active[:n] = clock
+        for name, expiry, (last_active, _), rows, stored in (
+                ("expiry", self.expiry, self.model.activity(), n, "model.last_active"),
+                ("item_expiry", self.item_expiry, self.model.item_activity(), len(self.model.items),
+                 "model.item_last_active")):
+            if f"{name}.state" in arrays:
+                expiry.load_arrays({k[len(name) + 1:]: v for k, v in arrays.items() if k.startswith(f"{name}.")})
+                continue
+            expiry.clock = clock
+            if stored not in arrays:
+                last_active[:rows] = clock
 
     @classmethod
     def load_or_new(cls, store: CheckpointStore | None, config: MFConfig, history_per_user: int = 500) -> RecState:
