@@ -156,10 +156,14 @@ class IndexRefresher:
                 self._stop.wait(5.0)
 
     def _indexable(self) -> np.ndarray:
-        """Rows of the items with ``min_item_events`` events or more, free rows (of forgotten
-        items) left out (call with the model lock)."""
-        counts = self.model.interaction_counts(np.arange(len(self.model.items)))
-        indexable = counts >= self.config.min_item_events
+        """Rows of the items with ``min_item_events`` events or more (1: every item, those with a
+        content placeholder and no event too), free rows (of forgotten items) left out (call with
+        the model lock)."""
+        n_items = len(self.model.items)
+        if self.config.min_item_events > 1:
+            indexable = self.model.interaction_counts(np.arange(n_items)) >= self.config.min_item_events
+        else:
+            indexable = np.ones(n_items, dtype=bool)
         indexable[self.model.items.ids.free] = False
         return np.flatnonzero(indexable)
 
