@@ -41,7 +41,15 @@ session co-occurrence, both directions, gain 1.
 from __future__ import annotations
 
 import numpy as np
-from recstream.embeddings.session_kernels import add_pairs
+from recstream.embeddings.session_kernels import add_pairs, drop_neighbours
+
+
+def item_mask(items: np.ndarray) -> np.ndarray:
+    """A boolean mask over item rows, set at ``items`` (what the forgetting kernels take)."""
+    items = np.asarray(items, dtype=np.int64)
+    mask = np.zeros(int(items.max(initial=-1)) + 1, dtype=bool)
+    mask[items] = True
+    return mask
 
 
 class ItemNeighbours:
@@ -83,22 +91,7 @@ class ItemNeighbours:
         >>> t.rows[0].tolist(), t.rows[1].tolist()
         ([3, -1, -1], [-1, -1, -1])
         """
-        items = np.asarray(items, dtype=np.int64)
-        items = items[items < len(self.rows)]
-        if len(items) == 0:
-            return
-        self.rows[items], self.weights[items], self.errors[items] = -1, 0, 0
-        hit = np.isin(self.rows, items)
-        affected = np.flatnonzero(hit.any(axis=1))
-        if len(affected) == 0:
-            return
-        rows, weights, errors = self.rows[affected], self.weights[affected], self.errors[affected]
-        gone = hit[affected]
-        rows[gone], weights[gone], errors[gone] = -1, 0, 0
-        order = np.argsort(rows < 0, axis=1, kind="stable")
-        self.rows[affected] = np.take_along_axis(rows, order, 1)
-        self.weights[affected] = np.take_along_axis(weights, order, 1)
-        self.errors[affected] = np.take_along_axis(errors, order, 1)
+        drop_neighbours(self.rows, self.weights, self.errors, item_mask(items))
 
     def neighbours(self, y: int) -> tuple[np.ndarray, np.ndarray]:
         """``y``'s neighbour rows and weights (lower bounds; in the stored scale: compare them, don't

@@ -40,7 +40,8 @@ nothing has to be cleaned up; memory is fixed by the three sizes.
 from __future__ import annotations
 
 import numpy as np
-from recstream.embeddings.session_kernels import ring_add, ring_score
+from recstream.embeddings.item_neighbours import item_mask
+from recstream.embeddings.session_kernels import drop_listed, ring_add, ring_score
 
 
 def drop_items(lists: np.ndarray, lengths: np.ndarray, items: np.ndarray, start: np.ndarray | None = None) -> None:
@@ -53,24 +54,8 @@ def drop_items(lists: np.ndarray, lengths: np.ndarray, items: np.ndarray, start:
     >>> lists.tolist(), lengths.tolist()
     ([[1, 0, 0], [0, 0, 0], [5, 6, 7]], [1, 0, 5])
     """
-    width = lists.shape[1]
-    held = np.arange(width) < np.minimum(lengths, width)[:, None]
-    if start is None:
-        ordered = lists
-    else:  # each row's entries, oldest first
-        ordered = np.take_along_axis(lists, (np.asarray(start, dtype=np.int64)[:, None] + np.arange(width)) % width, 1)
-    drop = held & np.isin(ordered, items)
-    affected = np.flatnonzero(drop.any(axis=1))
-    if len(affected) == 0:
-        return
-    ordered = ordered[affected]
-    keep = held[affected] & ~drop[affected]
-    order = np.argsort(~keep, axis=1, kind="stable")  # kept entries first, in their order
-    new = np.take_along_axis(ordered, order, 1)
-    kept = keep.sum(axis=1)
-    new[np.arange(width) >= kept[:, None]] = 0
-    lists[affected] = new
-    lengths[affected] = kept
+    start = np.zeros(len(lists), dtype=np.int64) if start is None else np.asarray(start, dtype=np.int64)
+    drop_listed(lists, lengths, start, item_mask(items))
 
 
 class RecentSessions:
