@@ -44,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 from recstream.embeddings.item_neighbours import ItemNeighbours
-from recstream.embeddings.session_kernels import N_SIGNALS, candidates_batch, learn_batch
+from recstream.embeddings.session_kernels import N_SIGNALS, candidates_batch, drop_listed, drop_neighbours, learn_batch
 from recstream.embeddings.session_knn import RecentSessions, drop_items
 
 # Fewer users than this per thread are scored in the calling thread alone.
@@ -89,6 +89,10 @@ class SessionSignals:
         empty = np.zeros(0, dtype=np.int64)
         learn_batch(empty, empty, empty, empty, self.learn_args())
         candidates_batch(empty, empty, empty, self.score_args(), empty, np.zeros(0), empty)
+        if c.max_items or c.item_ttl_s:  # items will be forgotten (see forget_items)
+            none = np.zeros(0, dtype=bool)
+            drop_neighbours(self.rules.rows[:0], self.rules.weights[:0], self.rules.errors[:0], none)
+            drop_listed(self.hist[:0], self.hlen[:0], empty, none)
 
     @property
     def enabled(self) -> bool:
