@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from recstream.embeddings.sgd import item_popularity, rows_finite, sgd_batch
+from recstream.embeddings.sgd import MAX_COMPONENT, MAX_SCALAR, item_popularity, rows_finite, sgd_batch
 from recstream.embeddings.table import EmbeddingTable
 
 log = logging.getLogger(__name__)
@@ -446,6 +446,29 @@ class OnlineMF:
         Q[item_rows] = vectors
         bi[item_rows] = biases
         self._item_seq[item_rows] = self.model_version
+
+    def item_transitions(self, rows: np.ndarray | slice) -> np.ndarray:
+        """Items' transition vectors ("where users go next", see ``sgd_batch``): a copy."""
+        self._fit_item_arrays()
+        return self._transition[rows].copy()
+
+    def add_item_deltas(self, rows: np.ndarray, vectors: np.ndarray, transitions: np.ndarray, biases: np.ndarray,
+                        events: np.ndarray) -> None:
+        """Add changes learned elsewhere (another member of the group, see embeddings.sync) to
+        items; sums are clipped to the kernel's bounds and the items count as changed."""
+        self._fit_item_arrays()
+        self.model_version += 1
+        Q, bi = self.items.storage
+        # np.add.at: an id twice among ``rows`` adds twice, as two messages would.
+        np.add.at(Q, rows, vectors)
+        np.add.at(self._transition, rows, transitions)
+        np.add.at(bi, rows, biases)
+        np.add.at(self._item_events, rows, events)
+        Q[rows] = np.clip(Q[rows], -MAX_COMPONENT, MAX_COMPONENT)
+        self._transition[rows] = np.clip(self._transition[rows], -MAX_COMPONENT, MAX_COMPONENT)
+        bi[rows] = np.clip(bi[rows], -MAX_SCALAR, MAX_SCALAR)
+        self._item_events[rows] = np.maximum(self._item_events[rows], 0)
+        self._item_seq[rows] = self.model_version
 
     # -- state ------------------------------------------------------------------------------
 

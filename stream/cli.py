@@ -317,14 +317,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_topics(args: argparse.Namespace) -> int:
     from recstream.stream.broker import create_topics
+    from recstream.stream.config import sync_topic_for
 
     settings = dict(args.X or [])
-    create_topics(args.bootstrap_servers, {
-        args.input_topic: args.partitions,
-        args.output_topic: args.partitions,
-        args.dlq_topic or f"{args.input_topic}.dlq": 1,
-    }, settings)
-    print(f"topics ready on {args.bootstrap_servers}")
+    topics = {args.input_topic: args.partitions, args.output_topic: args.partitions,
+              args.dlq_topic or f"{args.input_topic}.dlq": 1}
+    if args.group_id:
+        # One partition: every member reads all of it, and keying by member keeps each one's order.
+        topics[sync_topic_for(args.group_id)] = 1
+    create_topics(args.bootstrap_servers, topics, settings)
+    print(f"topics ready on {args.bootstrap_servers}: {', '.join(topics)}")
     return 0
 
 
@@ -452,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     topics.add_argument("--output-topic", default="recs")
     topics.add_argument("--dlq-topic")
     topics.add_argument("--partitions", type=int, default=4)
+    topics.add_argument("--group-id", help="also the topic through which the members of this consumer group "
+                                           "share item state (for a group of more than one member)")
     topics.set_defaults(func=cmd_topics)
 
     gen = sub.add_parser("generate", parents=[kafka], help="produce a synthetic clickstream to a topic")

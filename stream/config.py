@@ -127,6 +127,21 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class SyncConfig:
+    """Item state shared by the members of a consumer group (stream/group_sync.py)."""
+
+    # "auto": on when the sync topic exists (`recstream topics` creates it); "on": the topic must
+    # exist; "off": this member keeps its items to itself.
+    mode: str = "auto"
+    topic: str = ""  # empty: "<topics.group_id>.item-deltas"
+    interval_s: float = 5.0  # how often this member sends what it changed
+    # This member's name in the group; empty: one made on first start and kept in the state dir.
+    member: str = ""
+    # At start, how long to wait for the deltas already on the topic before consuming input.
+    catch_up_timeout_s: float = 120.0
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     kafka: dict[str, str] = field(default_factory=dict)  # librdkafka settings for consumer and producer
     kafka_consumer: dict[str, str] = field(default_factory=dict)
@@ -141,11 +156,21 @@ class ServiceConfig:
     content: ContentConfig = ContentConfig()
     loop: LoopConfig = LoopConfig()
     http: HttpConfig = HttpConfig()
+    sync: SyncConfig = SyncConfig()
     state_dir: str = ""
 
     @property
     def bootstrap_servers(self) -> str:
         return self.kafka.get("bootstrap.servers", "")
+
+    @property
+    def sync_topic(self) -> str:
+        return self.sync.topic or sync_topic_for(self.topics.group_id)
+
+
+def sync_topic_for(group_id: str) -> str:
+    """The item-sync topic a group uses unless ``sync.topic`` names another."""
+    return f"{group_id}.item-deltas"
 
 
 _SECTIONS = {
@@ -159,6 +184,7 @@ _SECTIONS = {
     "content": ContentConfig,
     "loop": LoopConfig,
     "http": HttpConfig,
+    "sync": SyncConfig,
 }
 
 # field -> (predicate, what it must be)
@@ -242,6 +268,9 @@ _RULES: dict[str, tuple[Any, str]] = {
     "http.port": (lambda v: 0 <= v <= 65535, "a TCP port from 0 (off) to 65535"),
     "http.host": (bool, "a host name or address to listen on"),
     "http.liveness_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
+    "sync.mode": (lambda v: v in ("auto", "on", "off"), "auto, on or off"),
+    "sync.interval_s": (lambda v: 0 < v <= 86400, "a number of seconds in (0, 86400]"),
+    "sync.catch_up_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
 }
 
 

@@ -52,6 +52,7 @@ from recstream.stream.checkpoint import BackgroundCheckpointWriter, CheckpointSt
 from recstream.stream.clock import batch_now, settle_timestamps
 from recstream.stream.config import ConfigError, ServiceConfig
 from recstream.stream.events import EventBatch, EventDecoder
+from recstream.stream.group_sync import GroupSync, member_id
 from recstream.stream.logs import kafka_logger, settings_for
 from recstream.stream.metadata import parse_item_metadata
 from recstream.stream.publishing import UpdateSchedule
@@ -89,6 +90,8 @@ class ServiceStats:
     item_drift: float = 0.0  # mean cosine distance of item vectors between the last two index builds
     item_metadata: int = 0  # item metadata messages applied
     cold_items_refreshed: int = 0  # cold items given content vectors (all refreshes)
+    sync_items_sent: int = 0  # item deltas sent to the group (stream/group_sync.py)
+    sync_items_received: int = 0  # other members' item deltas applied
     assigned: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -170,6 +173,7 @@ class RecStreamService:
         self._checkpointed_events = self.model.events_applied
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
+        self.group_sync: GroupSync | None = None  # item state shared with the group, if on
         self._admin: AdminClient | None = None  # for topic ids (see _forget_recreated_topics)
         # Read by the HTTP side (stream/web.py): when the poll loop last turned (/healthz), and an
         # optional stream.metrics.ServiceMetrics that gets one call per batch, dead letter and flush.
@@ -206,7 +210,8 @@ class RecStreamService:
         }
         return consumer, producer
 
-    def _check_topics(self) -> None:
+    def _check_topics(self) -> set[str]:
+        """The cluster's topics, once every topic the config names is among them."""
         topics = self.config.topics
         metadata = wait_for_cluster(self.producer, self.config.bootstrap_servers, self.config.loop.startup_timeout_s,
                                     self.stop)
@@ -215,6 +220,41 @@ class RecStreamService:
             if topic and topic not in metadata.topics:
                 raise ConfigError(f"{field_name}: topic {topic!r} does not exist on "
                                   f"{self.config.bootstrap_servers} (create it, e.g. `recstream topics`)")
+        return set(metadata.topics)
+
+    def _start_group_sync(self, existing_topics: set[str], consumer_config: dict) -> GroupSync | None:
+        """Share item state with the group (``[sync]``): read the deltas already sent, then run."""
+        sync, topic = self.config.sync, self.config.sync_topic
+        if sync.mode == "off" or (sync.mode == "auto" and topic not in existing_topics):
+            return None
+        if topic not in existing_topics:
+            raise ConfigError(f"sync.mode: on, but the sync topic {topic!r} does not exist on "
+                              f"{self.config.bootstrap_servers} (create it: `recstream topics --group-id "
+                              f"{self.config.topics.group_id}`)")
+        member = member_id(sync.member, self.config.state_dir)
+        item_sync = self.state.enable_item_sync(member)
+        group_sync = GroupSync(topic, sync.interval_s, item_sync, self.state.sync_positions,
+                               {**consumer_config, "group.id": f"{self.config.topics.group_id}.sync.{member}"},
+                               self._produce, self._dead_letter)
+        group_sync.start()
+        started = time.monotonic()
+        moved = group_sync.catch_up(self.model_lock, sync.catch_up_timeout_s)
+        self.stats.sync_items_received += moved
+        log.info("item sync: caught up with the group in %.1fs (%d item deltas applied)",
+                 time.monotonic() - started, moved)
+        return group_sync
+
+    def _sync_items(self) -> None:
+        """Apply the group's item deltas that have arrived; send ours when the interval is up."""
+        read = dict(self.state.sync_positions)
+        moved = self.group_sync.poll(self.model_lock)
+        if moved:
+            self.stats.sync_items_received += moved
+            self.refresher.poke()
+        sent = self.group_sync.send(self.model_lock) if self.group_sync.due() else 0
+        self.stats.sync_items_sent += sent
+        if sent or read != self.state.sync_positions:
+            self._state_changed = True  # the item base and the sync positions are checkpointed
 
     # -- main loop -----------------------------------------------------------------------------
 
@@ -226,7 +266,8 @@ class RecStreamService:
         _compile_kernels(self.config)  # before joining the group: a first compile can outlast max.poll.interval.ms
         consumer_cfg, producer_cfg = self._client_configs()
         self.producer = Producer(producer_cfg)
-        self._check_topics()
+        existing_topics = self._check_topics()
+        self.group_sync = self._start_group_sync(existing_topics, consumer_cfg)
         # An admin client is a producer-type instance: consumer-only settings would draw warnings.
         self._admin = AdminClient({**settings_for("producer", {**self.config.kafka, **self.config.kafka_consumer}),
                                    "logger": kafka_logger()})
@@ -246,13 +287,19 @@ class RecStreamService:
                 self._behind = len(messages) >= loop.batch_size
                 if messages:
                     self._process(messages)
+                if self.group_sync is not None:
+                    self._sync_items()
                 if self._uncommitted and (
                     self._schedule.due()
                     or (not self._behind and len(self.state.pending) >= self.config.output.max_pending_users)
                 ):
                     self.flush(budgeted=True)
+            if self.group_sync is not None:  # the group gets our last changes; the checkpoint counts them sent
+                self.stats.sync_items_sent += self.group_sync.send(self.model_lock)
             self.flush(checkpoint=True)
         finally:
+            if self.group_sync is not None:
+                self.group_sync.close()
             self.refresher.stop()
             try:
                 self.consumer.close()  # revokes: _on_revoke flushes what is left

@@ -17,6 +17,7 @@ from recstream.embeddings.expiry import Expiry, part
 from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import MFConfig, OnlineMF
 from recstream.embeddings.session import SessionSignals
+from recstream.embeddings.sync import ItemSync
 from recstream.embeddings.text import HashedWords, MiniLMText, make_text_encoder
 from recstream.stream.checkpoint import Checkpoint, CheckpointStore, IncompatibleCheckpoint
 from recstream.stream.events import EventBatch
@@ -60,6 +61,11 @@ class RecState:
         # Whatever forgets items (the item expiry here, or anyone calling OnlineMF.forget_items),
         # what is kept per item beside the model goes with them.
         self.model.item_forget_hooks.append(self._drop_items)
+        # Item state shared with the group (stream.group_sync), once enable_item_sync is called;
+        # where this member stands in the sync topic ("topic/partition" -> next offset).
+        self.item_sync: ItemSync | None = None
+        self.sync_positions: dict[str, int] = {}
+        self._stored_sync: tuple[dict[str, np.ndarray], dict] | None = None  # from the checkpoint
 
     def apply(self, batch: EventBatch, topic: str | None = None, partition_of_event: np.ndarray | None = None,
               rate_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -138,6 +144,20 @@ class RecState:
         self.placeholders.forget(rows)
         self.items_forgotten += len(rows)
 
+    def enable_item_sync(self, member: str) -> ItemSync:
+        """Share item state with the group as ``member``, continuing from the checkpoint's sync
+        state if it has one (else every item's learning so far is this member's first delta)."""
+        self.item_sync = ItemSync(self.model, member)
+        if self._stored_sync is not None:
+            arrays, meta = self._stored_sync
+            if meta.get("member") == member:
+                self.item_sync.load(arrays, meta)
+                self.sync_positions = {k: int(v) for k, v in meta.get("positions", {}).items()}
+            else:
+                log.warning("the checkpoint's item sync was member %r's; as %r this member sends everything "
+                            "again and reads the sync topic from its start", meta.get("member"), member)
+        return self.item_sync
+
     def use_text_encoder(self, name: str) -> None:
         """``content.text_encoder`` (not stored in checkpoints: the features it made are)."""
         self.text_encoder = make_text_encoder(name)
@@ -206,6 +226,8 @@ class RecState:
         # The fitted regression too: metadata arriving after a restart gets its placeholder at once.
         arrays.update({f"projector.{k}": np.array(v, copy=True) for k, v in self.projector.to_arrays().items()})
         arrays.update({f"pending.{k}": v for k, v in self.pending.to_arrays().items()})
+        if self.item_sync is not None:
+            arrays.update({f"sync.{k}": v for k, v in self.item_sync.to_arrays().items()})
         meta = {
             "model_config": asdict(self.model.config),
             "positions": dict(self.positions),
@@ -215,6 +237,8 @@ class RecState:
             "events_applied": self.model.events_applied,
             "pending_users": len(self.pending),
         }
+        if self.item_sync is not None:
+            meta["sync"] = {**self.item_sync.to_meta(), "positions": dict(self.sync_positions)}
         return arrays, meta
 
     def save(self, store: CheckpointStore) -> Path:
@@ -252,6 +276,9 @@ class RecState:
         state.applied = {k: int(v) for k, v in checkpoint.meta.get("applied", {}).items()}
         state.index_version = int(checkpoint.meta.get("index_version", 0))
         state.topic_ids = dict(checkpoint.meta.get("topic_ids", {}))
+        if "sync" in checkpoint.meta:
+            state._stored_sync = ({k[5:]: v for k, v in arrays.items() if k.startswith("sync.")},
+                                  checkpoint.meta["sync"])
         return state
 
     def _load_expiry(self, arrays: dict[str, np.ndarray]) -> None:

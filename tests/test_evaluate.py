@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 import pytest
-from recstream.evaluation import prequential as ev
 from recstream.embeddings.model import MFConfig
+from recstream.evaluation import prequential as ev
 
 
 def _explicit(n=3000, seed=0):

@@ -5,13 +5,13 @@ import random
 
 import numpy as np
 import pytest
-from recstream.evaluation.prequential import Interactions
-from recstream.evaluation.session import _VSKNN, prequential_baseline, prequential_session
+from recstream.embeddings import session as session_module
 from recstream.embeddings.item_neighbours import ItemNeighbours
 from recstream.embeddings.model import MFConfig
-from recstream.embeddings import session as session_module
 from recstream.embeddings.session import SessionSignals
 from recstream.embeddings.session_knn import RecentSessions
+from recstream.evaluation.prequential import Interactions
+from recstream.evaluation.session import _VSKNN, prequential_baseline, prequential_session
 from recstream.stream.checkpoint import CheckpointStore
 from recstream.stream.config import EventsConfig
 from recstream.stream.events import EventDecoder, session_keys

@@ -1,0 +1,266 @@
+"""Item state shared by the members of a consumer group: per-item deltas, summed.
+
+Each member learns item vectors from the events of its own partitions. Every sync interval it
+sends, for each item it changed, what changed since its last send, and adds what the others sent.
+With :math:`\\hat q_i` the member's *base* for item :math:`i` (its value after the last send, plus
+everything received since), a member sends
+
+.. math::  \\Delta q_i = q_i - \\hat q_i, \\qquad \\hat q_i \\leftarrow q_i
+
+(the same for the bias :math:`b_i`, the transition vector :math:`f_i` and the event count
+:math:`n_i`) and on receiving another member's :math:`\\Delta q_i` sets
+
+.. math::  q_i \\leftarrow q_i + \\Delta q_i, \\qquad \\hat q_i \\leftarrow \\hat q_i + \\Delta q_i.
+
+Every member's item thus converges to its initial vector (the same everywhere: a function of the
+id and the seed, see ``EmbeddingTable``) plus the sum of every member's steps: data-parallel SGD
+whose partial sums arrive one interval late, as Monolith syncs its sparse embeddings. With one
+member nothing is sent and nothing changes. Users are not synced: a user's events go to one
+partition, so one member learns each user.
+
+A delta is identified by its sender and a sequence number. A receiver applies each (sender,
+sequence) once and ignores its own messages, except after a restart: a member restored from a
+checkpoint reads back the deltas it sent after that checkpoint and counts them as sent (adds them
+to its base, not to its vectors), so what it learns again from the replayed input is not sent
+twice (see :meth:`ItemSync.apply`). Received values are checked (shape, finite) and the sums
+clipped to the kernel's bounds, so no message can make the model non-finite.
+
+>>> import numpy as np
+>>> from recstream.embeddings.model import MFConfig, OnlineMF
+>>> a, b = OnlineMF(MFConfig(dim=4, seed=1)), OnlineMF(MFConfig(dim=4, seed=1))
+>>> sync_a, sync_b = ItemSync(a, "a"), ItemSync(b, "b")
+>>> a.learn(["ann"] * 20, ["jazz"] * 20); b.learn(["bob"] * 20, ["jazz"] * 20)
+>>> step_a = a.items.vectors[0] - a.items.initial_vectors(np.array([0]))[0]
+>>> step_b = b.items.vectors[0] - b.items.initial_vectors(np.array([0]))[0]
+>>> for message in sync_a.take(): _ = sync_b.apply(ItemDelta.decode(message.encode()))
+>>> for message in sync_b.take(): _ = sync_a.apply(message)
+>>> bool(np.allclose(a.items.vectors[0], b.items.vectors[0]))  # both hold start + both steps
+True
+>>> bool(np.allclose(a.items.vectors[0] - a.items.initial_vectors(np.array([0]))[0], step_a + step_b))
+True
+>>> int(a.interaction_counts(np.array([0]))[0])  # events on the item across the group
+40
+"""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+from recstream.embeddings.model import OnlineMF
+from recstream.embeddings.sgd import MAX_COMPONENT, MAX_SCALAR
+
+# Items per message: ~300 bytes each at d=32, so a message stays well under Kafka's default
+# 1 MB limit (message.max.bytes) at any dimension up to ~256.
+ITEMS_PER_MESSAGE = 2000
+
+
+class InvalidDelta(ValueError):
+    """A sync message that cannot be applied (the reason is the message)."""
+
+
+class ItemDelta(msgspec.Struct, frozen=True):
+    """What one member changed on some items since its previous delta (little-endian arrays)."""
+
+    member: str
+    seq: int  # the sender's sequence number: (member, seq) identifies a delta
+    part: int  # one send may take several messages: parts 0..parts-1 share member and seq
+    parts: int
+    dim: int
+    ids: list[str]
+    vectors: bytes  # float32 (len(ids), dim)
+    transitions: bytes  # float32 (len(ids), dim)
+    biases: bytes  # float32 (len(ids),)
+    events: bytes  # int64 (len(ids),)
+
+    def encode(self) -> bytes:
+        return _ENCODER.encode(self)
+
+    @classmethod
+    def decode(cls, data: bytes) -> ItemDelta:
+        """Parse and check a message; raises :class:`InvalidDelta` saying what is wrong."""
+        try:
+            delta = _DECODER.decode(data)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise InvalidDelta(f"not an item delta: {exc}") from exc
+        n, dim = len(delta.ids), delta.dim
+        sizes = {"vectors": 4 * n * dim, "transitions": 4 * n * dim, "biases": 4 * n, "events": 8 * n}
+        wrong = [f"{name} has {len(getattr(delta, name))} bytes, {n} items need {size}"
+                 for name, size in sizes.items() if len(getattr(delta, name)) != size]
+        if wrong or dim < 1 or not 0 <= delta.part < delta.parts:
+            raise InvalidDelta("; ".join(wrong) or f"bad dim {dim} or part {delta.part}/{delta.parts}")
+        if not all(np.isfinite(a).all() for a in (delta.vector_array(), delta.transition_array(),
+                                                  delta.bias_array())):
+            raise InvalidDelta("non-finite values")
+        return delta
+
+    def vector_array(self) -> np.ndarray:
+        return np.frombuffer(self.vectors, dtype="<f4").reshape(len(self.ids), self.dim)
+
+    def transition_array(self) -> np.ndarray:
+        return np.frombuffer(self.transitions, dtype="<f4").reshape(len(self.ids), self.dim)
+
+    def bias_array(self) -> np.ndarray:
+        return np.frombuffer(self.biases, dtype="<f4")
+
+    def event_array(self) -> np.ndarray:
+        return np.frombuffer(self.events, dtype="<i8")
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(ItemDelta)
+
+
+class ItemSync:
+    """One member's side of the item sync: its base copy of the items, what it sent and received.
+
+    ``member`` names this member in the group (stable across restarts: a StatefulSet pod name).
+    """
+
+    def __init__(self, model: OnlineMF, member: str) -> None:
+        self.model = model
+        self.member = member
+        self.seq = 0  # sequence number of this member's last send
+        self.applied: dict[str, tuple[int, int]] = {}  # sender -> (sequence, part) last applied
+        self.sent_items = 0
+        self.received_items = 0
+        self._version = model.model_version  # items changed after this model version are unsent
+        dim = model.config.dim
+        self._vectors = np.zeros((0, dim), dtype=np.float32)
+        self._transitions = np.zeros((0, dim), dtype=np.float32)
+        self._biases = np.zeros(0, dtype=np.float32)
+        self._events = np.zeros(0, dtype=np.int64)
+        self._based = 0  # rows with a base (the rest start from a new item's values)
+        self._fit()
+
+    def _fit(self) -> None:
+        """Give items created since the last call their base: a new item's initial values, the
+        same in every member, so that what they learned or received before is a delta."""
+        n = len(self.model.items)
+        if n <= self._based:
+            return
+        if n > len(self._biases):
+            capacity = max(n, 2 * len(self._biases), 1024)
+            for name in ("_vectors", "_transitions", "_biases", "_events"):
+                old = getattr(self, name)
+                grown = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
+                grown[: len(old)] = old
+                setattr(self, name, grown)
+        new = np.arange(self._based, n, dtype=np.int64)
+        self._vectors[new] = self.model.items.initial_vectors(new)
+        self._transitions[new] = 0
+        self._biases[new] = 0
+        self._events[new] = 0
+        self._based = n
+
+    def reset_rows(self, rows: np.ndarray) -> None:
+        """Rows whose item was forgotten or replaced: their base becomes the row's current values
+        (a new item's), so the reset itself is not sent as a change."""
+        self._fit()
+        model = self.model
+        self._vectors[rows] = model.items.vectors[rows]
+        self._transitions[rows] = model.item_transitions(rows)
+        self._biases[rows] = model.items.biases[rows]
+        self._events[rows] = model.interaction_counts(rows)
+
+    def take(self, items_per_message: int = ITEMS_PER_MESSAGE) -> list[ItemDelta]:
+        """This member's changes since its last send, as the messages to send (none if nothing
+        changed); its base then counts them as sent."""
+        self._fit()
+        model = self.model
+        n = len(model.items)
+        # Vectors, biases and counts move only with the item's change mark; a transition vector
+        # moves when the item is a user's previous one, unmarked, so it is compared in full.
+        marked = model.items_changed_since(self._version)
+        moved = np.flatnonzero((model.item_transitions(slice(0, n)) != self._transitions[:n]).any(axis=1))
+        rows = np.union1d(marked, moved)
+        self._version = model.model_version
+        vectors = model.items.vectors[rows] - self._vectors[rows]
+        transitions = model.item_transitions(rows) - self._transitions[rows]
+        biases = model.items.biases[rows] - self._biases[rows]
+        events = model.interaction_counts(rows) - self._events[rows]
+        changed = (vectors != 0).any(axis=1) | (transitions != 0).any(axis=1) | (biases != 0) | (events != 0)
+        rows, vectors, transitions, biases, events = (a[changed] for a in (rows, vectors, transitions, biases, events))
+        if not len(rows):
+            return []
+        self._vectors[rows] += vectors
+        self._transitions[rows] += transitions
+        self._biases[rows] += biases
+        self._events[rows] += events
+        self.seq += 1
+        self.sent_items += len(rows)
+        ids = model.items.ids.ids_of(rows.tolist())
+        starts = range(0, len(rows), items_per_message)
+        return [ItemDelta(self.member, self.seq, part, len(starts), model.config.dim, ids[s:s + items_per_message],
+                          vectors[s:s + items_per_message].astype("<f4").tobytes(),
+                          transitions[s:s + items_per_message].astype("<f4").tobytes(),
+                          biases[s:s + items_per_message].astype("<f4").tobytes(),
+                          events[s:s + items_per_message].astype("<i8").tobytes())
+                for part, s in enumerate(starts)]
+
+    def apply(self, delta: ItemDelta) -> int:
+        """Apply another member's delta (once per sender and sequence); returns the items it moved.
+
+        Our own messages are skipped, except those sent after the checkpoint we were restored
+        from (sequence above ours): the group has them, so our base counts them as sent.
+        """
+        if delta.dim != self.model.config.dim:
+            raise InvalidDelta(f"dimension {delta.dim}, this member's model.dim is {self.model.config.dim}")
+        if delta.member == self.member:
+            if delta.seq <= self.seq:
+                return 0
+            rows = self._rows(delta.ids)
+            self._add_base(rows, delta)
+            if delta.part == delta.parts - 1:
+                self.seq = delta.seq
+            return 0
+        if (delta.seq, delta.part) <= self.applied.get(delta.member, (0, 0)):
+            return 0  # a copy sent again by a member that restarted before its checkpoint
+        rows = self._rows(delta.ids)
+        self.model.add_item_deltas(rows, delta.vector_array(), delta.transition_array(), delta.bias_array(),
+                                   delta.event_array())
+        self._add_base(rows, delta)
+        self.applied[delta.member] = (delta.seq, delta.part)
+        self.received_items += len(rows)
+        return len(rows)
+
+    def _rows(self, ids: list[str]) -> np.ndarray:
+        rows = self.model.items.rows(ids)
+        self._fit()
+        return rows
+
+    def _add_base(self, rows: np.ndarray, delta: ItemDelta) -> None:
+        # np.add.at: an id twice in one message (never sent so, but possible on the wire) adds twice.
+        np.add.at(self._vectors, rows, delta.vector_array())
+        np.add.at(self._transitions, rows, delta.transition_array())
+        np.add.at(self._biases, rows, delta.bias_array())
+        np.add.at(self._events, rows, delta.event_array())
+        # The base follows the model's clipping, or a clipped item would be sent as changed.
+        np.clip(self._vectors[: self._based], -MAX_COMPONENT, MAX_COMPONENT, out=self._vectors[: self._based])
+        np.clip(self._transitions[: self._based], -MAX_COMPONENT, MAX_COMPONENT,
+                out=self._transitions[: self._based])
+        np.clip(self._biases[: self._based], -MAX_SCALAR, MAX_SCALAR, out=self._biases[: self._based])
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        n = self._based
+        return {"vectors": self._vectors[:n].copy(), "transitions": self._transitions[:n].copy(),
+                "biases": self._biases[:n].copy(), "events": self._events[:n].copy(),
+                "version": np.array([self._version, self.seq], dtype=np.int64)}
+
+    def to_meta(self) -> dict:
+        return {"member": self.member, "applied": {k: list(v) for k, v in self.applied.items()}}
+
+    def load(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        """Restore :meth:`to_arrays` and :meth:`to_meta` output (the model restored first)."""
+        n = len(arrays["biases"])
+        self._based = 0
+        for name in ("_vectors", "_transitions", "_biases", "_events"):
+            setattr(self, name, getattr(self, name)[:0])
+        self._fit()  # room for every item, new ones at their initial values
+        self._vectors[:n] = arrays["vectors"]
+        self._transitions[:n] = arrays["transitions"]
+        self._biases[:n] = arrays["biases"]
+        self._events[:n] = arrays["events"]
+        self._version, self.seq = (int(x) for x in arrays["version"])
+        self.applied = {str(k): (int(v[0]), int(v[1])) for k, v in meta.get("applied", {}).items()}

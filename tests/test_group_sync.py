@@ -1,0 +1,125 @@
+"""Members of one consumer group share item state through the sync topic (on the real broker)."""
+
+from __future__ import annotations
+
+import uuid
+from contextlib import ExitStack
+
+import numpy as np
+import orjson
+import pytest
+from recstream.stream.broker import create_topics
+from recstream.stream.config import ConfigError, sync_topic_for
+
+from tests.conftest import produce, read_all, running, service_config, wait_for
+
+PARTITIONS = 4
+
+
+@pytest.fixture
+def group_topics(kafka_bootstrap: str) -> dict[str, str]:
+    tag = uuid.uuid4().hex[:10]
+    names = {"input": f"clicks-{tag}", "output": f"recs-{tag}", "dlq": f"clicks-{tag}.dlq", "group": f"g-{tag}"}
+    create_topics(kafka_bootstrap, {names["input"]: PARTITIONS, names["output"]: PARTITIONS, names["dlq"]: 1,
+                                    sync_topic_for(names["group"]): 1})
+    return names
+
+
+def _events(n: int, seed: int = 0) -> list[tuple[bytes, bytes]]:
+    """Implicit events of 200 users on 40 items (popular ones with hundreds of events), keyed by user."""
+    rng = np.random.default_rng(seed)
+    users, items = rng.integers(0, 200, n), rng.zipf(1.3, n) % 40
+    return [(f"u{u}".encode(), orjson.dumps({"user_id": f"u{u}", "item_id": f"i{i}", "ts": 1_700_000_000_000 + k}))
+            for k, (u, i) in enumerate(zip(users.tolist(), items.tolist()))]
+
+
+def _member_config(bootstrap: str, topics: dict[str, str], **overrides: object):
+    return service_config(bootstrap, topics, **{"topics.group_id": topics["group"], "sync.interval_s": 0.3,
+                                                "sync.mode": "on", **overrides})
+
+
+def _item_vectors(service) -> dict[str, np.ndarray]:
+    with service.model_lock:
+        items = service.model.items
+        return {key: items.vectors[items.ids.get(key)].copy() for key in items.ids.ids}
+
+
+def _item_events(service, key: str) -> int:
+    with service.model_lock:
+        return int(service.model.interaction_counts(np.array([service.model.items.ids.get(key)]))[0])
+
+
+def test_two_members_hold_the_same_item_vectors(kafka_bootstrap: str, group_topics: dict[str, str]) -> None:
+    events = _events(6000)
+    with ExitStack() as stack:
+        members = [stack.enter_context(running(_member_config(kafka_bootstrap, group_topics, **{"sync.member": m})))
+                   for m in ("a", "b")]
+        wait_for(lambda: all(len(m.stats.assigned) for m in members), timeout_s=60, what="both members assigned")
+        produce(kafka_bootstrap, group_topics["input"], events)
+        wait_for(lambda: sum(m.stats.events_applied for m in members) >= len(events), timeout_s=90,
+                 what="the group to apply every event")
+        assert all(m.stats.events_applied > 0 for m in members), "one member learned everything: no group"
+        counts: dict[str, int] = {}
+        for _, value in events:
+            item = orjson.loads(value)["item_id"]
+            counts[item] = counts.get(item, 0) + 1
+        # Every member counts every event of the group on the item, exactly once, after a sync.
+        wait_for(lambda: all(_item_events(m, item) == counts[item] for m in members for item in counts),
+                 timeout_s=30, what="each member to hold the group's event counts")
+        vectors = [_item_vectors(m) for m in members]
+        assert vectors[0].keys() == vectors[1].keys() == counts.keys()
+        for item, n in counts.items():
+            if n >= 20:
+                a, b = vectors[0][item], vectors[1][item]
+                assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) >= 0.99, item
+        assert all(m.stats.sync_items_sent and m.stats.sync_items_received for m in members)
+
+
+def test_a_bad_sync_message_is_a_dead_letter_and_the_member_keeps_going(
+        kafka_bootstrap: str, group_topics: dict[str, str]) -> None:
+    produce(kafka_bootstrap, sync_topic_for(group_topics["group"]), [(b"mallory", b"\x93not a delta")])
+    events = _events(500, seed=1)
+    with running(_member_config(kafka_bootstrap, group_topics)) as service:
+        produce(kafka_bootstrap, group_topics["input"], events)
+        wait_for(lambda: service.stats.events_applied >= len(events), timeout_s=60, what="every event applied")
+        letters = read_all(kafka_bootstrap, group_topics["dlq"], expect=1)
+    assert service.stats.dead_letters == 1 and service.stats.sync_items_received == 0
+    reason = dict(letters[0].headers())["recstream.error"].decode()
+    assert reason.startswith("bad item delta: not an item delta"), reason
+
+
+def test_sync_on_without_its_topic_stops_start_up_naming_the_setting(kafka_bootstrap: str,
+                                                                      topics: dict[str, str]) -> None:
+    config = service_config(kafka_bootstrap, topics, **{"sync.mode": "on"})
+    with pytest.raises(ConfigError, match="sync.mode: on, but the sync topic"):
+        with running(config):
+            pass
+
+
+def test_a_member_stopped_and_restarted_counts_every_event_once(kafka_bootstrap: str, group_topics: dict[str, str],
+                                                                 tmp_path) -> None:
+    """SIGTERM-like stop, the other member takes over, the first comes back from its checkpoint:
+    its own last deltas are not sent twice, the other's sent meanwhile are applied once."""
+    first, second = _events(3000, seed=2), _events(3000, seed=3)
+    config_a = _member_config(kafka_bootstrap, group_topics, state_dir=str(tmp_path / "a"))
+    config_b = _member_config(kafka_bootstrap, group_topics, state_dir=str(tmp_path / "b"))
+    counts: dict[str, int] = {}
+    for _, value in first + second:
+        item = orjson.loads(value)["item_id"]
+        counts[item] = counts.get(item, 0) + 1
+    with running(config_b) as b:
+        with running(config_a) as a:
+            wait_for(lambda: a.stats.assigned and b.stats.assigned, timeout_s=60, what="both members assigned")
+            produce(kafka_bootstrap, group_topics["input"], first)
+            wait_for(lambda: a.stats.events_applied + b.stats.events_applied >= len(first), timeout_s=90,
+                     what="the first half applied")
+            member_a = a.state.item_sync.member
+        applied_by_a = a.stats.events_applied
+        produce(kafka_bootstrap, group_topics["input"], second)  # b alone, then with a again
+        with running(config_a) as a2:
+            wait_for(lambda: a2.state.item_sync is not None, timeout_s=60, what="the member to start its sync")
+            assert a2.state.item_sync.member == member_a  # the same member, from its state dir
+            wait_for(lambda: applied_by_a + a2.stats.events_applied + b.stats.events_applied
+                     >= len(first) + len(second), timeout_s=90, what="the second half applied")
+            wait_for(lambda: all(_item_events(m, item) == counts[item] for m in (a2, b) for item in counts),
+                     timeout_s=30, what="each member to hold the group's event counts")

@@ -1,0 +1,150 @@
+"""Item deltas between members of a group (embeddings/sync.py), without a broker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from recstream.embeddings.model import MFConfig, OnlineMF
+from recstream.embeddings.sgd import MAX_COMPONENT
+from recstream.embeddings.sync import InvalidDelta, ItemDelta, ItemSync
+
+CONFIG = MFConfig(dim=8, seed=3)
+
+
+def _learn(model: OnlineMF, users: list[str], items: list[str]) -> None:
+    model.learn(users, items, weights=np.ones(len(users), dtype=np.float32))
+
+
+def _stream(seed: int, n: int = 400) -> tuple[list[str], list[str]]:
+    rng = np.random.default_rng(seed)
+    return ([f"u{u}" for u in rng.integers(0, 50, n)], [f"i{i}" for i in rng.zipf(1.5, n) % 60])
+
+
+def _exchange(*syncs: ItemSync) -> None:
+    messages = [m for s in syncs for m in s.take()]
+    for sync in syncs:
+        for message in messages:
+            sync.apply(ItemDelta.decode(message.encode()))
+
+
+def _items(model: OnlineMF) -> dict[str, np.ndarray]:
+    return {key: model.items.vectors[model.items.ids.get(key)].copy() for key in model.items.ids.ids}
+
+
+def test_members_that_exchange_deltas_hold_the_same_items() -> None:
+    members = [OnlineMF(CONFIG) for _ in range(3)]
+    syncs = [ItemSync(m, f"m{k}") for k, m in enumerate(members)]
+    for round_ in range(4):
+        for k, model in enumerate(members):
+            _learn(model, *_stream(10 * round_ + k))
+        _exchange(*syncs)
+    first = _items(members[0])
+    for other in members[1:]:
+        vectors = _items(other)
+        assert vectors.keys() == first.keys()
+        for key in first:
+            np.testing.assert_allclose(vectors[key], first[key], atol=1e-5)
+    counts = [int(m.interaction_counts(np.arange(len(m.items))).sum()) for m in members]
+    assert counts == [3 * 4 * 400] * 3  # every event counted once on every member
+
+
+def test_nothing_changed_sends_nothing_and_one_member_is_unchanged() -> None:
+    model = OnlineMF(CONFIG)
+    sync = ItemSync(model, "solo")
+    _learn(model, *_stream(1))
+    before = model.items.vectors.copy()
+    assert len(sync.take()) == 1
+    assert sync.take() == []
+    np.testing.assert_array_equal(model.items.vectors, before)
+
+
+def test_a_delta_is_applied_once() -> None:
+    a, b = OnlineMF(CONFIG), OnlineMF(CONFIG)
+    sync_a, sync_b = ItemSync(a, "a"), ItemSync(b, "b")
+    _learn(a, *_stream(2))
+    messages = sync_a.take()
+    assert sum(sync_b.apply(m) for m in messages) > 0
+    once = b.items.vectors.copy()
+    assert sum(sync_b.apply(m) for m in messages) == 0
+    np.testing.assert_array_equal(b.items.vectors, once)
+
+
+def test_messages_split_into_parts_are_all_applied() -> None:
+    a, b = OnlineMF(CONFIG), OnlineMF(CONFIG)
+    sync_a, sync_b = ItemSync(a, "a"), ItemSync(b, "b")
+    _learn(a, *_stream(4))
+    messages = sync_a.take(items_per_message=7)
+    assert len(messages) > 2 and {m.parts for m in messages} == {len(messages)}
+    assert sum(sync_b.apply(m) for m in messages) == len(a.items)
+    np.testing.assert_allclose(_items(b)["i1"], _items(a)["i1"], atol=1e-6)
+
+
+def test_a_restarted_member_counts_its_own_later_deltas_as_sent() -> None:
+    """Restored from a checkpoint taken before a send, a member reads that send back: it must not
+    send those changes again once it has relearned them from the replayed input."""
+    a, b = OnlineMF(CONFIG), OnlineMF(CONFIG)
+    sync_a, sync_b = ItemSync(a, "a"), ItemSync(b, "b")
+    _learn(a, *_stream(5))
+    arrays, meta, model_state = sync_a.to_arrays(), sync_a.to_meta(), {k: v.copy() for k, v in a.state_arrays().items()}
+    _learn(a, *_stream(6))
+    sent = sync_a.take()
+    for m in sent:
+        sync_b.apply(m)
+    # "crash": a restarts from the checkpoint, replays the same input, reads its own send back
+    restarted = OnlineMF(CONFIG)
+    restarted.load_state_arrays(model_state)
+    sync_r = ItemSync(restarted, "a")
+    sync_r.load(arrays, meta)
+    _learn(restarted, *_stream(6))
+    for m in sent:
+        assert sync_r.apply(m) == 0  # not added to its vectors: it learned them itself
+    assert sync_r.seq == sync_a.seq
+    # Not sent again: what is left is float32 rounding of base + delta (the replay is deterministic).
+    resent = sync_r.take()
+    assert all(np.abs(m.vector_array()).max() < 1e-6 and not m.event_array().any() for m in resent)
+
+
+def test_state_round_trip_keeps_what_was_sent() -> None:
+    a = OnlineMF(CONFIG)
+    sync_a = ItemSync(a, "a")
+    _learn(a, *_stream(7))
+    sync_a.take()
+    sync_a.apply(ItemDelta("b", 4, 0, 1, CONFIG.dim, ["i1"], np.ones((1, 8), "<f4").tobytes(),
+                           np.zeros((1, 8), "<f4").tobytes(), np.zeros(1, "<f4").tobytes(),
+                           np.ones(1, "<i8").tobytes()))
+    restored = ItemSync(a, "a")
+    restored.load(sync_a.to_arrays(), sync_a.to_meta())
+    assert restored.take() == [] and restored.seq == sync_a.seq and restored.applied == {"b": (4, 0)}
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"\x00\x01garbage", "not an item delta"),
+    (ItemDelta("b", 1, 0, 1, 8, ["x"], b"\x00" * 4, b"\x00" * 32, b"\x00" * 4, b"\x00" * 8).encode(), "vectors has 4"),
+    (ItemDelta("b", 1, 0, 1, 8, ["x"], np.full(8, np.nan, "<f4").tobytes(), b"\x00" * 32, b"\x00" * 4,
+               b"\x00" * 8).encode(), "non-finite"),
+    (ItemDelta("b", 1, 2, 1, 8, [], b"", b"", b"", b"").encode(), "part 2/1"),
+])
+def test_bad_messages_are_refused_with_a_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(InvalidDelta, match=reason):
+        ItemDelta.decode(data)
+
+
+def test_another_dimension_is_refused() -> None:
+    sync = ItemSync(OnlineMF(CONFIG), "a")
+    delta = ItemDelta("b", 1, 0, 1, 4, ["x"], b"\x00" * 16, b"\x00" * 16, b"\x00" * 4, b"\x00" * 8)
+    with pytest.raises(InvalidDelta, match="dimension 4"):
+        sync.apply(delta)
+
+
+def test_huge_deltas_are_clipped_and_leave_the_model_finite() -> None:
+    model = OnlineMF(CONFIG)
+    sync = ItemSync(model, "a")
+    big = np.full((1, 8), 3e38, "<f4")
+    for seq in (1, 2):  # two maximal floats summed would overflow to inf without the clip
+        sync.apply(ItemDelta("b", seq, 0, 1, 8, ["x"], big.tobytes(), big.tobytes(),
+                             np.full(1, 3e38, "<f4").tobytes(), np.ones(1, "<i8").tobytes()))
+    row = model.items.ids.get("x")
+    assert np.isfinite(model.items.vectors[row]).all() and model.items.vectors[row].max() == MAX_COMPONENT
+    _learn(model, ["u"] * 5, ["x"] * 5)
+    assert np.isfinite(model.items.vectors[: len(model.items)]).all()
+    assert sync.take() != []  # learning moved it; the clipped sum itself is not resent
