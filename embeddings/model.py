@@ -401,6 +401,17 @@ class OnlineMF:
         for hook in self.item_forget_hooks:
             hook(rows)
 
+    def touch_items(self, rows: np.ndarray, now_ms: int | None = None) -> None:
+        """Count items as active now though no event of theirs was applied here (their metadata
+        came, or another member's changes): at event time ``now_ms`` (default: the newest item
+        activity, which is the expiry clock) and the input's current place, so the item expiry
+        and eviction do not take them first."""
+        last_active, last_seq = self.item_activity()
+        if now_ms is None:
+            now_ms = int(last_active[: len(self.items)].max(initial=0))
+        last_active[rows] = np.maximum(last_active[rows], now_ms)
+        last_seq[rows] = np.maximum(last_seq[rows], self.events_applied)
+
     def items_forgotten_after(self, model_version: int) -> np.ndarray:
         """Per item row: was its item forgotten after ``model_version`` (an index built at that
         version holds another item, or none, at the row)?"""
@@ -469,6 +480,8 @@ class OnlineMF:
         bi[rows] = np.clip(bi[rows], -MAX_SCALAR, MAX_SCALAR)
         self._item_events[rows] = np.maximum(self._item_events[rows], 0)
         self._item_seq[rows] = self.model_version
+        # The group still uses them: item expiry and eviction count them as active here too.
+        self.touch_items(rows)
 
     # -- state ------------------------------------------------------------------------------
 

@@ -192,11 +192,9 @@ class RecState:
         names, vectors = encoded if encoded is not None else self.encode_item_metadata(features, texts)
         new = np.array([self.model.items.ids.get(i) is None for i in item_ids], dtype=bool)
         rows = self.model.items.rows(item_ids)
-        # An item announced by its metadata counts as active now (the input's current place and
-        # clock), or the item expiry would take it first; one already known keeps its activity.
-        last_active, last_seq = self.model.item_activity()
-        last_active[rows[new]] = self.item_expiry.clock
-        last_seq[rows[new]] = self.model.events_applied
+        # An item announced by its metadata counts as active from now, or the item expiry would
+        # take it first; one already known keeps its activity.
+        self.model.touch_items(rows[new], self.item_expiry.clock)
         for n, row in enumerate(rows.tolist()):
             self.content.set(row, names[n], None if vectors is None else vectors[n])
         return self.placeholders.place(self.model, self.content, self.projector, rows)

@@ -13,6 +13,7 @@ from recstream.index.refresh import IndexConfig, IndexRefresher
 from recstream.stream.checkpoint import CheckpointStore
 from recstream.stream.config import ConfigError, load_config
 from recstream.stream.events import EventBatch
+from recstream.embeddings.sync import ItemSync
 from recstream.stream.state import RecState
 
 from conftest import event, produce, read_all, running, service_config, wait_for
@@ -155,6 +156,44 @@ def test_a_forgotten_item_is_never_recommended_not_even_from_an_index_built_befo
     index = refresher.rebuild()  # once built into the index it is found as any other item
     assert index.n_items == mf.items.ids.live
     assert (recommender.recommend(users, index).item_rows[:, 0] == star).all()
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_group_sync_sends_a_new_item_on_a_forgotten_items_row_as_a_new_item(restart):
+    """A member forgets an item; the new item taking its row is sent as what it learned from its
+    own initial vector (not from the zeros the forgotten row held), also across a restart."""
+    a, b = OnlineMF(MFConfig(dim=8, seed=3)), OnlineMF(MFConfig(dim=8, seed=3))
+    sync_a, sync_b = ItemSync(a, "a"), ItemSync(b, "b")
+    a.learn([f"u{x % 7}" for x in range(200)], [f"x{x % 10}" for x in range(200)])
+    for message in sync_a.take():
+        sync_b.apply(message)
+    row = a.items.ids.get("x3")
+    a.forget_items(np.array([row]))
+    assert all("x3" not in m.ids for m in sync_a.take())  # forgetting is not a change to send
+    if restart:
+        arrays, meta = sync_a.to_arrays(), sync_a.to_meta()
+        sync_a = ItemSync(a, "a")
+        sync_a.load(arrays, meta)
+    a.learn(["u1"] * 5, ["newcomer"] * 5)
+    assert a.items.ids.get("newcomer") == row
+    for message in sync_a.take():
+        sync_b.apply(message)
+    newcomer = b.items.ids.get("newcomer")
+    np.testing.assert_allclose(b.items.vectors[newcomer], a.items.vectors[row], atol=1e-6)
+    assert b.interaction_counts(np.array([newcomer])).tolist() == [5]
+
+
+def test_items_that_other_members_change_count_as_active_on_this_one():
+    state = RecState(dataclasses.replace(CFG, max_items=3, item_ttl_s=0))
+    other = OnlineMF(state.model.config)
+    sync, their_sync = ItemSync(state.model, "me"), ItemSync(other, "them")
+    state.apply(_batch(["u", "u", "u"], ["a", "b", "c"], [T0, T0 + 1, T0 + 2]))
+    other.learn(["v"], ["a"])
+    for message in their_sync.take():
+        sync.apply(message)  # "a" moved in the group after b and c moved here
+    state.apply(_batch(["u"], ["d"], [T0 + 3]))
+    ids = state.model.items.ids
+    assert ids.get("b") is None and ids.get("a") is not None
 
 
 def test_free_rows_stay_out_of_the_index(tmp_path):
