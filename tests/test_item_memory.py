@@ -8,16 +8,16 @@ import numpy as np
 import orjson
 import pytest
 from recstream.embeddings.model import _ITEM_ARRAYS, MFConfig, OnlineMF
+from recstream.embeddings.sync import ItemSync
 from recstream.index.query import Recommender
 from recstream.index.refresh import IndexConfig, IndexRefresher
 from recstream.stream.checkpoint import CheckpointStore
 from recstream.stream.config import ConfigError, load_config
 from recstream.stream.events import EventBatch
-from recstream.embeddings.sync import ItemSync
 from recstream.stream.state import RecState
+from test_memory import _assert_same_state, _batch, _cut
 
 from conftest import event, produce, read_all, running, service_config, wait_for
-from test_memory import _assert_same_state, _batch, _cut
 
 CFG = MFConfig(dim=8, seed=3, max_items=60, item_ttl_s=600, negative_pool=512, rating_replay_pool=256)
 T0 = 1_700_000_000_000
