@@ -196,6 +196,33 @@ def test_items_that_other_members_change_count_as_active_on_this_one():
     assert ids.get("b") is None and ids.get("a") is not None
 
 
+def test_similar_items_never_answer_with_a_forgotten_item():
+    from http import HTTPStatus
+
+    from recstream.stream.service import RecStreamService
+    from recstream.stream.web import HttpError, ServiceHttp
+
+    service = RecStreamService(load_config(overrides={"model.dim": 8, "index.n_trees": 5}))  # no broker needed
+    rng = np.random.default_rng(4)
+    n = 5000
+    service.state.apply(_batch(rng.integers(0, 100, n), rng.integers(0, 300, n), np.arange(n) * 1000 + 1))
+    service.refresher.rebuild()
+    ids = service.model.items.ids
+    forgotten = [str(x) for x in range(0, 300, 2) if ids.get(str(x)) is not None]
+    rows = np.array([ids.get(x) for x in forgotten])
+    service.model.forget_items(rows)  # after the build: the index holds them
+    http = ServiceHttp(service)
+    with pytest.raises(HttpError) as error:
+        http.similar(forgotten[0], {})
+    assert error.value.status == HTTPStatus.NOT_FOUND
+    for item in ("1", "3"):
+        answer = {x["item_id"] for x in http.similar(item, {"k": ["100"]})["items"]}
+        assert answer and not answer & {"", *forgotten} and answer <= set(ids.ids)
+    service.state.apply(_batch(["u1"] * 20, [f"new{x}" for x in range(20)], [n * 1000 + 1] * 20))  # rows reused
+    assert ids.get("new0") == rows.min()  # (the index holds a forgotten item there: not asked about it)
+    assert {x["item_id"] for x in http.similar("new0", {})["items"]} <= set(ids.ids) - {"", "new0"}
+
+
 def test_free_rows_stay_out_of_the_index(tmp_path):
     mf = OnlineMF(MFConfig(dim=8, seed=2))
     mf.learn([f"u{x % 30}" for x in range(600)], [f"i{x % 100}" for x in range(600)])
