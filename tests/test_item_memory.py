@@ -219,7 +219,7 @@ def test_similar_items_never_answer_with_a_forgotten_item():
         answer = {x["item_id"] for x in http.similar(item, {"k": ["100"]})["items"]}
         assert answer and not answer & {"", *forgotten} and answer <= set(ids.ids)
     service.state.apply(_batch(["u1"] * 20, [f"new{x}" for x in range(20)], [n * 1000 + 1] * 20))  # rows reused
-    assert ids.get("new0") == rows.min()  # (the index holds a forgotten item there: not asked about it)
+    assert ids.get("new0") == rows.min()  # (the index's entry at the row is a forgotten item's)
     assert {x["item_id"] for x in http.similar("new0", {})["items"]} <= set(ids.ids) - {"", "new0"}
 
 
@@ -316,3 +316,28 @@ def test_a_service_with_item_expiry_never_publishes_a_forgotten_item(kafka_boots
         last[m.key().decode()] = items
     assert len(last) == 20 and all(set(items) <= set(new) and len(items) <= 5 for items in last.values())
     assert sum(map(len, last.values())) > 0
+
+
+def test_a_capped_service_keeps_running_on_a_flood_of_new_items_within_its_cap(kafka_bootstrap, topics, tmp_path):
+    flood = _item_flood(12_000, seed=5, new_share=0.8)
+    messages = [event(u, i, ts=int(t)) for u, i, t in zip(flood.user_ids, flood.item_ids, flood.timestamps.tolist())]
+    produce(kafka_bootstrap, topics["input"], messages)
+    cap = 500
+    config = service_config(kafka_bootstrap, topics, **{"model.max_items": cap, "loop.batch_size": 1000,
+                                                       "state_dir": str(tmp_path / "state")})
+    with running(config) as service:
+        wait_for(lambda: service.stats.events_applied == len(messages), what="all events applied")
+        wait_for(lambda: service.stats.commits > 0 and not service._uncommitted, what="a commit of everything")
+        forgotten = service.state.items_forgotten
+        activity = [a[: len(service.model.items)].copy() for a in service.model.item_activity()]
+    # The table never grew past the cap (its row count is its high-water mark), and most items came and went.
+    assert len(service.model.items) <= cap and forgotten > len(set(flood.item_ids)) - cap
+    updates = read_all(kafka_bootstrap, topics["output"], expect=service.stats.updates_published)
+    assert len(updates) == service.stats.updates_published > 0
+    published = {x["item_id"] for m in updates for x in orjson.loads(m.value())["items"]}
+    assert published and published <= set(flood.item_ids)  # real items only, no free row's empty id
+    with running(config) as restarted:  # the checkpoint keeps the free rows and the items' activity
+        wait_for(lambda: restarted.stats.assigned, what="an assignment")
+        assert restarted.model.items.ids.ids == service.model.items.ids.ids
+        for mine, theirs in zip(restarted.model.item_activity(), activity):
+            np.testing.assert_array_equal(mine[: len(theirs)], theirs)
