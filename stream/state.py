@@ -61,6 +61,8 @@ class RecState:
         # Whatever forgets items (the item expiry here, or anyone calling OnlineMF.forget_items),
         # what is kept per item beside the model goes with them.
         self.model.item_forget_hooks.append(self._drop_items)
+        if self.item_expiry.enabled:  # load the history's compiled pass now, not in the first eviction's batch
+            self.history.forget_items(np.zeros(0, dtype=np.int64))
         # Item state shared with the group (stream.group_sync), once enable_item_sync is called;
         # where this member stands in the sync topic ("topic/partition" -> next offset).
         self.item_sync: ItemSync | None = None
