@@ -93,7 +93,6 @@ class Expiry:
             if len(moved):
                 end = start + 1 + int(moved[0])
         if self.max_rows and ids.live + (end - start) > self.max_rows:
-            # (Items given by metadata alone may hold the table over the cap until the next new one.)
             end = start + ids.new_id_positions(part(keys, start, end), max(self.max_rows - ids.live, 0))
         return end
 
@@ -115,6 +114,29 @@ class Expiry:
             over = len(held) + 1 - self.max_rows
             forget = np.union1d(forget, least_recently_active(last_seq, held, max(over, self.batch)))
         return forget
+
+    def over_cap(self, ids: IdMap, last_seq: np.ndarray, added: np.ndarray) -> np.ndarray:
+        """Rows to forget now for the table to be within the cap, for ids just ``added`` (rows, in
+        the order they came) outside the event sequence (items announced by their metadata): the
+        least recently active of the others first (``EVICT_SHARE`` of the cap at least, as at
+        events), then, if those alone are over the cap, the first added.
+
+        >>> Expiry(max_rows=2).over_cap(IdMap(["a", "b", "c"]), np.array([5, 3, 9]), np.array([2])).tolist()
+        [1]
+        >>> Expiry(max_rows=1).over_cap(IdMap(["a", "b", "c"]), np.array([5, 5, 5]), np.array([2, 1])).tolist()
+        [0, 2]
+        """
+        held = _held(ids)
+        over = len(held) - self.max_rows
+        if not self.max_rows or over <= 0:
+            return np.zeros(0, dtype=np.int64)
+        added = np.asarray(added, dtype=np.int64)
+        others = held[~np.isin(held, added)]
+        forget = least_recently_active(last_seq, others, max(over, self.batch))
+        if len(forget) < over:
+            added = added[np.sort(np.unique(added, return_index=True)[1])]  # (an id given twice counts once)
+            forget = np.concatenate([forget, added[: over - len(forget)]])
+        return np.sort(forget)
 
     def advance(self, ts: np.ndarray) -> None:
         """Events with times ``ts`` were applied: the clock is at least their latest."""

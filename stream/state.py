@@ -199,7 +199,12 @@ class RecState:
         self.model.touch_items(rows[new], self.item_expiry.clock)
         for n, row in enumerate(rows.tolist()):
             self.content.set(row, names[n], None if vectors is None else vectors[n])
-        return self.placeholders.place(self.model, self.content, self.projector, rows)
+        placed = self.placeholders.place(self.model, self.content, self.projector, rows)
+        # New items over model.max_items: the least recently active go now (last: what was just
+        # set for them goes with them), so metadata alone cannot grow the table past the cap either.
+        self.model.forget_items(self.item_expiry.over_cap(self.model.items.ids, self.model.item_activity()[1],
+                                                          rows[new]))
+        return placed
 
     def refresh_cold_items(self, min_count: int = 5) -> int:
         """Refit the content regression on items with ``min_count`` events or more and give the

@@ -279,6 +279,22 @@ def test_items_announced_by_metadata_count_as_active_when_announced():
     assert ids.get("b") is None and ids.get("meta") is not None
 
 
+def test_metadata_alone_cannot_grow_the_items_past_the_cap():
+    state = RecState(dataclasses.replace(CFG, max_items=50, item_ttl_s=0))
+    state.apply(_batch(["u"] * 30, [f"clicked{x}" for x in range(30)], T0 + np.arange(30)))
+    for start in range(0, 200, 40):  # a catalogue announced in parts, no events
+        ids = [f"m{x}" for x in range(start, start + 40)]
+        state.set_item_metadata(ids, [{"genres": "Drama"}] * 40, [None] * 40)
+        # Rows are a high-water mark: a batch's new items come first, then the eviction.
+        assert state.model.items.ids.live <= 50 and len(state.model.items) <= 50 + 40
+    ids = state.model.items.ids
+    assert ids.get("m199") is not None and ids.get("clicked0") is None  # the least recently active went first
+    assert all(ids.get(f"m{x}") is not None for x in range(160, 200))  # the last batch is kept
+    assert not any(ids.get(f"clicked{x}") is not None for x in range(29))  # (29's last event ties with metadata)
+    held = np.setdiff1d(np.arange(len(ids)), ids.free)
+    assert set(state.content.items().tolist()) <= set(held.tolist())  # no features left on a free row
+
+
 def test_bad_item_memory_settings_stop_start_up_naming_the_field():
     for key, value in (("model.max_items", -1), ("model.item_ttl_s", 0.5), ("model.item_ttl_s", -3),
                        ("model.max_items", "many")):
