@@ -152,7 +152,7 @@ class InteractionHistory:
         """The user's recent items (a dict used as an ordered set)."""
         return dict.fromkeys(self._items(user_row).tolist())
 
-    def _gather(self, user_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def gather(self, user_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per user of ``user_rows``, how many items it holds, and those items one user after the other."""
         user_rows = np.asarray(user_rows, dtype=np.int64)
         known = user_rows < len(self._start)
@@ -170,13 +170,13 @@ class InteractionHistory:
         >>> [a.tolist() for a in h.pairs(np.array([4, 3]))]
         [[0, 1, 1], [9, 1, 2]]
         """
-        counts, items = self._gather(user_rows)
+        counts, items = self.gather(user_rows)
         return np.repeat(np.arange(len(counts)), counts), items
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """CSR form: users (in order of their first item), where each one's items end, and the items (oldest first)."""
         users = self._order[: self._n_order].copy()
-        counts, items = self._gather(users)
+        counts, items = self.gather(users)
         return {"users": users, "ends": np.cumsum(counts), "items": items}
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:

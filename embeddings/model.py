@@ -75,6 +75,9 @@ _USER_ARRAYS = (
     # and its place in the input (events applied before it: least-recently-active eviction).
     _RowArray("_last_active", "last_active", np.int64, 0, added_later=True, learned=False),
     _RowArray("_last_seq", "last_seq", np.int64, 0, added_later=True, learned=False),
+    # The input partition of the user's latest event: a partition's users go with it when it moves
+    # to another member of the group (stream/handover.py). -1: unknown (replayed from a file).
+    _RowArray("_input_partition", "input_partition", np.int32, -1, added_later=True, learned=False),
 )
 _ITEM_ARRAYS = (
     _RowArray("_item_seq", "item_seq", np.int64, 0),  # model version of the item's last change
@@ -422,6 +425,39 @@ class OnlineMF:
         """Per item row, as :meth:`activity` per user: event time of its latest event, and its place in the input."""
         self._fit_item_arrays()
         return self._item_last_active, self._item_last_seq
+
+    def user_state(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """A copy of what the model holds for the users of ``rows``, by name (``vectors``, ``biases``
+        and the per-user arrays' state keys; ``last_item`` holds item rows)."""
+        self._fit_user_arrays()
+        out = {"vectors": self.users.vectors[rows].copy(), "biases": self.users.biases[rows].copy()}
+        out.update({spec.key: getattr(self, spec.attr)[rows].copy() for spec in _USER_ARRAYS if spec.key})
+        return out
+
+    def user_state_dtype(self, name: str) -> np.dtype:
+        """The dtype of :meth:`user_state`'s array ``name`` (a KeyError for an unknown name)."""
+        if name in ("vectors", "biases"):
+            return np.dtype(np.float32)
+        return np.dtype(next(spec.dtype for spec in _USER_ARRAYS if spec.key == name))
+
+    def set_user_state(self, rows: np.ndarray, values: dict[str, np.ndarray]) -> None:
+        """Give the users of ``rows`` the state ``values`` (as :meth:`user_state` returns it; names it
+        lacks keep their value). Non-finite values are refused: they would spread to every item."""
+        for name, array in values.items():
+            if np.asarray(array).dtype.kind == "f" and not np.isfinite(array).all():
+                raise ValueError(f"user state {name!r} holds NaN or inf")
+        self._fit_user_arrays()
+        self.users.vectors[rows] = np.clip(values["vectors"], -MAX_COMPONENT, MAX_COMPONENT)
+        if "biases" in values:
+            self.users.biases[rows] = np.clip(values["biases"], -MAX_SCALAR, MAX_SCALAR)
+        for spec in _USER_ARRAYS:
+            if spec.key in values:
+                getattr(self, spec.attr)[rows] = values[spec.key]
+
+    def input_partitions(self) -> np.ndarray:
+        """Per user row: the input partition of the user's latest event (-1: unknown), writable."""
+        self._fit_user_arrays()
+        return self._input_partition
 
     def activity(self) -> tuple[np.ndarray, np.ndarray]:
         """Per user row: event time of their latest event, and its place in the input (events

@@ -114,13 +114,15 @@ def produce_all(bootstrap_servers: str, topic: str, messages: Iterable[tuple[byt
 
 
 def create_topics(bootstrap_servers: str, partitions: dict[str, int], settings: dict[str, str] | None = None,
-                  timeout_s: float = 30.0) -> None:
-    """Create each topic with its partition count; an existing topic is left as it is."""
+                  timeout_s: float = 30.0, topic_configs: dict[str, dict[str, str]] | None = None) -> None:
+    """Create each topic with its partition count (and ``topic_configs[name]``, e.g. a cleanup
+    policy); an existing topic is left as it is."""
     # Its log lines go through logging like the service's (a JSON log stays JSON): without a logger
     # librdkafka writes to stderr itself, e.g. when the client is destroyed with events unserved.
     admin = AdminClient({"bootstrap.servers": bootstrap_servers, "logger": kafka_logger(), **(settings or {})})
     futures = admin.create_topics(
-        [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in partitions.items()],
+        [NewTopic(name, num_partitions=n, replication_factor=1, config=(topic_configs or {}).get(name, {}))
+         for name, n in partitions.items()],
         operation_timeout=timeout_s,
     )
     for name, future in futures.items():

@@ -19,9 +19,11 @@ import hashlib
 import json
 import logging
 import os
-import threading
+import signal
 import time
+import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,35 +191,92 @@ class StateDirLock:
     __del__ = release  # a service that failed to start must not keep the dir locked
 
 
+def _die_with_parent(parent: int) -> None:
+    """In a forked child: be killed when ``parent`` dies (Linux), and exit now if it already has.
+
+    A writer outliving a ``kill -9`` of its service would race the restarted service's own
+    checkpoints in the same directory."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent check below still covers a parent already gone
+    if os.getppid() != parent:
+        os._exit(1)
+
+
 class BackgroundCheckpointWriter:
-    """Writes one checkpoint at a time on a thread of its own, so the consumer only pays for the
-    snapshot; the caller collects the outcome (and commits) when it is done."""
+    """Writes one checkpoint at a time in a forked child, so the consumer pays only for the fork.
+
+    The child sees the state as it was at the fork (copy-on-write pages: the parent's later
+    writes copy only the pages they touch), writes it, reports through a pipe and exits; the
+    caller collects the outcome (and commits) when it is done. The child runs only numpy, file
+    and hash code, never a lock another thread of the service may have held at the fork (Kafka
+    clients, logging, the model lock), and ``os._exit``s without running the parent's atexit hooks.
+    """
 
     def __init__(self, store: CheckpointStore) -> None:
         self.store = store
-        self._thread: threading.Thread | None = None
+        self._child: tuple[int, int] | None = None  # pid, read end of its pipe
+        self._payload: Any = None
         self._outcome: tuple[Any, Path | None, BaseException | None] | None = None
 
     @property
     def busy(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        if self._child is None:
+            return False
+        pid, _ = self._child
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done == 0:
+            return True
+        self._finish(status)
+        return False
 
-    def start(self, arrays: dict[str, np.ndarray], meta: dict[str, Any], payload: Any = None) -> None:
+    def start(self, snapshot: Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]], payload: Any = None) -> None:
+        """Write ``snapshot()`` (called in the child: views of the live arrays are enough)."""
         if self.busy:
             raise RuntimeError("a checkpoint is already being written")
-
-        def write() -> None:
+        read_end, write_end = os.pipe()
+        parent = os.getpid()
+        with warnings.catch_warnings():
+            # Python 3.12+ warns on fork in a threaded process; the child avoids what makes it unsafe.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:
+            code = 1
             try:
-                self._outcome = (payload, self.store.save(arrays, meta), None)
-            except BaseException as exc:  # reported to the caller by take_outcome()
-                self._outcome = (payload, None, exc)
+                os.close(read_end)
+                _die_with_parent(parent)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                os.nice(10)  # the consumer comes first when they want the same core
+                path = self.store.save(*snapshot())
+                os.write(write_end, b"ok\n" + str(path).encode())
+                code = 0
+            except BaseException as exc:  # reported to the parent through the pipe
+                os.write(write_end, f"error\n{type(exc).__name__}: {exc}".encode()[:4000])
+            finally:
+                os._exit(code)
+        os.close(write_end)
+        self._child, self._payload = (pid, read_end), payload
 
-        self._thread = threading.Thread(target=write, name="checkpoint-writer", daemon=True)
-        self._thread.start()
+    def _finish(self, status: int) -> None:
+        _, read_end = self._child
+        with os.fdopen(read_end, "rb") as pipe:
+            report = pipe.read().decode(errors="replace")
+        self._child = None
+        kind, _, detail = report.partition("\n")
+        if kind == "ok" and os.waitstatus_to_exitcode(status) == 0:
+            self._outcome = (self._payload, Path(detail), None)
+        else:
+            reason = detail or f"the writer exited with status {os.waitstatus_to_exitcode(status)}"
+            self._outcome = (self._payload, None, CheckpointWriteFailed(reason))
 
     def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
+        if self._child is not None:
+            _, status = os.waitpid(self._child[0], 0)
+            self._finish(status)
 
     def take_outcome(self) -> tuple[Any, Path | None, BaseException | None] | None:
         """(payload, path, error) of a finished write, once; None while writing or idle."""
@@ -225,3 +284,7 @@ class BackgroundCheckpointWriter:
             return None
         outcome, self._outcome = self._outcome, None
         return outcome
+
+
+class CheckpointWriteFailed(RuntimeError):
+    """The checkpoint writer reported an error (the message is its own) or died."""

@@ -130,8 +130,9 @@ class HttpConfig:
 class SyncConfig:
     """Item state shared by the members of a consumer group (stream/group_sync.py)."""
 
-    # "auto": on when the sync topic exists (`recstream topics` creates it); "on": the topic must
-    # exist; "off": this member keeps its items to itself.
+    # "auto": on when the sync topic exists (`recstream topics --group-id` creates it), and users
+    # go with their partition when the user-state topic exists; "on": both topics must exist;
+    # "off": this member keeps its items and users to itself.
     mode: str = "auto"
     topic: str = ""  # empty: "<topics.group_id>.item-deltas"
     interval_s: float = 5.0  # how often this member sends what it changed
@@ -167,10 +168,19 @@ class ServiceConfig:
     def sync_topic(self) -> str:
         return self.sync.topic or sync_topic_for(self.topics.group_id)
 
+    @property
+    def user_state_topic(self) -> str:
+        return user_state_topic_for(self.topics.group_id)
+
 
 def sync_topic_for(group_id: str) -> str:
     """The item-sync topic a group uses unless ``sync.topic`` names another."""
     return f"{group_id}.item-deltas"
+
+
+def user_state_topic_for(group_id: str) -> str:
+    """The topic through which a group's partitions take their users along (stream/handover.py)."""
+    return f"{group_id}.user-state"
 
 
 _SECTIONS = {

@@ -53,6 +53,7 @@ from recstream.stream.clock import batch_now, settle_timestamps
 from recstream.stream.config import ConfigError, ServiceConfig
 from recstream.stream.events import EventBatch, EventDecoder
 from recstream.stream.group_sync import GroupSync, member_id
+from recstream.stream.handover import UserHandover, import_users
 from recstream.stream.logs import kafka_logger, settings_for
 from recstream.stream.metadata import parse_item_metadata
 from recstream.stream.publishing import UpdateSchedule
@@ -160,7 +161,8 @@ class RecStreamService:
                                         first_version=self.state.index_version + 1)
         self._behind = False  # the last poll came back full: there is a backlog
         self._uncommitted: dict[tuple[str, int], int] = {}  # next offsets applied but not committed
-        self._failed: list[tuple[str, bytes | None, bytes | None, list | None]] = []
+        # (topic, key, value, headers, partition or -1: the partitioner's choice) to produce again
+        self._failed: list[tuple[str, bytes | None, bytes | None, list | None, int]] = []
         self._producer_fatal = False
         self._retrying_delivery = False
         self._schedule = UpdateSchedule(out.flush_interval_s, out.max_publish_share)
@@ -174,6 +176,7 @@ class RecStreamService:
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
         self.group_sync: GroupSync | None = None  # item state shared with the group, if on
+        self.handover: UserHandover | None = None  # users that go with their partition, if on
         self._admin: AdminClient | None = None  # for topic ids (see _forget_recreated_topics)
         # Read by the HTTP side (stream/web.py): when the poll loop last turned (/healthz), and an
         # optional stream.metrics.ServiceMetrics that gets one call per batch, dead letter and flush.
@@ -244,6 +247,72 @@ class RecStreamService:
                  time.monotonic() - started, moved)
         return group_sync
 
+    def _user_handover(self, existing_topics: set[str], consumer_config: dict) -> UserHandover | None:
+        """Users that go with their partition (``[sync]``; the group's user-state topic)."""
+        mode, topic = self.config.sync.mode, self.config.user_state_topic
+        if mode == "off" or (mode == "auto" and topic not in existing_topics):
+            return None
+        metadata = self.producer.list_topics(timeout=30)
+        if topic not in metadata.topics:
+            raise ConfigError(f"sync.mode: on, but the user-state topic {topic!r} does not exist on "
+                              f"{self.config.bootstrap_servers} (create it: `recstream topics --group-id "
+                              f"{self.config.topics.group_id}`)")
+        have, need = len(metadata.topics[topic].partitions), len(metadata.topics[self.config.topics.input].partitions)
+        if have < need:
+            raise ConfigError(f"sync.mode: the user-state topic {topic!r} has {have} partition(s), the input "
+                              f"{need}: it needs one per input partition")
+        return UserHandover(topic, consumer_config, self._produce)
+
+    def _hand_over(self, partitions: list[TopicPartition]) -> None:
+        """Give up the users of ``partitions`` (just checkpointed and committed): write them to the
+        user-state topic for the next owner, then forget them here."""
+        handed: list[tuple[TopicPartition, np.ndarray]] = []
+        for tp in partitions:
+            offset = self.state.positions.get(f"{tp.topic}/{tp.partition}")
+            if tp.topic != self.config.topics.input or offset is None:
+                continue
+            with self.model_lock:
+                rows = self.state.users_of_partition(tp.partition)
+                self.handover.write(self.state, tp.partition, rows, offset)
+            handed.append((tp, rows))
+        if not handed:
+            return
+        if not self._deliver_all(patient=False):
+            log.warning("user handover undelivered: keeping the users of %s",
+                        [f"{tp.topic}/{tp.partition}" for tp, _ in handed])
+            return
+        with self.model_lock:
+            for tp, rows in handed:
+                self.state.forget_users(rows)
+                self.state.pending.forget(rows)
+                del self.state.positions[f"{tp.topic}/{tp.partition}"]
+        self._state_changed = True
+        log.info("handed over %s", ", ".join(f"{len(rows)} users of {tp.topic}/{tp.partition}" for tp, rows in handed))
+        if self.store is not None:
+            # A restart must not bring the handed-over users back from the last checkpoint.
+            self._checkpoint(wait=True)
+
+    def _take_over(self, partitions: list[TopicPartition]) -> None:
+        """Take over the users of newly assigned ``partitions`` from their last handover, when it
+        reflects exactly where the partition resumes (the group's committed offset)."""
+        partitions = [tp for tp in partitions if tp.topic == self.config.topics.input]
+        if self.handover is None or not partitions:
+            return
+        committed = {tp.partition: tp.offset for tp in self.consumer.committed(partitions, timeout=30)}
+        for tp in partitions:
+            marker, chunks = self.handover.read(tp.partition)
+            if marker is None:
+                continue
+            if marker.offset != committed.get(tp.partition):
+                log.warning("the users of %s/%d were handed over at offset %d, but it resumes at %s: they start "
+                            "over here", tp.topic, tp.partition, marker.offset, committed.get(tp.partition))
+                continue
+            with self.model_lock:
+                taken = sum(len(import_users(self.state, chunk)) for chunk in chunks)
+            self._state_changed = True
+            log.info("took over %d users of %s/%d (handed over at offset %d)", taken, tp.topic, tp.partition,
+                     marker.offset)
+
     def _sync_items(self) -> None:
         """Apply the group's item deltas that have arrived; send ours when the interval is up."""
         read = dict(self.state.sync_positions)
@@ -268,6 +337,7 @@ class RecStreamService:
         self.producer = Producer(producer_cfg)
         existing_topics = self._check_topics()
         self.group_sync = self._start_group_sync(existing_topics, consumer_cfg)
+        self.handover = self._user_handover(existing_topics, consumer_cfg)
         # An admin client is a producer-type instance: consumer-only settings would draw warnings.
         self._admin = AdminClient({**settings_for("producer", {**self.config.kafka, **self.config.kafka_consumer}),
                                    "logger": kafka_logger()})
@@ -399,10 +469,12 @@ class RecStreamService:
         if self.metrics is not None:
             self.metrics.dead_letter(reason)
 
-    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: list | None = None) -> None:
+    def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: list | None = None,
+                 partition: int = -1) -> None:
         while True:
             try:
-                self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._delivered)
+                self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._delivered,
+                                      partition=partition)
                 return
             except BufferError:  # local queue full: let deliveries drain, then retry
                 self.producer.poll(0.05)
@@ -416,7 +488,7 @@ class RecStreamService:
                 # Kept with the failed deliveries: retried with backoff, offsets held, the log says why.
                 log.error("producing to %s failed: %s", topic, error.str())
                 self.stats.delivery_failures += 1
-                self._failed.append((topic, key, value, headers))
+                self._failed.append((topic, key, value, headers, partition))
                 return
 
     def _truncated_letter(self, value: bytes | None, headers: list | None) -> tuple[bytes, list]:
@@ -438,7 +510,9 @@ class RecStreamService:
         value, headers = message.value(), message.headers()
         if err.code() == KafkaError.MSG_SIZE_TOO_LARGE and message.topic() == self.config.topics.dlq:
             value, headers = self._truncated_letter(value, headers)  # the broker will never take it whole
-        self._failed.append((message.topic(), message.key(), value, headers))
+        # A record produced to a chosen partition must go there again (a handover); keyed ones go
+        # where the key takes them anyway.
+        self._failed.append((message.topic(), message.key(), value, headers, message.partition()))
 
     # -- publishing, checkpointing and committing ----------------------------------------------
 
@@ -523,11 +597,11 @@ class RecStreamService:
             started = time.monotonic()
             current = self.refresher.current
             self.state.index_version = current.version if current else self.state.index_version
-            arrays, meta = self.state.snapshot()
             # What the checkpoint covers, for the partitions this member may commit for.
             covered = {tp: self.state.positions[f"{tp[0]}/{tp[1]}"] for tp in self.stats.assigned
                        if f"{tp[0]}/{tp[1]}" in self.state.positions}
-            self.writer.start(arrays, meta, payload=(covered, self.model.events_applied))
+            # The writer's child sees the state as of now (a fork): no copy needed here.
+            self.writer.start(lambda: self.state.snapshot(copy=False), payload=(covered, self.model.events_applied))
             self._state_changed = False
             self.stats.last_checkpoint_s = time.monotonic() - started
         if wait:
@@ -641,8 +715,8 @@ class RecStreamService:
                     self.consumer.pause(self.consumer.assignment())
                     paused = True
                 self._wait_in_group(backoff)
-                for topic, key, value, headers in failed:
-                    self._produce(topic, key, value, headers)
+                for topic, key, value, headers, partition in failed:
+                    self._produce(topic, key, value, headers, partition)
                 backoff = min(backoff * 2, 30.0)
         finally:
             if paused:
@@ -741,6 +815,8 @@ class RecStreamService:
                     self._uncommitted.setdefault((tp.topic, tp.partition), tp.offset)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        held = [tp for tp in partitions if f"{tp.topic}/{tp.partition}" in self.state.positions]
+        self._take_over([tp for tp in partitions if tp not in held])
         self._start_offsets(partitions)
         cooperative = "cooperative" in self._client_configs()[0].get("partition.assignment.strategy", "")
         if cooperative:
@@ -761,6 +837,8 @@ class RecStreamService:
             log.warning("revoked while output deliveries fail: leaving their offsets uncommitted")
         elif not self.flush(checkpoint=True, patient=False):
             log.warning("revoked with output undelivered: leaving their offsets uncommitted")
+        elif self.handover is not None:
+            self._hand_over(partitions)  # checkpointed and committed: the next owner resumes right there
         gone = {(p.topic, p.partition) for p in partitions}
         for tp in gone:
             self._uncommitted.pop(tp, None)

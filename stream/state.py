@@ -81,8 +81,11 @@ class RecState:
         """
         timestamps = np.maximum(batch.timestamps, 0)
         predictions = np.empty(len(batch), dtype=np.float64)
+        if partition_of_event is not None:
+            partition_of_event = np.asarray(partition_of_event)
         if not (self.expiry.enabled or self.item_expiry.enabled):
-            users, items = self._apply_run(batch, timestamps, predictions, rate_scale, 0, len(batch))
+            users, items = self._apply_run(batch, timestamps, predictions, rate_scale, 0, len(batch),
+                                           partition_of_event)
         else:
             model = self.model
             forgotten, runs = [], []
@@ -96,7 +99,8 @@ class RecState:
                                                               timestamps, start))
                 end = min(self.expiry.run_end(model.users.ids, batch.user_ids, timestamps, start),
                           self.item_expiry.run_end(model.items.ids, batch.item_ids, timestamps, start))
-                runs.append(self._apply_run(batch, timestamps, predictions, rate_scale, start, end))
+                runs.append(self._apply_run(batch, timestamps, predictions, rate_scale, start, end,
+                                            partition_of_event))
                 start = end
             users, items = (np.concatenate(rows) for rows in zip(*runs)) if runs else (np.zeros(0, np.int64),) * 2
             self.forgotten = (np.intersect1d(np.concatenate(forgotten), self.model.users.ids.free) if forgotten
@@ -111,7 +115,8 @@ class RecState:
         return users, items, losses
 
     def _apply_run(self, batch: EventBatch, timestamps: np.ndarray, predictions: np.ndarray, rate_scale: float,
-                   start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+                   start: int, end: int, partition_of_event: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
         """Learn events ``start:end`` of ``batch``; returns their user and item rows."""
         users = self.model.users.rows(part(batch.user_ids, start, end))
         items = self.model.items.rows(part(batch.item_ids, start, end))
@@ -127,6 +132,8 @@ class RecState:
             np.maximum.at(last_seq, rows, seq)
         self.expiry.advance(ts)
         self.item_expiry.advance(ts)
+        if partition_of_event is not None:  # (a user's later event wins: numpy assigns in order)
+            self.model.input_partitions()[users] = partition_of_event[start:end]
         return users, items
 
     def forget_users(self, rows: np.ndarray) -> None:
@@ -145,6 +152,13 @@ class RecState:
         self.content.forget(rows)
         self.placeholders.forget(rows)
         self.items_forgotten += len(rows)
+
+    def users_of_partition(self, partition: int) -> np.ndarray:
+        """Rows of the held users whose latest event came from input ``partition``."""
+        n = len(self.model.users)
+        live = np.ones(n, dtype=bool)
+        live[self.model.users.ids.free] = False
+        return np.flatnonzero((self.model.input_partitions()[:n] == partition) & live)
 
     def enable_item_sync(self, member: str) -> ItemSync:
         """Share item state with the group as ``member``, continuing from the checkpoint's sync
@@ -192,19 +206,23 @@ class RecState:
         placeholder at once, not at the next refresh; returns how many did.
         """
         names, vectors = encoded if encoded is not None else self.encode_item_metadata(features, texts)
-        new = np.array([self.model.items.ids.get(i) is None for i in item_ids], dtype=bool)
         rows = self.model.items.rows(item_ids)
-        # An item announced by its metadata counts as active from now, or the item expiry would
-        # take it first; one already known keeps its activity.
-        self.model.touch_items(rows[new], self.item_expiry.clock)
         for n, row in enumerate(rows.tolist()):
             self.content.set(row, names[n], None if vectors is None else vectors[n])
         placed = self.placeholders.place(self.model, self.content, self.projector, rows)
-        # New items over model.max_items: the least recently active go now (last: what was just
-        # set for them goes with them), so metadata alone cannot grow the table past the cap either.
-        self.model.forget_items(self.item_expiry.over_cap(self.model.items.ids, self.model.item_activity()[1],
-                                                          rows[new]))
+        self.items_arrived(rows)  # (last: what was just set for an item over the cap goes with it)
         return placed
+
+    def items_arrived(self, rows: np.ndarray) -> None:
+        """Items that came outside the event sequence (their metadata, a handed-over user's
+        history): those never active here (new ones) count as active from now, or the item expiry
+        would take them first, and the cap (``model.max_items``) holds, the least recently active
+        others going first, so such input alone cannot grow the table past it either."""
+        _, last_seq = self.model.item_activity()
+        rows = np.asarray(rows, dtype=np.int64)
+        fresh = rows[last_seq[rows] == 0]  # (an item with an event here has a place in the input, from 1)
+        self.model.touch_items(fresh, self.item_expiry.clock)
+        self.model.forget_items(self.item_expiry.over_cap(self.model.items.ids, last_seq, fresh))
 
     def refresh_cold_items(self, min_count: int = 5) -> int:
         """Refit the content regression on items with ``min_count`` events or more and give the
@@ -218,9 +236,10 @@ class RecState:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def snapshot(self) -> tuple[dict[str, np.ndarray], dict]:
-        """A consistent copy of the state (arrays and metadata), safe to write from another thread."""
-        arrays = {f"model.{k}": np.array(v, copy=True) for k, v in self.model.state_arrays().items()}
+    def snapshot(self, copy: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+        """The state as arrays and metadata: a consistent copy, safe to write from another thread;
+        ``copy=False`` leaves the model's arrays as views (for a forked writer, which has its own)."""
+        arrays = {f"model.{k}": np.array(v, copy=True) if copy else v for k, v in self.model.state_arrays().items()}
         arrays.update({f"history.{k}": v for k, v in self.history.to_arrays().items()})
         arrays.update({f"expiry.{k}": v for k, v in self.expiry.to_arrays().items()})
         arrays.update({f"item_expiry.{k}": v for k, v in self.item_expiry.to_arrays().items()})

@@ -45,8 +45,17 @@ def test_manifests_validate_against_the_kubernetes_schemas(version):
     assert kinds == {"ConfigMap", "StatefulSet", "Service", "PodDisruptionBudget", "ServiceMonitor"}
 
 
+@pytest.fixture(autouse=True)
+def _pod_name(monkeypatch):
+    """What the StatefulSet puts in the environment (the ConfigMap's group.instance.id reads it)."""
+    monkeypatch.setenv("POD_NAME", "recstream-0")
+
+
 def test_configmap_is_a_valid_recstream_config_with_the_model_defaults():
     config = build_config(tomllib.loads(_one("ConfigMap")["data"]["recstream.toml"]))
+    assert config.kafka_consumer["group.instance.id"] == "recstream-0"  # static membership, per pod
+    env = {e["name"]: e for e in _one("StatefulSet")["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert config.http.host == "0.0.0.0" and config.http.port > 0
     assert config.model == MFConfig()
     # deploy/recstream.toml (docker-compose) too: neither may quietly change what the README documents.

@@ -168,14 +168,23 @@ def test_a_second_process_joins_and_leaves_without_loss_or_double_application(ka
     topics = _topics(kafka_bootstrap, 4)
     values = [orjson.dumps({"user_id": f"u{n % 500}", "item_id": f"i{n % 97}"}) for n in range(120_000)]
     counts = [len(range(p, len(values), 4)) for p in range(4)]
+    half = len(values) // 2  # a multiple of 4: the second half keeps event n on partition n % 4
     producer = threading.Thread(target=_produce_partitioned,
-                                args=(kafka_bootstrap, topics["input"], values, 4, 12_000))
+                                args=(kafka_bootstrap, topics["input"], values[:half], 4, 12_000))
     producer.start()
     group = f"g-{uuid.uuid4().hex[:8]}"
     first = _start(kafka_bootstrap, topics, group, tmp_path / "a")
     wait_for(lambda: _latest_meta(tmp_path / "a").get("events_applied", 0) > 0, timeout_s=120,
              what="the first process to apply and checkpoint events")
     second = _start(kafka_bootstrap, topics, group, tmp_path / "b")
+    # The rest only once the second process has partitions: on a slow machine the first could
+    # otherwise read everything before the second joins, and the second would apply nothing.
+    wait_for(lambda: "assigned [" in (tmp_path / "b.log").read_text(), timeout_s=120,
+             what="the second process to get partitions")
+    producer.join()
+    producer = threading.Thread(target=_produce_partitioned,
+                                args=(kafka_bootstrap, topics["input"], values[half:], 4, 12_000))
+    producer.start()
     wait_for(lambda: _latest_meta(tmp_path / "b").get("events_applied", 0) > 0, timeout_s=120,
              what="the second process to take over partitions")
     time.sleep(2)

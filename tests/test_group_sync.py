@@ -9,7 +9,7 @@ import numpy as np
 import orjson
 import pytest
 from recstream.stream.broker import create_topics
-from recstream.stream.config import ConfigError, sync_topic_for
+from recstream.stream.config import ConfigError, sync_topic_for, user_state_topic_for
 
 from tests.conftest import produce, read_all, running, service_config, wait_for
 
@@ -21,7 +21,8 @@ def group_topics(kafka_bootstrap: str) -> dict[str, str]:
     tag = uuid.uuid4().hex[:10]
     names = {"input": f"clicks-{tag}", "output": f"recs-{tag}", "dlq": f"clicks-{tag}.dlq", "group": f"g-{tag}"}
     create_topics(kafka_bootstrap, {names["input"]: PARTITIONS, names["output"]: PARTITIONS, names["dlq"]: 1,
-                                    sync_topic_for(names["group"]): 1})
+                                    sync_topic_for(names["group"]): 1, user_state_topic_for(names["group"]): PARTITIONS},
+                  topic_configs={user_state_topic_for(names["group"]): {"cleanup.policy": "compact"}})
     return names
 
 
@@ -123,3 +124,40 @@ def test_a_member_stopped_and_restarted_counts_every_event_once(kafka_bootstrap:
                      >= len(first) + len(second), timeout_s=90, what="the second half applied")
             wait_for(lambda: all(_item_events(m, item) == counts[item] for m in (a2, b) for item in counts),
                      timeout_s=30, what="each member to hold the group's event counts")
+
+
+def _user_vectors(service) -> dict[str, np.ndarray]:
+    with service.model_lock:
+        users = service.model.users
+        free = set(users.ids.free.tolist())
+        return {users.ids.id_of(row): users.vectors[row].copy() for row in range(len(users)) if row not in free}
+
+
+def test_users_go_with_their_partition_to_a_member_that_joins(kafka_bootstrap: str, group_topics: dict[str, str],
+                                                               tmp_path) -> None:
+    events = _events(4000, seed=4)
+    with running(_member_config(kafka_bootstrap, group_topics, state_dir=str(tmp_path / "a"))) as a:
+        produce(kafka_bootstrap, group_topics["input"], events)
+        wait_for(lambda: a.stats.events_applied >= len(events), timeout_s=90, what="the first member to apply all")
+        before = _user_vectors(a)
+        assert len(before) == 200
+        with running(_member_config(kafka_bootstrap, group_topics, state_dir=str(tmp_path / "b"))) as b:
+            wait_for(lambda: len(a.stats.assigned) == len(b.stats.assigned) == PARTITIONS // 2, timeout_s=90,
+                     what="the partitions shared by both members")
+            wait_for(lambda: len(_user_vectors(a)) + len(_user_vectors(b)) == len(before), timeout_s=60,
+                     what="every user held by exactly one member")
+            after_a, after_b = _user_vectors(a), _user_vectors(b)
+            assert after_b and after_a.keys().isdisjoint(after_b.keys())
+            for user, vector in {**after_a, **after_b}.items():
+                np.testing.assert_array_equal(vector, before[user])  # the vectors they had, not fresh ones
+            with b.model_lock:
+                partitions = {p for _, p in b.stats.assigned}
+                rows = np.array([b.model.users.ids.get(u) for u in after_b])
+                assert set(b.model.input_partitions()[rows].tolist()) <= partitions
+                assert int(b.model.activity()[0][rows].max()) > 0  # their activity came along
+                assert sum(len(b.state.history.items_of(int(r))) for r in rows) > 0  # and their histories
+        # b stops (as on SIGTERM): its partitions and their users come back to a as they were.
+        wait_for(lambda: len(a.stats.assigned) == PARTITIONS and len(_user_vectors(a)) == len(before), timeout_s=90,
+                 what="the first member to take every partition and user back")
+        for user, vector in _user_vectors(a).items():
+            np.testing.assert_array_equal(vector, before[user])
