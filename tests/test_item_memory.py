@@ -295,6 +295,20 @@ def test_metadata_alone_cannot_grow_the_items_past_the_cap():
     assert set(state.content.items().tolist()) <= set(held.tolist())  # no features left on a free row
 
 
+def test_items_of_handed_over_users_count_as_active_on_the_member_taking_them():
+    from recstream.stream.handover import export_users, import_users
+
+    sender = RecState(dataclasses.replace(CFG, max_items=0, item_ttl_s=0))
+    sender.apply(_batch(["u"] * 5, [f"x{x}" for x in range(5)], T0 + np.arange(5)))
+    taker = RecState(dataclasses.replace(CFG, max_items=6, item_ttl_s=0))
+    taker.apply(_batch(["v"] * 4, [f"y{x}" for x in range(4)], T0 + np.arange(4)))
+    import_users(taker, export_users(sender, sender.model.users.rows(["u"]), "h", 0, 0))
+    ids = taker.model.items.ids
+    assert ids.live == 6 and all(ids.get(f"x{x}") is not None for x in range(5))  # u's items came last: kept
+    assert [ids.get(f"y{x}") is None for x in range(4)] == [True, True, True, False]
+    assert len(taker.history.items_of(taker.model.users.ids.get("u"))) == 5
+
+
 def test_bad_item_memory_settings_stop_start_up_naming_the_field():
     for key, value in (("model.max_items", -1), ("model.item_ttl_s", 0.5), ("model.item_ttl_s", -3),
                        ("model.max_items", "many")):
