@@ -255,6 +255,13 @@ class ServiceMetrics:
         yield counter("recstream_index_build_failures", "Index builds that failed (the old index stayed)",
                       refresher.failures)
 
+        yield counter("recstream_sync_items_sent", "Item deltas this member sent to its group", s.sync_items_sent)
+        yield counter("recstream_sync_items_received", "Other members' item deltas applied", s.sync_items_received)
+        yield counter("recstream_users_handed_over", "Users handed to the next owner of a revoked partition",
+                      s.users_handed_over)
+        yield counter("recstream_users_taken_over", "Users taken over with a newly assigned partition",
+                      s.users_taken_over)
+
         yield counter("recstream_checkpoints", "Checkpoints written and committed", s.checkpoints)
         yield gauge("recstream_checkpoint_snapshot_seconds", "Consumer stall for the last checkpoint's snapshot",
                     s.last_checkpoint_s)

@@ -93,6 +93,8 @@ class ServiceStats:
     cold_items_refreshed: int = 0  # cold items given content vectors (all refreshes)
     sync_items_sent: int = 0  # item deltas sent to the group (stream/group_sync.py)
     sync_items_received: int = 0  # other members' item deltas applied
+    users_handed_over: int = 0  # to the next owner of a revoked partition (stream/handover.py)
+    users_taken_over: int = 0  # with a newly assigned partition
     assigned: list[tuple[str, int]] = field(default_factory=list)
 
 
@@ -286,6 +288,7 @@ class RecStreamService:
                 self.state.forget_users(rows)
                 self.state.pending.forget(rows)
                 del self.state.positions[f"{tp.topic}/{tp.partition}"]
+                self.stats.users_handed_over += len(rows)
         self._state_changed = True
         log.info("handed over %s", ", ".join(f"{len(rows)} users of {tp.topic}/{tp.partition}" for tp, rows in handed))
         if self.store is not None:
@@ -309,6 +312,7 @@ class RecStreamService:
                 continue
             with self.model_lock:
                 taken = sum(len(import_users(self.state, chunk)) for chunk in chunks)
+            self.stats.users_taken_over += taken
             self._state_changed = True
             log.info("took over %d users of %s/%d (handed over at offset %d)", taken, tp.topic, tp.partition,
                      marker.offset)
@@ -359,6 +363,10 @@ class RecStreamService:
                     self._process(messages)
                 if self.group_sync is not None:
                     self._sync_items()
+                if self.store is not None:
+                    # Commit as soon as a checkpoint is written, not at the next flush: until then a
+                    # crash leaves events in the checkpoint that the partition's next owner reads again.
+                    self._collect_checkpoint()
                 if self._uncommitted and (
                     self._schedule.due()
                     or (not self._behind and len(self.state.pending) >= self.config.output.max_pending_users)
