@@ -75,6 +75,13 @@ class ItemContent:
         else:
             self._dense_of_item.pop(item_row, None)
 
+    def forget(self, item_rows: np.ndarray) -> None:
+        """Drop the features of ``item_rows`` (forgotten items: their rows go to new items).
+        Feature names stay: a vocabulary, shared with other items and bounded by the metadata."""
+        for row in np.asarray(item_rows, dtype=np.int64).tolist():
+            self._of_item.pop(row, None)
+            self._dense_of_item.pop(row, None)
+
     def items(self) -> np.ndarray:
         return np.fromiter(self._of_item.keys(), dtype=np.int64, count=len(self._of_item))
 
@@ -264,6 +271,13 @@ class ContentPlaceholders:
         self.count -= len(rows)
         model.set_item_rows(rows, model.items.initial_vectors(rows), np.zeros(len(rows), dtype=np.float32))
         return len(rows)
+
+    def forget(self, item_rows: np.ndarray) -> None:
+        """Forgotten items hold no placeholder (their rows go to new items)."""
+        rows = np.asarray(item_rows, dtype=np.int64)
+        rows = rows[rows < len(self._held)]
+        self._held[rows] = False
+        self.count = int(self._held.sum())
 
     def _hold(self, rows: np.ndarray) -> None:
         if len(rows) and rows.max() >= len(self._held):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit
+from recstream.embeddings.item_neighbours import item_mask
 
 
 @njit(cache=True, nogil=True)
@@ -41,6 +42,20 @@ def _add(users, items, start, length, cap, pool, top, order, n_order, limit):  #
             order[n_order] = u
             n_order += 1
     return len(users), top, n_order
+
+
+@njit(cache=True, nogil=True)
+def _drop_items(users, start, length, pool, gone):  # pragma: no cover (compiled)
+    """Remove the items ``x`` with ``gone[x]`` from the blocks of ``users``, in place, keeping order."""
+    for u in users:
+        s, n = start[u], length[u]
+        w = 0
+        for j in range(n):
+            x = pool[s + j]
+            if not (x < len(gone) and gone[x]):
+                pool[s + w] = x
+                w += 1
+        length[u] = w
 
 
 class InteractionHistory:
@@ -108,6 +123,24 @@ class InteractionHistory:
         self._n_order = len(kept)
         if self._top > 4 * int(self._length.sum()) + (1 << 16):
             self.load_arrays(self.to_arrays())
+
+    def forget_items(self, item_rows: np.ndarray) -> None:
+        """Drop ``item_rows`` (forgotten items: their rows go to new items) from every user's
+        history, keeping the order of the rest: a new item of the row is not "seen" by anyone.
+        One compiled pass over all histories, paid once per eviction; a user left with none
+        leaves ``_order`` as a forgotten user does (and joins it again with their next item).
+
+        >>> h = InteractionHistory()
+        >>> h.add(np.array([0, 0, 1, 0]), np.array([5, 6, 6, 7]))
+        >>> h.forget_items(np.array([6]))
+        >>> list(h.items_of(0)), list(h.items_of(1))
+        ([5, 7], [])
+        """
+        users = self._order[: self._n_order]
+        _drop_items(users, self._start, self._length, self._pool, item_mask(item_rows))
+        emptied = users[self._length[users] == 0]
+        if len(emptied):
+            self.forget(emptied)
 
     def _items(self, user_row: int) -> np.ndarray:
         if user_row >= len(self._start):

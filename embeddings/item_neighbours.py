@@ -41,7 +41,15 @@ session co-occurrence, both directions, gain 1.
 from __future__ import annotations
 
 import numpy as np
-from recstream.embeddings.session_kernels import add_pairs
+from recstream.embeddings.session_kernels import add_pairs, drop_neighbours
+
+
+def item_mask(items: np.ndarray) -> np.ndarray:
+    """A boolean mask over item rows, set at ``items`` (what the forgetting kernels take)."""
+    items = np.asarray(items, dtype=np.int64)
+    mask = np.zeros(int(items.max(initial=-1)) + 1, dtype=bool)
+    mask[items] = True
+    return mask
 
 
 class ItemNeighbours:
@@ -72,6 +80,18 @@ class ItemNeighbours:
         self.fit(int(max(ys.max(initial=-1), xs.max(initial=-1))) + 1)
         add_pairs(self.rows, self.weights, self.errors, self.clock, self.half_life_ms, ys.astype(np.int64), xs.astype(np.int64),
                  gains.astype(np.float64), ts.astype(np.float64))
+
+    def forget(self, items: np.ndarray) -> None:
+        """Clear the rows of ``items`` (forgotten items) and take them out of every other row's
+        neighbours; the others keep their order, free slots last (the kernel relies on it).
+
+        >>> t = ItemNeighbours(n=3)
+        >>> t.add(np.array([0, 0, 0, 1]), np.array([1, 2, 3, 0]), np.ones(4), np.zeros(4, np.int64))
+        >>> t.forget(np.array([2, 1]))
+        >>> t.rows[0].tolist(), t.rows[1].tolist()
+        ([3, -1, -1], [-1, -1, -1])
+        """
+        drop_neighbours(self.rows, self.weights, self.errors, item_mask(items))
 
     def neighbours(self, y: int) -> tuple[np.ndarray, np.ndarray]:
         """``y``'s neighbour rows and weights (lower bounds; in the stored scale: compare them, don't

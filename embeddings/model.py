@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,6 +24,27 @@ def _grown(array: np.ndarray, needed: int, fill: float = 0) -> np.ndarray:
 _REPLAY_RING = ("users", "items", "ratings")  # one array each; "state" holds write position, filled
 
 
+def _drop_from_ring(columns: Sequence[np.ndarray], state: np.ndarray, drop: np.ndarray) -> None:
+    """Remove the entries of a ring (``columns`` of one length, ``state`` its write position and
+    fill) where the mask ``drop`` is set, keeping the others in order, oldest first, from slot 0.
+
+    >>> ring, state = np.array([4, 5, 2, 3]), np.array([2, 4])  # oldest to newest: 2 3 4 5
+    >>> _drop_from_ring([ring], state, ring == 4); ring.tolist(), state.tolist()
+    ([2, 3, 5, 0], [3, 3])
+    """
+    position, filled = int(state[0]), int(state[1])
+    capacity = len(columns[0])
+    order = (np.arange(position, position + filled) % capacity) if filled == capacity else np.arange(filled)
+    kept = order[~drop[order]]
+    if len(kept) == filled:
+        return
+    for column in columns:
+        values = column[kept]
+        column[:] = 0
+        column[: len(kept)] = values
+    state[:] = (len(kept) % capacity, len(kept))
+
+
 def _empty_replay_ring(capacity: int) -> dict[str, np.ndarray]:
     """The ring of recent ratings replayed for item vectors (see ``sgd_batch``)."""
     return {"users": np.zeros(capacity, dtype=np.int64), "items": np.zeros(capacity, dtype=np.int64),
@@ -40,6 +61,7 @@ class _RowArray(NamedTuple):
     vector: bool = False  # one ``dim``-wide vector per row, not a scalar
     added_later: bool = False  # states written before it existed lack it: it loads as ``fill``
     learned: bool = True  # False: bookkeeping, which the finiteness guard leaves alone
+    reset_on_forget: bool = True  # False: kept across a forgotten id's row (it says when it was forgotten)
 
 
 _USER_ARRAYS = (
@@ -61,7 +83,14 @@ _ITEM_ARRAYS = (
     _RowArray("_item_seq", "item_seq", np.int64, 0),  # model version of the item's last change
     _RowArray("_item_events", "item_events", np.int64, 0),  # events of any kind
     _RowArray("_transition", "transition_vectors", np.float32, 0, vector=True),  # where users go next
-    _RowArray("_pool_count", None, np.int64, 0),  # entries in the negative pool (rebuilt from the ring)
+    _RowArray("_pool_count", None, np.int64, 0, learned=False),  # entries in the negative pool (rebuilt from the ring)
+    # Bounded memory for items, as for users (see _USER_ARRAYS).
+    _RowArray("_item_last_active", "item_last_active", np.int64, 0, added_later=True, learned=False),
+    _RowArray("_item_last_seq", "item_last_seq", np.int64, 0, added_later=True, learned=False),
+    # Model version at which the row's item was last forgotten (0: never): an index built before
+    # holds another item at that row (see items_forgotten_after). Not stored: after a restart
+    # every index is built anew.
+    _RowArray("_item_forgotten_at", None, np.int64, 0, learned=False, reset_on_forget=False),
 )
 
 
@@ -175,6 +204,10 @@ class MFConfig:
     # active forgotten first. A forgotten user's row goes to the next new user.
     max_users: int = 0
     user_ttl_s: float = 0.0
+    # The same for items (max_items, item_ttl_s): a forgotten item leaves every user's history,
+    # session and candidate list, and is never recommended again (see OnlineMF.forget_items).
+    max_items: int = 0
+    item_ttl_s: float = 0.0
 
 
 class OnlineMF:
@@ -211,6 +244,9 @@ class OnlineMF:
         self.model_version = 0
         self.events_applied = 0
         self.non_finite_resets = 0  # users/items reset by the finiteness guard (see _reset_non_finite)
+        # Called with the rows of forgotten items (see forget_items): anything kept per item row
+        # outside the model registers here to drop them before the rows are reused.
+        self.item_forget_hooks: list[Callable[[np.ndarray], None]] = []
 
     @property
     def global_mean(self) -> float:
@@ -319,7 +355,7 @@ class OnlineMF:
             if spec.learned:
                 getattr(self, spec.attr)[bad_users] = spec.fill
         for spec in _ITEM_ARRAYS:
-            if spec.key is not None:  # (the pool count is the ring's, not learned)
+            if spec.learned:
                 getattr(self, spec.attr)[bad_items] = spec.fill
         self._item_seq[bad_items] = self.model_version
         if not mean_ok:
@@ -336,17 +372,59 @@ class OnlineMF:
         for spec in _USER_ARRAYS:
             getattr(self, spec.attr)[rows] = spec.fill
         # Their ratings would step items against whoever gets the row next.
-        ring, state = self._replay, self._replay["state"]
-        position, filled = int(state[0]), int(state[1])
-        capacity = len(ring["users"])
-        order = (np.arange(position, position + filled) % capacity) if filled == capacity else np.arange(filled)
-        kept = order[~np.isin(ring["users"][order], rows)]
-        if len(kept) < filled:
-            for key in _REPLAY_RING:
-                values = ring[key][kept]
-                ring[key][:] = 0
-                ring[key][: len(kept)] = values
-            state[:] = (len(kept) % capacity, len(kept))
+        _drop_from_ring([self._replay[key] for key in _REPLAY_RING], self._replay["state"],
+                        np.isin(self._replay["users"], rows))
+
+    def forget_items(self, rows: np.ndarray) -> None:
+        """Forget the items of ``rows`` everywhere the model refers to them: ids, learned values,
+        users' last items, the ring of recent positives (negative samples, popularity) and the
+        rating-replay ring; then every callback of :attr:`item_forget_hooks` gets ``rows`` (what
+        is kept per item outside the model: histories, sessions, content; see stream.state).
+        A forgotten item's row then holds what a new item's row holds (its versions aside), for
+        the next new id; it counts as changed, and :meth:`items_forgotten_after` tells an index
+        built before that its entry for the row is someone else's.
+        """
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        if len(rows) == 0:
+            return
+        self._fit_item_arrays()
+        self._fit_user_arrays()
+        self.model_version += 1
+        self.items.forget(rows)
+        for spec in _ITEM_ARRAYS:
+            if spec.reset_on_forget:
+                getattr(self, spec.attr)[rows] = spec.fill
+        self._item_seq[rows] = self.model_version
+        self._item_forgotten_at[rows] = self.model_version
+        last = self._last_item[: len(self.users)]
+        last[np.isin(last, rows)] = -1  # (where their last item leads: the next item of the row would mislead)
+        _drop_from_ring([self._negative_pool], self._negative_pool_state, np.isin(self._negative_pool, rows))
+        _drop_from_ring([self._replay[key] for key in _REPLAY_RING], self._replay["state"],
+                        np.isin(self._replay["items"], rows))
+        for hook in self.item_forget_hooks:
+            hook(rows)
+
+    def touch_items(self, rows: np.ndarray, now_ms: int | None = None) -> None:
+        """Count items as active now though no event of theirs was applied here (their metadata
+        came, or another member's changes): at event time ``now_ms`` (default: the newest item
+        activity, which is the expiry clock) and the input's current place, so the item expiry
+        and eviction do not take them first."""
+        last_active, last_seq = self.item_activity()
+        if now_ms is None:
+            now_ms = int(last_active[: len(self.items)].max(initial=0))
+        last_active[rows] = np.maximum(last_active[rows], now_ms)
+        last_seq[rows] = np.maximum(last_seq[rows], self.events_applied)
+
+    def items_forgotten_after(self, model_version: int) -> np.ndarray:
+        """Per item row: was its item forgotten after ``model_version`` (an index built at that
+        version holds another item, or none, at the row)?"""
+        self._fit_item_arrays()
+        return self._item_forgotten_at[: len(self.items)] > model_version
+
+    def item_activity(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per item row, as :meth:`activity` per user: event time of its latest event, and its place in the input."""
+        self._fit_item_arrays()
+        return self._item_last_active, self._item_last_seq
 
     def user_state(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """A copy of what the model holds for the users of ``rows``, by name (``vectors``, ``biases``
@@ -438,6 +516,8 @@ class OnlineMF:
         bi[rows] = np.clip(bi[rows], -MAX_SCALAR, MAX_SCALAR)
         self._item_events[rows] = np.maximum(self._item_events[rows], 0)
         self._item_seq[rows] = self.model_version
+        # The group still uses them: item expiry and eviction count them as active here too.
+        self.touch_items(rows)
 
     # -- state ------------------------------------------------------------------------------
 

@@ -44,8 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numba
 import numpy as np
 from recstream.embeddings.item_neighbours import ItemNeighbours
-from recstream.embeddings.session_kernels import N_SIGNALS, candidates_batch, learn_batch
-from recstream.embeddings.session_knn import RecentSessions
+from recstream.embeddings.session_kernels import N_SIGNALS, candidates_batch, drop_listed, drop_neighbours, learn_batch
+from recstream.embeddings.session_knn import RecentSessions, drop_items
 
 # Fewer users than this per thread are scored in the calling thread alone.
 _USERS_PER_THREAD = 256
@@ -89,6 +89,10 @@ class SessionSignals:
         empty = np.zeros(0, dtype=np.int64)
         learn_batch(empty, empty, empty, empty, self.learn_args())
         candidates_batch(empty, empty, empty, self.score_args(), empty, np.zeros(0), empty)
+        if c.max_items or c.item_ttl_s:  # items will be forgotten (see forget_items)
+            none = np.zeros(0, dtype=bool)
+            drop_neighbours(self.rules.rows[:0], self.rules.weights[:0], self.rules.errors[:0], none)
+            drop_listed(self.hist[:0], self.hlen[:0], empty, none)
 
     @property
     def enabled(self) -> bool:
@@ -131,6 +135,20 @@ class SessionSignals:
         self.fit(int(rows.max()) + 1, 0)
         for name, _ in _USER_STATE:
             getattr(self, name)[rows] = 0
+
+    def forget_items(self, item_rows: np.ndarray) -> None:
+        """Drop ``item_rows`` (forgotten items) from everything the signals hold: their rule and
+        co-occurrence rows and their place among other items' neighbours, the sessions of the
+        ring and its item -> session index, and users' current sessions (which keep their other
+        clicks, in order). A new item of the row starts with no signal."""
+        items = np.asarray(item_rows, dtype=np.int64)
+        if len(items) == 0:
+            return
+        self.rules.forget(items)
+        self.cooc.forget(items)
+        self.ring.forget_items(items)
+        m = np.minimum(self.hlen, self.length)
+        drop_items(self.hist, self.hlen, items, start=(self.hlen - m) % self.length)
 
     def learn_args(self) -> tuple:
         """The arrays the learning kernel takes after the events (see ``_learn_event``)."""

@@ -389,3 +389,62 @@ def rank_then_learn(users, items, ts, keys, known, new, mf_row, mf, mf_weight, o
                 out[e, 3], out[e, 4], out[e, 5] = 1.0, hit, rr
             clear_scores(acc, touched, n_touched[0])
         learn_event(u, x, t, keys[e], *learn_args)
+
+
+@njit(cache=True, nogil=True)
+def drop_neighbours(rows, weights, errors, gone):
+    """Forget items (``gone[x]``, a mask over item rows): clear their own rows and take them out
+    of every other row, whose remaining pairs keep their order, free slots last (``add_pair``
+    fills left to right). One pass over the table, no temporary copies."""
+    n = rows.shape[1]
+    for y in range(rows.shape[0]):
+        if y < len(gone) and gone[y]:
+            for c in range(n):
+                rows[y, c] = -1
+                weights[y, c] = 0.0
+                errors[y, c] = 0.0
+            continue
+        w = 0
+        c = 0
+        while c < n and rows[y, c] >= 0:
+            x = rows[y, c]
+            if not (x < len(gone) and gone[x]):
+                if w != c:
+                    rows[y, w] = x
+                    weights[y, w] = weights[y, c]
+                    errors[y, w] = errors[y, c]
+                w += 1
+            c += 1
+        for d in range(w, c):
+            rows[y, d] = -1
+            weights[y, d] = 0.0
+            errors[y, d] = 0.0
+
+
+@njit(cache=True, nogil=True)
+def drop_listed(lists, lengths, start, gone):
+    """Forget items (``gone[x]``) from short lists: row ``r`` holds ``min(lengths[r], width)``
+    entries from column ``start[r]`` on, circularly. A row that held one gets its other entries
+    in columns ``0..`` in their order, zeros after, and their count as its length; the other rows
+    are left exactly as they were."""
+    width = lists.shape[1]
+    buf = np.empty(width, dtype=lists.dtype)
+    for r in range(lists.shape[0]):
+        m = min(lengths[r], width)
+        hit = False
+        for p in range(m):
+            x = lists[r, (start[r] + p) % width]
+            if x < len(gone) and gone[x]:
+                hit = True
+                break
+        if not hit:
+            continue
+        k = 0
+        for p in range(m):
+            x = lists[r, (start[r] + p) % width]
+            if not (x < len(gone) and gone[x]):
+                buf[k] = x
+                k += 1
+        for c in range(width):
+            lists[r, c] = buf[c] if c < k else 0
+        lengths[r] = k

@@ -40,7 +40,22 @@ nothing has to be cleaned up; memory is fixed by the three sizes.
 from __future__ import annotations
 
 import numpy as np
-from recstream.embeddings.session_kernels import ring_add, ring_score
+from recstream.embeddings.item_neighbours import item_mask
+from recstream.embeddings.session_kernels import drop_listed, ring_add, ring_score
+
+
+def drop_items(lists: np.ndarray, lengths: np.ndarray, items: np.ndarray, start: np.ndarray | None = None) -> None:
+    """Remove ``items`` from the rows of ``lists`` holding ``min(lengths, width)`` entries each
+    from column ``start`` (default 0) on, circularly (in place). The rows that lose one have
+    their kept entries moved to columns ``0..``, in their order, and their length set to the count.
+
+    >>> lists, lengths = np.array([[1, 2, 3], [3, 9, 9], [5, 6, 7]], dtype=np.int32), np.array([3, 1, 5])
+    >>> drop_items(lists, lengths, np.array([2, 3]), start=np.array([0, 0, 2]))
+    >>> lists.tolist(), lengths.tolist()
+    ([[1, 0, 0], [0, 0, 0], [5, 6, 7]], [1, 0, 5])
+    """
+    start = np.zeros(len(lists), dtype=np.int64) if start is None else np.asarray(start, dtype=np.int64)
+    drop_listed(lists, lengths, start, item_mask(items))
 
 
 class RecentSessions:
@@ -71,6 +86,15 @@ class RecentSessions:
         self.fit(item + 1)
         ring_add(self.items, self.lengths, self.times, self.serials, self.item_serials, self.item_heads,
                  serial, item, t)
+
+    def forget_items(self, items: np.ndarray) -> None:
+        """Take ``items`` (forgotten items) out of every session of the ring (the others keep
+        their order) and clear their item -> session index: a new item of the row starts empty."""
+        items = np.asarray(items, dtype=np.int64)
+        drop_items(self.items, self.lengths, items)
+        items = items[items < len(self.item_heads)]
+        self.item_serials[items] = 0
+        self.item_heads[items] = 0
 
     def score(self, session: np.ndarray, own_serial: int, n_items: int, max_session: int, out: np.ndarray) -> None:
         """Add the kNN scores of ``session`` (its last ``max_session`` clicks) to ``out`` (one per item)."""

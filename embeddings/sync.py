@@ -130,11 +130,24 @@ class ItemSync:
         self._biases = np.zeros(0, dtype=np.float32)
         self._events = np.zeros(0, dtype=np.int64)
         self._based = 0  # rows with a base (the rest start from a new item's values)
+        # Rows of forgotten items (model.max_items, item_ttl_s): a new item taking one gets a new
+        # item's base, as if its row were new (see _fit).
+        self._unbased = np.zeros(0, dtype=np.int64)
+        model.item_forget_hooks.append(self._forgotten)
         self._fit()
 
     def _fit(self) -> None:
         """Give items created since the last call their base: a new item's initial values, the
-        same in every member, so that what they learned or received before is a delta."""
+        same in every member, so that what they learned or received before is a delta. Rows of
+        forgotten items that a new item took since are such rows too."""
+        if len(self._unbased):
+            taken = self._unbased[~np.isin(self._unbased, self.model.items.ids.free)]
+            if len(taken):
+                self._unbased = np.setdiff1d(self._unbased, taken)
+                self._vectors[taken] = self.model.items.initial_vectors(taken)
+                self._transitions[taken] = 0
+                self._biases[taken] = 0
+                self._events[taken] = 0
         n = len(self.model.items)
         if n <= self._based:
             return
@@ -161,6 +174,13 @@ class ItemSync:
         self._transitions[rows] = model.item_transitions(rows)
         self._biases[rows] = model.items.biases[rows]
         self._events[rows] = model.interaction_counts(rows)
+
+    def _forgotten(self, rows: np.ndarray) -> None:
+        """``OnlineMF.forget_items`` hook: the rows hold nothing now, nor does their base (the
+        forgetting is not a change to send: the other members keep or forget the item by their
+        own events); a new item taking one later gets a new item's base."""
+        self.reset_rows(rows)
+        self._unbased = np.union1d(self._unbased, rows)
 
     def take(self, items_per_message: int = ITEMS_PER_MESSAGE) -> list[ItemDelta]:
         """This member's changes since its last send, as the messages to send (none if nothing
@@ -246,7 +266,7 @@ class ItemSync:
         n = self._based
         return {"vectors": self._vectors[:n].copy(), "transitions": self._transitions[:n].copy(),
                 "biases": self._biases[:n].copy(), "events": self._events[:n].copy(),
-                "version": np.array([self._version, self.seq], dtype=np.int64)}
+                "version": np.array([self._version, self.seq], dtype=np.int64), "unbased": self._unbased.copy()}
 
     def to_meta(self) -> dict:
         return {"member": self.member, "applied": {k: list(v) for k, v in self.applied.items()}}
@@ -255,6 +275,7 @@ class ItemSync:
         """Restore :meth:`to_arrays` and :meth:`to_meta` output (the model restored first)."""
         n = len(arrays["biases"])
         self._based = 0
+        self._unbased = np.zeros(0, dtype=np.int64)
         for name in ("_vectors", "_transitions", "_biases", "_events"):
             setattr(self, name, getattr(self, name)[:0])
         self._fit()  # room for every item, new ones at their initial values
@@ -263,4 +284,5 @@ class ItemSync:
         self._biases[:n] = arrays["biases"]
         self._events[:n] = arrays["events"]
         self._version, self.seq = (int(x) for x in arrays["version"])
+        self._unbased = np.asarray(arrays.get("unbased", np.zeros(0)), dtype=np.int64)  # (older: none)
         self.applied = {str(k): (int(v[0]), int(v[1])) for k, v in meta.get("applied", {}).items()}

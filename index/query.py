@@ -26,7 +26,9 @@ and merged into the factor top-k, which keeps the result exact since the signals
 negative.
 
 Items the user interacted with recently are left out, and so are items with fewer than
-``min_item_events`` events (the frequency filter: see ``IndexConfig``). Call with the model lock
+``min_item_events`` events (the frequency filter: see ``IndexConfig``), the free rows of forgotten
+items, and the index's entries for rows whose item was forgotten after its build (bounded memory:
+the row is free, or another item's, which the index does not hold). Call with the model lock
 held: it reads live vectors.
 """
 
@@ -190,10 +192,18 @@ class Recommender:
         self._item_norms = _ItemNorms()
 
     def eligible(self) -> np.ndarray | None:
-        """Which items may be recommended (None: all): those with ``min_item_events`` events."""
-        if self.min_item_events <= 1:
+        """Which item rows may be recommended (None: all): those with ``min_item_events`` events
+        that hold an item (a forgotten item's row is free until a new item takes it)."""
+        free = self.model.items.ids.free
+        if self.min_item_events <= 1 and len(free) == 0:
             return None
-        return self.model.interaction_counts(np.arange(len(self.model.items))) >= self.min_item_events
+        n_items = len(self.model.items)
+        if self.min_item_events <= 1:
+            eligible = np.ones(n_items, dtype=bool)
+        else:
+            eligible = self.model.interaction_counts(np.arange(n_items)) >= self.min_item_events
+        eligible[free] = False
+        return eligible
 
     def hot_items(self, query_norm: float, item_norms: np.ndarray, biases: np.ndarray,
                   eligible: np.ndarray | None = None) -> np.ndarray:
@@ -317,6 +327,8 @@ class Recommender:
         """Merge the index's candidates among the ``tail`` items into the top-k of the users ``need``;
         returns the lookups made."""
         tail = tail[: min(index.annoy.get_n_items(), len(Q))]  # (rows the index's ids span)
+        # A row whose item was forgotten since the build: the index's entry is the old item's.
+        tail = tail & ~self.model.items_forgotten_after(index.model_version)[: len(tail)]
         for n in need.tolist():
             seen = seen_items[seen_start[n]:seen_start[n + 1]]
             fetch = self.k + min(len(seen), self.max_index_fetch)

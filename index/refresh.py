@@ -96,6 +96,7 @@ class IndexRefresher:
         self.item_drift = 0.0  # mean cosine distance of item vectors between the last two builds
         self.item_drift_items = 0  # how many items that distance was measured on
         self._previous_vectors: np.ndarray | None = None
+        self._previous_version = 0  # model version of the previous build
         self._previous_settled = np.zeros(0, dtype=bool)  # items with SETTLED_EVENTS events at that build
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -155,9 +156,16 @@ class IndexRefresher:
                 self._stop.wait(5.0)
 
     def _indexable(self) -> np.ndarray:
-        """Rows of the items with ``min_item_events`` events or more (call with the model lock)."""
-        counts = self.model.interaction_counts(np.arange(len(self.model.items)))
-        return np.flatnonzero(counts >= self.config.min_item_events)
+        """Rows of the items with ``min_item_events`` events or more (1: every item, those with a
+        content placeholder and no event too), free rows (of forgotten items) left out (call with
+        the model lock)."""
+        n_items = len(self.model.items)
+        if self.config.min_item_events > 1:
+            indexable = self.model.interaction_counts(np.arange(n_items)) >= self.config.min_item_events
+        else:
+            indexable = np.ones(n_items, dtype=bool)
+        indexable[self.model.items.ids.free] = False
+        return np.flatnonzero(indexable)
 
     def rebuild(self) -> BuiltIndex:
         """Build an index of the current item vectors and swap it in (blocking)."""
@@ -167,15 +175,20 @@ class IndexRefresher:
             vectors = self.model.items.vectors.copy()
             biases = self.model.ranking_biases()
             settled = np.flatnonzero(self.model.interaction_counts(np.arange(len(vectors))) >= SETTLED_EVENTS)
-            rows = self._indexable() if self.config.min_item_events > 1 else None
+            every = self.config.min_item_events <= 1 and not len(self.model.items.ids.free)
+            rows = None if every else self._indexable()
+            # Items forgotten since the last build: their rows' vectors are not the same item's.
+            reset = (self.model.items_forgotten_after(self._previous_version)
+                     if self._previous_vectors is not None else None)
         if self._previous_vectors is not None:
             # Only items settled at the previous build too: one that got its first 50 events since
             # then has left its random start, which is learning, not drift.
             both = settled[settled < len(self._previous_settled)]
-            both = both[self._previous_settled[both]]
+            both = both[self._previous_settled[both] & ~reset[both]]
             self.item_drift = mean_cosine_drift(self._previous_vectors, vectors, both)
             self.item_drift_items = len(both)
         self._previous_vectors = vectors
+        self._previous_version = model_version
         self._previous_settled = np.zeros(len(vectors), dtype=bool)
         self._previous_settled[settled] = True
         points = mips_item_vectors(vectors, biases) if rows is None else mips_item_vectors(vectors[rows], biases[rows])

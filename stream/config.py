@@ -234,6 +234,8 @@ _RULES: dict[str, tuple[Any, str]] = {
        ("gap_s", "half_life_s", "rules_weight", "cooc_weight", "knn_weight", "repeat_weight", "mf_weight")},
     "model.max_users": (lambda v: 0 <= v <= 2**40, "an integer >= 0 (0: no cap)"),
     "model.user_ttl_s": (lambda v: v == 0 or 1 <= v <= 100 * 365 * 86400, "0 (never) or seconds from 1 to 100 years"),
+    "model.max_items": (lambda v: 0 <= v <= 2**40, "an integer >= 0 (0: no cap)"),
+    "model.item_ttl_s": (lambda v: v == 0 or 1 <= v <= 100 * 365 * 86400, "0 (never) or seconds from 1 to 100 years"),
     "model.rating_replay_steps": (lambda v: 0 <= v <= 1000, "an integer from 0 to 1000"),
     "model.rating_replay_pool": (lambda v: 1 <= v <= 100_000_000, "an integer from 1 to 100000000"),
     "model.rating_replay_learning_rate": (lambda v: 0 <= v < 10, "a number in [0, 10)"),

@@ -130,6 +130,8 @@ def import_users(state: RecState, chunk: UserChunk) -> np.ndarray:
             sessions.serial[u] = sessions.next_serial[0]
     sessions.last_ts[rows] = np.frombuffer(chunk.session_times, "<i8")
     sessions.skey[rows] = np.frombuffer(chunk.session_keys, "<i8")
+    # Their items new here count as active now (bounded memory: model.max_items, item_ttl_s).
+    state.items_arrived(np.concatenate([last[last >= 0], state.history.gather(rows)[1], clicks]))
     return rows
 
 

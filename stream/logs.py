@@ -155,7 +155,7 @@ class StatusLog:
         index = service.refresher.current
         return (f"events={s.events_applied} (+{s.events_applied - events} in {elapsed:.0f}s, "
                 f"{(s.events_applied - events) / elapsed:,.0f}/s) model_events={service.model.events_applied} "
-                f"users={service.model.users.ids.live} items={len(service.model.items)} "
+                f"users={service.model.users.ids.live} items={service.model.items.ids.live} "
                 f"index=v{index.version if index else 0}"
                 + (f" (age {now - index.built_at:.0f}s)" if index else "")
                 + f" dead_letters={s.dead_letters} (+{s.dead_letters - dead}) updates={s.updates_published} "

@@ -235,7 +235,9 @@ class ServiceMetrics:
         yield gauge("recstream_model_users", "Users in the model", model.users.ids.live)
         yield counter("recstream_users_forgotten", "Users forgotten since start-up (model.max_users, user_ttl_s)",
                       service.state.users_forgotten)
-        yield gauge("recstream_model_items", "Items in the model", len(model.items))
+        yield counter("recstream_items_forgotten", "Items forgotten since start-up (model.max_items, item_ttl_s)",
+                      service.state.items_forgotten)
+        yield gauge("recstream_model_items", "Items in the model", model.items.ids.live)
         yield gauge("recstream_model_version", "Model version (one per applied batch)", model.model_version)
         yield counter("recstream_model_events", "Events the model has learned, restored checkpoints included",
                       model.events_applied)

@@ -405,18 +405,19 @@ def export_state(state_dir: str | Path, out: str | Path) -> dict[str, int]:
     model = state.model
     names = sorted(set(state.positions) | set(state.applied))
     held = np.setdiff1d(np.arange(len(model.users)), model.users.ids.free)  # rows of forgotten users: no one's
+    items = np.setdiff1d(np.arange(len(model.items)), model.items.ids.free)
     np.savez(
         out,
         user_ids=np.array(model.users.ids.ids_of(held.tolist()), dtype=str),
         user_vectors=model.users.vectors[held],
         user_bias=model.users.biases[held],
-        item_ids=np.array(model.items.ids.ids, dtype=str),
-        item_vectors=model.items.vectors,
-        item_bias=model.items.biases,
+        item_ids=np.array(model.items.ids.ids_of(items.tolist()), dtype=str),
+        item_vectors=model.items.vectors[items],
+        item_bias=model.items.biases[items],
         global_mean=np.float64(model.global_mean),
         partitions=np.array(names, dtype=str),
         offsets=np.array([state.positions.get(n, -1) for n in names], dtype=np.int64),
         events_applied=np.array([state.applied.get(n, 0) for n in names], dtype=np.int64),
         events_applied_total=np.int64(model.events_applied),
     )
-    return {"users": len(held), "items": len(model.items), "events": model.events_applied}
+    return {"users": len(held), "items": len(items), "events": model.events_applied}

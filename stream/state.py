@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 from recstream.embeddings.content import ContentPlaceholders, ContentProjector, ItemContent, metadata_features
-from recstream.embeddings.expiry import UserExpiry, part
+from recstream.embeddings.expiry import Expiry, part
 from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import MFConfig, OnlineMF
 from recstream.embeddings.session import SessionSignals
@@ -51,11 +51,18 @@ class RecState:
         self.applied: dict[str, int] = {}  # valid events applied to the model
         self.index_version = 0
         self.topic_ids: dict[str, str] = {}  # input topic -> the broker's id for it (a recreated topic has a new one)
-        self.expiry = UserExpiry(config.max_users, config.user_ttl_s)
+        self.expiry = Expiry(config.max_users, config.user_ttl_s)
+        self.item_expiry = Expiry(config.max_items, config.item_ttl_s)
         # Rows of users the last apply forgot that no new user took (anything keyed by row, such as
         # the updates pending for publication, must drop them).
         self.forgotten = np.zeros(0, dtype=np.int64)
         self.users_forgotten = 0  # all time (since start-up)
+        self.items_forgotten = 0
+        # Whatever forgets items (the item expiry here, or anyone calling OnlineMF.forget_items),
+        # what is kept per item beside the model goes with them.
+        self.model.item_forget_hooks.append(self._drop_items)
+        if self.item_expiry.enabled:  # load the history's compiled pass now, not in the first eviction's batch
+            self.history.forget_items(np.zeros(0, dtype=np.int64))
         # Item state shared with the group (stream.group_sync), once enable_item_sync is called;
         # where this member stands in the sync topic ("topic/partition" -> next offset).
         self.item_sync: ItemSync | None = None
@@ -68,28 +75,30 @@ class RecState:
 
         Returns the user and item rows of the events and each event's prequential loss
         (squared error of a rating; logistic loss of an implicit positive). With bounded memory
-        (``model.max_users``, ``model.user_ttl_s``) the batch is learned in runs, users forgotten
-        between them where the event sequence says so (see embeddings/expiry.py): a row in the
-        result belongs to the user who had it at that event.
+        (``model.max_users``, ``user_ttl_s``, ``max_items``, ``item_ttl_s``) the batch is learned in
+        runs, users and items forgotten between them where the event sequence says so (see
+        embeddings/expiry.py): a row in the result belongs to the user or item that had it at that event.
         """
         timestamps = np.maximum(batch.timestamps, 0)
         predictions = np.empty(len(batch), dtype=np.float64)
         if partition_of_event is not None:
             partition_of_event = np.asarray(partition_of_event)
-        if not self.expiry.enabled:
+        if not (self.expiry.enabled or self.item_expiry.enabled):
             users, items = self._apply_run(batch, timestamps, predictions, rate_scale, 0, len(batch),
                                            partition_of_event)
         else:
+            model = self.model
             forgotten, runs = [], []
             start = 0
             while start < len(batch):
-                last_active, last_seq = self.model.activity()
-                forget = self.expiry.to_forget(self.model.users.ids, last_active, last_seq, batch.user_ids,
-                                               timestamps, start)
+                forget = self.expiry.to_forget(model.users.ids, *model.activity(), batch.user_ids, timestamps, start)
                 if len(forget):
                     self.forget_users(forget)
                     forgotten.append(forget)
-                end = self.expiry.run_end(self.model.users.ids, batch.user_ids, timestamps, start)
+                model.forget_items(self.item_expiry.to_forget(model.items.ids, *model.item_activity(), batch.item_ids,
+                                                              timestamps, start))
+                end = min(self.expiry.run_end(model.users.ids, batch.user_ids, timestamps, start),
+                          self.item_expiry.run_end(model.items.ids, batch.item_ids, timestamps, start))
                 runs.append(self._apply_run(batch, timestamps, predictions, rate_scale, start, end,
                                             partition_of_event))
                 start = end
@@ -116,11 +125,13 @@ class RecState:
         self.learn_rows(users, items, batch.ratings[start:end], batch.weights[start:end], predictions[start:end], ts,
                         rate_scale, None if batch.session_keys is None else batch.session_keys[start:end])
         self.history.add(users, items)
-        # Kept also while nothing expires: turning expiry on later finds every user's activity.
-        last_active, last_seq = self.model.activity()
-        np.maximum.at(last_active, users, ts)
-        np.maximum.at(last_seq, users, np.arange(seq_before + 1, seq_before + 1 + len(users), dtype=np.int64))
+        # Kept also while nothing expires: turning expiry on later finds every user's and item's activity.
+        seq = np.arange(seq_before + 1, seq_before + 1 + len(users), dtype=np.int64)
+        for rows, (last_active, last_seq) in ((users, self.model.activity()), (items, self.model.item_activity())):
+            np.maximum.at(last_active, rows, ts)
+            np.maximum.at(last_seq, rows, seq)
         self.expiry.advance(ts)
+        self.item_expiry.advance(ts)
         if partition_of_event is not None:  # (a user's later event wins: numpy assigns in order)
             self.model.input_partitions()[users] = partition_of_event[start:end]
         return users, items
@@ -132,6 +143,15 @@ class RecState:
         self.history.forget(rows)
         self.sessions.forget(rows)
         self.users_forgotten += len(rows)
+
+    def _drop_items(self, rows: np.ndarray) -> None:
+        """Forgotten items (an ``OnlineMF.forget_items`` hook) leave histories (the recommender's
+        exclusions), sessions and content."""
+        self.history.forget_items(rows)
+        self.sessions.forget_items(rows)
+        self.content.forget(rows)
+        self.placeholders.forget(rows)
+        self.items_forgotten += len(rows)
 
     def users_of_partition(self, partition: int) -> np.ndarray:
         """Rows of the held users whose latest event came from input ``partition``."""
@@ -189,7 +209,20 @@ class RecState:
         rows = self.model.items.rows(item_ids)
         for n, row in enumerate(rows.tolist()):
             self.content.set(row, names[n], None if vectors is None else vectors[n])
-        return self.placeholders.place(self.model, self.content, self.projector, rows)
+        placed = self.placeholders.place(self.model, self.content, self.projector, rows)
+        self.items_arrived(rows)  # (last: what was just set for an item over the cap goes with it)
+        return placed
+
+    def items_arrived(self, rows: np.ndarray) -> None:
+        """Items that came outside the event sequence (their metadata, a handed-over user's
+        history): those never active here (new ones) count as active from now, or the item expiry
+        would take them first, and the cap (``model.max_items``) holds, the least recently active
+        others going first, so such input alone cannot grow the table past it either."""
+        _, last_seq = self.model.item_activity()
+        rows = np.asarray(rows, dtype=np.int64)
+        fresh = rows[last_seq[rows] == 0]  # (an item with an event here has a place in the input, from 1)
+        self.model.touch_items(fresh, self.item_expiry.clock)
+        self.model.forget_items(self.item_expiry.over_cap(self.model.items.ids, last_seq, fresh))
 
     def refresh_cold_items(self, min_count: int = 5) -> int:
         """Refit the content regression on items with ``min_count`` events or more and give the
@@ -209,6 +242,7 @@ class RecState:
         arrays = {f"model.{k}": np.array(v, copy=True) if copy else v for k, v in self.model.state_arrays().items()}
         arrays.update({f"history.{k}": v for k, v in self.history.to_arrays().items()})
         arrays.update({f"expiry.{k}": v for k, v in self.expiry.to_arrays().items()})
+        arrays.update({f"item_expiry.{k}": v for k, v in self.item_expiry.to_arrays().items()})
         arrays.update({f"sessions.{k}": v for k, v in
                        self.sessions.to_arrays(len(self.model.users), len(self.model.items)).items()})
         arrays.update({f"content.{k}": v for k, v in self.content.to_arrays().items()})
@@ -272,18 +306,21 @@ class RecState:
         return state
 
     def _load_expiry(self, arrays: dict[str, np.ndarray]) -> None:
-        """The expiry clock and users' activity, or for a checkpoint from before bounded memory
-        (which has neither) the newest event time it holds, with every user active then: none
-        expires before a full ``user_ttl_s`` after the restart's events."""
-        if "expiry.state" in arrays:
-            self.expiry.load_arrays({k[7:]: v for k, v in arrays.items() if k.startswith("expiry.")})
-            return
-        last_active, _ = self.model.activity()
+        """The expiry clocks and users' and items' activity, or for a checkpoint from before bounded
+        memory for them (which has neither) the newest event time it holds, with every user (item)
+        active then: none expires before a full TTL after the restart's events."""
         n = len(self.model.users)
         clock = max(self.model.latest_event_ms(), int(self.sessions.last_ts[:n].max(initial=0)))
-        self.expiry.clock = clock
-        if "model.last_active" not in arrays:
-            last_active[:n] = clock
+        for name, expiry, (last_active, _), rows, stored in (
+                ("expiry", self.expiry, self.model.activity(), n, "model.last_active"),
+                ("item_expiry", self.item_expiry, self.model.item_activity(), len(self.model.items),
+                 "model.item_last_active")):
+            if f"{name}.state" in arrays:
+                expiry.load_arrays({k[len(name) + 1:]: v for k, v in arrays.items() if k.startswith(f"{name}.")})
+                continue
+            expiry.clock = clock
+            if stored not in arrays:
+                last_active[:rows] = clock
 
     @classmethod
     def load_or_new(cls, store: CheckpointStore | None, config: MFConfig, history_per_user: int = 500) -> RecState:

@@ -98,7 +98,7 @@ class StatusHistory:
             "now": int(time.time() * 1000),
             "events_applied": s.events_applied, "messages": s.messages, "dead_letters": s.dead_letters,
             "updates_published": s.updates_published, "users": len(service.model.users),
-            "items": len(service.model.items), "model_version": service.model.model_version,
+            "items": service.model.items.ids.live, "model_version": service.model.model_version,
             "assigned": [f"{t}/{p}" for t, p in s.assigned],
             "index": {"version": index.version, "items": index.n_items, "age_s": time.monotonic() - index.built_at,
                       "build_s": index.build_seconds} if index else None,

@@ -234,14 +234,18 @@ class ServiceHttp:
         with service.model_lock:
             row = model.items.ids.get(item_id)
             n_items = len(model.items)
-            eligible = service.recommender.eligible()  # (index.min_item_events)
+            eligible = service.recommender.eligible()  # (index.min_item_events, forgotten items)
+            # A row whose item was forgotten since the build: the index holds the old item there.
+            reused = row is not None and index is not None and bool(
+                model.items_forgotten_after(index.model_version)[row])
         if row is None:
             raise HttpError(HTTPStatus.NOT_FOUND, "unknown item: no event or metadata of it has been applied",
                             item_id=item_id)
         candidates = None
         # The index is immutable: no lock needed. An item it does not hold (newer, or below
         # index.min_item_events at the build) has the zero vector there; index points never do.
-        if index is not None and row < index.annoy.get_n_items() and any(index.annoy.get_item_vector(row)):
+        if (index is not None and not reused and row < index.annoy.get_n_items()
+                and any(index.annoy.get_item_vector(row))):
             candidates = np.asarray(index.annoy.get_nns_by_item(row, SIMILAR_FETCH_FACTOR * k + 1,
                                                                  service.config.index.search_k), dtype=np.int64)
         with service.model_lock:
