@@ -22,11 +22,12 @@ measures what that costs in quality, with the same code paths and none of the br
 One member sends nothing and receives nothing, so ``--members 1`` is exactly the single
 process (a test holds it to that).
 
-``sync_every`` is in events of the whole group's stream; the service syncs on a clock, so
-``K = sync interval x events per second of the group``. The default, ``DEFAULT_SYNC_EVERY``,
-is the service's sync interval (assumed 1 s: the output flush interval, at which offsets are
-committed) at 1,000 events/s, the smallest live rate ``bench/scale.py`` runs; docs/scale-out.md
-has the table of quality against ``K``.
+``sync_every`` is in events of the whole group's stream; the service sends on a clock
+(``sync.interval_s``, 5 s by default) and applies what arrives at once, so
+``K = sync.interval_s x events per second of the group``. The default, ``DEFAULT_SYNC_EVERY``
+= 5,000, is the default 5 s at 1,000 events/s (at 5,000 events/s, K = 25,000); docs/scale-out.md
+has the table of quality against ``K``. Here all members send at the same moment, so a delta is
+0 to K events old when applied; in the service, sends are spread over the interval.
 
 >>> import numpy as np
 >>> from recstream.evaluation.prequential import Interactions
@@ -59,7 +60,7 @@ from recstream.evaluation.prequential import EvalResult, Interactions, explicit_
 if TYPE_CHECKING:
     from recstream.stream.state import RecState
 
-DEFAULT_SYNC_EVERY = 1000
+DEFAULT_SYNC_EVERY = 5000  # events: see the module docstring
 _EXPLICIT_BATCH = 10_000  # events per learn call when no sync cuts them shorter (results do not depend on it)
 
 
@@ -94,6 +95,7 @@ class MemberGroup:
         self.messages = 0
         self.bytes = 0
         self.items_sent = 0
+        self.unranked = 0  # evaluated events whose item the owner had not heard of (implicit)
 
     def learned(self, member: int) -> None:
         """``member`` learned something since the last exchange."""
@@ -120,19 +122,31 @@ class MemberGroup:
 
     def metrics(self) -> dict[str, float]:
         return {"members": len(self.models), "sync_every": self.sync_every, "syncs": self.exchanges,
-                "sync_messages": self.messages, "sync_bytes": self.bytes, "sync_items": self.items_sent}
+                "sync_messages": self.messages, "sync_bytes": self.bytes, "sync_items": self.items_sent,
+                "events_unknown_item": self.unranked}
 
 
 class MemberStates(MemberGroup):
     """A group of the service's states (``RecState``), for the implicit evaluation: it asks which
-    state ranks and learns event ``n`` and says when one was learned."""
+    state ranks and learns event ``n`` and says when one was learned.
 
-    def __init__(self, config: MFConfig, owner: np.ndarray, members: int, sync_every: int) -> None:
+    ``share_popularity`` is an experiment, not what the service does: ranking adds
+    ``log1p`` of an item's entries in the ring of recent positives, and each member's ring holds
+    only its own users' clicks. With it, a member ranks with its own live count plus the other
+    members' counts as of the last exchange, as if ``ItemDelta`` carried pool-count changes.
+    """
+
+    def __init__(self, config: MFConfig, owner: np.ndarray, members: int, sync_every: int,
+                 share_popularity: bool = False) -> None:
         from recstream.stream.state import RecState  # the service's state, as the single process uses
 
         self.states = [RecState(config, history_per_user=1_000_000) for _ in range(members)]
         super().__init__([state.model for state in self.states], sync_every)
         self.owner = owner
+        self.share_popularity = share_popularity
+        self._item_index: dict[str, int] = {}  # item id -> one index for the whole group
+        self._global_rows = [np.zeros(0, dtype=np.int64) for _ in range(members)]  # member row -> that index
+        self._others = [np.zeros(0, dtype=np.float64) for _ in range(members)]  # others' pool counts, by row
 
     def state_of(self, n: int) -> RecState:
         return self.states[int(self.owner[n])]
@@ -140,6 +154,40 @@ class MemberStates(MemberGroup):
     def event_learned(self, n: int) -> None:
         self.learned(int(self.owner[n]))
         self.applied(n + 1)
+
+    def ranking_biases(self, n: int) -> np.ndarray:
+        """The ranking's per-item term for event ``n``, by its owner (see ``OnlineMF.ranking_biases``)."""
+        model = self.state_of(n).model
+        if not self.share_popularity:
+            return model.ranking_biases()
+        others = self._others[int(self.owner[n])]
+        count = _pool_counts(model).astype(np.float64)
+        count[: len(others)] += others
+        return model.items.biases[: len(model.items)] + np.float32(model.config.popularity_weight) * np.log1p(
+            count).astype(np.float32)
+
+    def exchange(self) -> None:
+        super().exchange()
+        if not self.share_popularity:
+            return
+        counts = []
+        for k, model in enumerate(self.models):
+            known = len(self._global_rows[k])
+            new = [self._item_index.setdefault(i, len(self._item_index))
+                   for i in model.items.ids.ids_of(range(known, len(model.items)))]
+            self._global_rows[k] = np.concatenate([self._global_rows[k], np.array(new, dtype=np.int64)])
+            counts.append(np.bincount(self._global_rows[k], weights=_pool_counts(model),
+                                      minlength=len(self._item_index)))
+        total = sum(np.pad(c, (0, len(self._item_index) - len(c))) for c in counts)
+        for k, own in enumerate(counts):
+            self._others[k] = (total - np.pad(own, (0, len(total) - len(own))))[self._global_rows[k]]
+
+
+def _pool_counts(model: OnlineMF) -> np.ndarray:
+    # The experiment reads the model's private ring counts (what ranking_biases takes the log of)
+    # rather than add an accessor to the model for a measurement.
+    model._fit_item_arrays()
+    return model._pool_count[: len(model.items)]
 
 
 def members_explicit(data: Interactions, config: MFConfig, members: int,
@@ -170,9 +218,10 @@ def members_explicit(data: Interactions, config: MFConfig, members: int,
 
 
 def members_implicit(data: Interactions, config: MFConfig, members: int,
-                     sync_every: int = DEFAULT_SYNC_EVERY) -> EvalResult:
-    """HR@10/NDCG@10 of rank-then-learn, each event by the member that owns its user."""
-    group = MemberStates(config, owners(data.user_ids, members), members, sync_every)
+                     sync_every: int = DEFAULT_SYNC_EVERY, share_popularity: bool = False) -> EvalResult:
+    """HR@10/NDCG@10 of rank-then-learn, each event by the member that owns its user
+    (``share_popularity``: see :class:`MemberStates`)."""
+    group = MemberStates(config, owners(data.user_ids, members), members, sync_every, share_popularity)
     result = prequential_implicit(data, config, "model", group=group)
     result.metrics.update(group.metrics())
     return result

@@ -185,12 +185,15 @@ def prequential_implicit(data: Interactions, config: MFConfig, ranker: str = "mo
             row = model.items.ids.get(item)
             rankable = row is not None and len(model.items) > K
             evaluated[n] = rankable if group is None else index < known_items and known_items > K
+            if evaluated[n] and not rankable:
+                group.unranked += 1  # a miss: the owner has not heard of the item yet
             if rankable:
                 if row not in history:  # a repeat can never be a hit once seen items are excluded
                     user_row = model.users.ids.get(user)
                     vector = (model.query_vectors(np.array([user_row]), int(data.timestamps[n]))[0]
                               if user_row is not None else np.zeros(model.config.dim, np.float32))
-                    scores = model.items.vectors @ vector + model.ranking_biases()
+                    scores = model.items.vectors @ vector + (model.ranking_biases() if group is None
+                                                             else group.ranking_biases(n))
                     if user_row is not None and state.sessions.enabled:  # the blend the service publishes
                         rows, blend = state.sessions.candidates(np.array([user_row]), int(data.timestamps[n]))[0]
                         if len(rows):
