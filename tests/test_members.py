@@ -102,3 +102,18 @@ def test_eval_cli_members_writes_the_group_beside_one_process(tmp_path, capsys) 
             cli.main(args[:-6] + bad)
         assert bad[-2] in capsys.readouterr().err
     assert cli.main(args[:-2] + ["--protocol", "split"]) == 2  # a clear error, not a traceback
+
+
+def test_ranking_with_the_groups_popularity_recovers_what_per_member_rings_lose() -> None:
+    """The experiment (not the service): each member's ring of recent positives holds its own
+    users' clicks only; ranked with the group's counts, members without session signals (which
+    are not shared either) do better than with their own counts, and one member is unchanged."""
+    config = MFConfig(dim=8, seed=5, session_rules_weight=0.0, session_cooc_weight=0.0, session_knn_weight=0.0,
+                      session_repeat_weight=0.0)
+    clicks = _clicks()
+    single = ev.prequential_implicit(clicks, config)
+    np.testing.assert_array_equal(em.members_implicit(clicks, config, 1, 1, share_popularity=True).curve,
+                                  single.curve)
+    own = em.members_implicit(clicks, config, 4, 1).metrics["hit_rate@10"]
+    shared = em.members_implicit(clicks, config, 4, 1, share_popularity=True).metrics["hit_rate@10"]
+    assert shared > 1.05 * own, (shared, own)
