@@ -2,7 +2,7 @@
 
     python bench/members_quality.py ../shared/data [--modes explicit implicit] [--members 1 2 4 8]
         [--sync-every 1 100 1000 5000 10000 25000 never] [--tag NAME --set SECTION.KEY=VALUE ...]
-        [--share-popularity]
+        [--share popularity sessions]
 
 Runs ``recstream eval --members N --sync-every K`` (evaluation/members.py) on the MovieLens
 latest-small rows of bench/quality.py (same commands: time order, explicit and implicit), one
@@ -14,9 +14,9 @@ process per row, one after the other:
 
 Each row's ratio is against N = 1 of the same invocation, which is exactly the single process
 (tests/test_members.py holds it to that). ``--set`` passes model settings to every row (the rows
-then go to ``members-quality-TAG.json``). ``--share-popularity`` (implicit) runs the experiment
-of ``evaluation.members.MemberStates`` in this process, on the data the same eval command loads,
-and writes ``members-quality-share-popularity[-TAG].json``. Prints the tables docs/scale-out.md shows.
+then go to ``members-quality-TAG.json``). ``--share`` (implicit) runs the experiments of
+``evaluation.members.MemberStates`` in this process, on the data the same eval command loads,
+and writes ``members-quality-share-WHAT[-TAG].json``. Prints the tables docs/scale-out.md shows.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def main() -> None:
     parser.add_argument("--sync-every", nargs="+", default=["1", "100", "1000", "5000", "10000", "25000", "never"])
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--tag", help="name of this variant (with --set)")
-    parser.add_argument("--share-popularity", action="store_true",
-                        help="implicit: members rank with the group's pool counts (an experiment)")
+    parser.add_argument("--share", nargs="+", choices=("popularity", "sessions"), default=[],
+                        help="implicit: members share what the service does not (experiments)")
     args = parser.parse_args()
     from recstream.evaluation.members import DEFAULT_SYNC_EVERY
 
@@ -64,8 +64,8 @@ def main() -> None:
             command = [str(recstream), "eval", *eval_args, *settings, "--members", str(members),
                        "--sync-every", sync_every, "--baseline", "none"]
             print(f"== {mode} N={members} K={sync_every}: {shlex.join(command)}", flush=True)
-            if args.share_popularity:
-                result = _share_popularity(command[2:], members)
+            if args.share:
+                result = _shared(command[2:], members, args.share)
             else:
                 with tempfile.TemporaryDirectory() as tmp:
                     json_out = Path(tmp) / "eval.json"
@@ -77,24 +77,25 @@ def main() -> None:
                                                           *METRICS[mode])},
                                 **({k: result[k] for k in ("events_evaluated", "events_unknown_item")} if mode == "implicit"
                                    else {})})
-    name = "-".join(["members-quality", *(["share-popularity"] if args.share_popularity else []),
+    name = "-".join(["members-quality", *(["share", *args.share] if args.share else []),
                      *([args.tag] if args.tag else [])]) + ".json"
-    out["share_popularity"] = args.share_popularity
+    out["shared"] = args.share
     (HERE / "results" / name).write_text(json.dumps(out, indent=2) + "\n")
     print_tables(out)
 
 
-def _share_popularity(eval_args: list[str], members: int) -> dict:
-    """The eval command's data and settings, run with ``share_popularity`` in this process."""
+def _shared(eval_args: list[str], members: int, share: list[str]) -> dict:
+    """The eval command's data and settings, run with ``share_*`` in this process."""
     from recstream.evaluation import members as em
     from recstream.stream import cli
 
     args = cli.build_parser().parse_args(["eval", *eval_args])
     if args.mode != "implicit":
-        raise SystemExit("--share-popularity is an implicit experiment: use --modes implicit")
+        raise SystemExit("--share runs implicit experiments: use --modes implicit")
     config = cli._config(args, {})
     data, _ = cli._load_interactions(args, config)
-    return em.members_implicit(data, config.model, members, args.sync_every, share_popularity=True).metrics
+    return em.members_implicit(data, config.model, members, args.sync_every, share_popularity="popularity" in share,
+                               share_sessions="sessions" in share).metrics
 
 
 def print_tables(out: dict) -> None:

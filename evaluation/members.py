@@ -130,19 +130,27 @@ class MemberStates(MemberGroup):
     """A group of the service's states (``RecState``), for the implicit evaluation: it asks which
     state ranks and learns event ``n`` and says when one was learned.
 
-    ``share_popularity`` is an experiment, not what the service does: ranking adds
-    ``log1p`` of an item's entries in the ring of recent positives, and each member's ring holds
-    only its own users' clicks. With it, a member ranks with its own live count plus the other
-    members' counts as of the last exchange, as if ``ItemDelta`` carried pool-count changes.
+    Two experiments, not what the service does, measure what sharing more would buy:
+    ``share_popularity``: ranking adds ``log1p`` of an item's entries in the ring of recent
+    positives, and each member's ring holds only its own users' clicks; with it, a member ranks
+    with its own live count plus the other members' counts as of the last exchange, as if
+    ``ItemDelta`` carried pool-count changes. ``share_sessions``: all members learn into and
+    rank from one set of session signals (rules, co-occurrence, session-kNN), at once: the most
+    a sync of session signals could give.
     """
 
     def __init__(self, config: MFConfig, owner: np.ndarray, members: int, sync_every: int,
-                 share_popularity: bool = False) -> None:
+                 share_popularity: bool = False, share_sessions: bool = False) -> None:
+        from recstream.embeddings.session import SessionSignals
         from recstream.stream.state import RecState  # the service's state, as the single process uses
 
         self.states = [RecState(config, history_per_user=1_000_000) for _ in range(members)]
         super().__init__([state.model for state in self.states], sync_every)
         self.owner = owner
+        if share_sessions:
+            shared, users, items = SessionSignals(config), _GroupIds(), _GroupIds()
+            for state in self.states:
+                state.sessions = _SharedSessions(shared, state.model, users, items)
         self.share_popularity = share_popularity
         self._item_index: dict[str, int] = {}  # item id -> one index for the whole group
         self._global_rows = [np.zeros(0, dtype=np.int64) for _ in range(members)]  # member row -> that index
@@ -183,6 +191,48 @@ class MemberStates(MemberGroup):
             self._others[k] = (total - np.pad(own, (0, len(total) - len(own))))[self._global_rows[k]]
 
 
+class _GroupIds:
+    """Group-wide rows for ids (the shared session signals' keys)."""
+
+    def __init__(self) -> None:
+        self.index: dict[str, int] = {}
+        self.ids: list[str] = []
+
+    def rows(self, ids: list[str]) -> np.ndarray:
+        for key in ids:
+            if key not in self.index:
+                self.index[key] = len(self.ids)
+                self.ids.append(key)
+        return np.array([self.index[key] for key in ids], dtype=np.int64)
+
+
+class _SharedSessions:
+    """One member's view of session signals shared by the group (the ``share_sessions``
+    experiment): its rows become group-wide rows on the way in, and back on the way out."""
+
+    def __init__(self, shared, model: OnlineMF, users: _GroupIds, items: _GroupIds) -> None:
+        self.shared, self.model, self.users, self.items = shared, model, users, items
+
+    @property
+    def enabled(self) -> bool:
+        return self.shared.enabled
+
+    def update(self, user_rows: np.ndarray, item_rows: np.ndarray, timestamps: np.ndarray,
+               session_keys: np.ndarray | None = None) -> None:
+        self.shared.update(self.users.rows(self.model.users.ids.ids_of(user_rows.tolist())),
+                           self.items.rows(self.model.items.ids.ids_of(item_rows.tolist())), timestamps, session_keys)
+
+    def candidates(self, user_rows: np.ndarray, now_ms: int | np.ndarray = 0,
+                   session_keys: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+        out = []
+        users = self.users.rows(self.model.users.ids.ids_of(np.asarray(user_rows).tolist()))
+        for rows, scores in self.shared.candidates(users, now_ms, session_keys):
+            local = [self.model.items.ids.get(self.items.ids[r]) for r in rows.tolist()]
+            known = np.array([r is not None for r in local], dtype=bool)  # items this member has not heard of
+            out.append((np.array([r for r in local if r is not None], dtype=np.int64), scores[known]))
+        return out
+
+
 def _pool_counts(model: OnlineMF) -> np.ndarray:
     # The experiment reads the model's private ring counts (what ranking_biases takes the log of)
     # rather than add an accessor to the model for a measurement.
@@ -217,14 +267,29 @@ def members_explicit(data: Interactions, config: MFConfig, members: int,
     return result
 
 
-def members_implicit(data: Interactions, config: MFConfig, members: int,
-                     sync_every: int = DEFAULT_SYNC_EVERY, share_popularity: bool = False) -> EvalResult:
+def members_implicit(data: Interactions, config: MFConfig, members: int, sync_every: int = DEFAULT_SYNC_EVERY,
+                     share_popularity: bool = False, share_sessions: bool = False) -> EvalResult:
     """HR@10/NDCG@10 of rank-then-learn, each event by the member that owns its user
-    (``share_popularity``: see :class:`MemberStates`)."""
-    group = MemberStates(config, owners(data.user_ids, members), members, sync_every, share_popularity)
+    (``share_popularity``, ``share_sessions``: experiments, see :class:`MemberStates`)."""
+    group = MemberStates(config, owners(data.user_ids, members), members, sync_every, share_popularity,
+                         share_sessions)
     result = prequential_implicit(data, config, "model", group=group)
     result.metrics.update(group.metrics())
     return result
+
+
+def describe(metrics: dict[str, float]) -> str:
+    """One line on the group's exchanges, for the command line.
+
+    >>> describe({"members": 4, "sync_every": 0, "syncs": 0, "sync_bytes": 0, "events_unknown_item": 7})
+    '4 members, never synced: 0 exchanges, 0.0 MB of deltas; 7 events on items their owner had not heard of'
+    """
+    every = "never synced" if not metrics["sync_every"] else f"sync every {int(metrics['sync_every']):,} events"
+    line = (f"{int(metrics['members'])} members, {every}: {int(metrics['syncs']):,} exchanges, "
+            f"{metrics['sync_bytes'] / 1e6:.1f} MB of deltas")
+    if metrics.get("events_unknown_item"):
+        line += f"; {int(metrics['events_unknown_item']):,} events on items their owner had not heard of"
+    return line
 
 
 def evaluate(data: Interactions, config: MFConfig, mode: str, members: int,

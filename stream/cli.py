@@ -269,6 +269,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         theirs = results["baseline"].metrics.get(key) if "baseline" in results else None
         fmt = (lambda v: f"{v:12,.0f}") if key in ("events", "events_per_s") else (lambda v: f"{v:12.4f}")
         print(f"{key:<17} {fmt(mine)} {fmt(theirs) if theirs is not None else '':>12}")
+    if args.members is not None:
+        print(em.describe(results["recstream"].metrics))
     if rejected:
         print(f"rejected {sum(rejected.values()):,} lines: {_top_reasons(rejected)}")
     if args.json_out:

@@ -117,3 +117,16 @@ def test_ranking_with_the_groups_popularity_recovers_what_per_member_rings_lose(
     own = em.members_implicit(clicks, config, 4, 1).metrics["hit_rate@10"]
     shared = em.members_implicit(clicks, config, 4, 1, share_popularity=True).metrics["hit_rate@10"]
     assert shared > 1.05 * own, (shared, own)
+
+
+def test_one_set_of_session_signals_for_the_group_recovers_what_per_member_signals_lose() -> None:
+    """The other experiment: session signals (item to item, learned from everyone's sessions)
+    are per member in the service; shared by the group, members rank better, and one member is
+    unchanged (its rows map to the group's one to one)."""
+    clicks = _clicks()
+    single = ev.prequential_implicit(clicks, CONFIG)
+    np.testing.assert_array_equal(em.members_implicit(clicks, CONFIG, 1, 1, share_sessions=True).curve,
+                                  single.curve)
+    own = em.members_implicit(clicks, CONFIG, 4, 1).metrics["hit_rate@10"]
+    shared = em.members_implicit(clicks, CONFIG, 4, 1, share_sessions=True).metrics["hit_rate@10"]
+    assert shared > 1.2 * own, (shared, own)
