@@ -213,14 +213,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = _config(args, {})
     data, rejected = _load_interactions(args, config)
     metadata = _read_item_metadata(args.item_metadata) if args.item_metadata else None
+    if args.members is not None and (args.protocol != "prequential" or metadata is not None):
+        raise ConfigError("--members evaluates the prequential protocol, without --item-metadata")
     if args.protocol == "session":
         return _eval_session(args, config, data, rejected)
     results: dict[str, ev.EvalResult] = {}
     if args.members is not None:  # a consumer group simulated in one process (evaluation/members.py)
         from recstream.evaluation import members as em
 
-        if args.protocol != "prequential" or metadata is not None:
-            raise ConfigError("--members evaluates the prequential protocol, without --item-metadata")
         sync_every = em.DEFAULT_SYNC_EVERY if args.sync_every is None else args.sync_every
         results["recstream"] = em.evaluate(data, config.model, args.mode, args.members, sync_every)
         if args.baseline != "none":

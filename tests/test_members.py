@@ -101,7 +101,9 @@ def test_eval_cli_members_writes_the_group_beside_one_process(tmp_path, capsys) 
         with pytest.raises(SystemExit):
             cli.main(args[:-6] + bad)
         assert bad[-2] in capsys.readouterr().err
-    assert cli.main(args[:-2] + ["--protocol", "split"]) == 2  # a clear error, not a traceback
+    for protocol in ("split", "session"):  # a clear error, not a traceback or a silent single process
+        assert cli.main(args[:-2] + ["--protocol", protocol]) == 2
+        assert "--members evaluates the prequential protocol" in capsys.readouterr().err
 
 
 def test_ranking_with_the_groups_popularity_recovers_what_per_member_rings_lose() -> None:
