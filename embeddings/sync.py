@@ -254,11 +254,12 @@ class ItemSync:
         np.add.at(self._transitions, rows, delta.transition_array())
         np.add.at(self._biases, rows, delta.bias_array())
         np.add.at(self._events, rows, delta.event_array())
-        # The base follows the model's clipping, or a clipped item would be sent as changed.
-        np.clip(self._vectors[: self._based], -MAX_COMPONENT, MAX_COMPONENT, out=self._vectors[: self._based])
-        np.clip(self._transitions[: self._based], -MAX_COMPONENT, MAX_COMPONENT,
-                out=self._transitions[: self._based])
-        np.clip(self._biases[: self._based], -MAX_SCALAR, MAX_SCALAR, out=self._biases[: self._based])
+        # The base follows the model's clipping, or a clipped item would be sent as changed. Only
+        # the message's rows moved (the rest are within bounds already): clipping the whole base
+        # cost O(items) per message, ~15 ms per message at 200k items.
+        self._vectors[rows] = np.clip(self._vectors[rows], -MAX_COMPONENT, MAX_COMPONENT)
+        self._transitions[rows] = np.clip(self._transitions[rows], -MAX_COMPONENT, MAX_COMPONENT)
+        self._biases[rows] = np.clip(self._biases[rows], -MAX_SCALAR, MAX_SCALAR)
 
     # -- checkpoints ---------------------------------------------------------------------------
 

@@ -22,10 +22,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from recstream.embeddings.history import InteractionHistory
 from recstream.embeddings.model import MFConfig, OnlineMF, epoch_rate_scale
+
+if TYPE_CHECKING:
+    from recstream.evaluation.members import MemberStates
 
 K = 10
 
@@ -66,9 +70,18 @@ def _rows(ids: list[str]) -> tuple[np.ndarray, int]:
 
 # -- explicit -----------------------------------------------------------------------------------
 
+def explicit_result(data: Interactions, predictions: np.ndarray, seconds: float) -> EvalResult:
+    """MAE and RMSE of ``predictions`` (one per event, made before learning it), clipped to the
+    log's rating range: a prediction outside it is never better than its nearest end."""
+    low, high = float(np.nanmin(data.ratings)), float(np.nanmax(data.ratings))
+    errors = np.clip(predictions, low, high) - data.ratings
+    return EvalResult({"events": len(data), "events_per_s": len(data) / seconds,
+                       "mae": float(np.abs(errors).mean()), "rmse": float(np.sqrt((errors ** 2).mean()))},
+                      np.abs(errors))
+
+
 def prequential_explicit(data: Interactions, config: MFConfig, batch: int = 10_000) -> EvalResult:
     """MAE/RMSE of predict-then-learn over the log, through ``OnlineMF.learn_rows``."""
-    low, high = float(np.nanmin(data.ratings)), float(np.nanmax(data.ratings))
     model = OnlineMF(config)
     predictions = np.empty(len(data), dtype=np.float64)
     started = time.perf_counter()
@@ -77,11 +90,7 @@ def prequential_explicit(data: Interactions, config: MFConfig, batch: int = 10_0
         users = model.users.rows(data.user_ids[s:e])
         items = model.items.rows(data.item_ids[s:e])
         model.learn_rows(users, items, data.ratings[s:e], data.weights[s:e], predictions[s:e], data.timestamps[s:e])
-    seconds = time.perf_counter() - started
-    errors = np.clip(predictions, low, high) - data.ratings
-    return EvalResult({"events": len(data), "events_per_s": len(data) / seconds,
-                       "mae": float(np.abs(errors).mean()), "rmse": float(np.sqrt((errors ** 2).mean()))},
-                      np.abs(errors))
+    return explicit_result(data, predictions, time.perf_counter() - started)
 
 
 def river_biasedmf(data: Interactions) -> EvalResult:
@@ -92,18 +101,13 @@ def river_biasedmf(data: Interactions) -> EvalResult:
                           weight_initializer=optim.initializers.Zeros(),
                           latent_initializer=optim.initializers.Normal(mu=0.0, sigma=0.1, seed=73),
                           l2_bias=0.0, l2_latent=0.0)
-    low, high = float(np.nanmin(data.ratings)), float(np.nanmax(data.ratings))
     predictions = np.empty(len(data))
     ratings = data.ratings.tolist()
     started = time.perf_counter()
     for n, (u, i, y) in enumerate(zip(data.user_ids, data.item_ids, ratings)):
         predictions[n] = model.predict_one(u, i)
         model.learn_one(u, i, y)
-    seconds = time.perf_counter() - started
-    errors = np.clip(predictions, low, high) - data.ratings
-    return EvalResult({"events": len(data), "events_per_s": len(data) / seconds,
-                       "mae": float(np.abs(errors).mean()), "rmse": float(np.sqrt((errors ** 2).mean()))},
-                      np.abs(errors))
+    return explicit_result(data, predictions, time.perf_counter() - started)
 
 
 # -- implicit, prequential ----------------------------------------------------------------------
@@ -131,8 +135,8 @@ def _hit_and_gain(scores: np.ndarray, target: int, seen: np.ndarray) -> tuple[fl
 
 def prequential_implicit(data: Interactions, config: MFConfig, ranker: str = "model",
                          item_metadata: dict[str, tuple[dict | None, str | None]] | None = None,
-                         refresh_every: int = 5000, cold_count: int = 5, text_encoder: str = "hashed"
-                         ) -> EvalResult:
+                         refresh_every: int = 5000, cold_count: int = 5, text_encoder: str = "hashed",
+                         group: MemberStates | None = None) -> EvalResult:
     """HR@10 / NDCG@10 of rank-then-learn, event by event; ``ranker``: "model" or "popularity" (so far).
 
     An event is ranked among the items that exist before it (seen in an earlier
@@ -144,11 +148,19 @@ def prequential_implicit(data: Interactions, config: MFConfig, ranker: str = "mo
     ``hit_rate@10_warm`` covers the others (always rankable, the same events in every run).
     With metadata (text encoded by ``text_encoder``, see embeddings.text),
     items with no events get content vectors every ``refresh_every`` events.
+
+    ``group`` (see evaluation.members; not with metadata): each event is ranked and learned by the
+    state of the member that owns its user, and the group is told after each event (to sync).
+    An event is then evaluated if its item exists anywhere (seen in an earlier event): a member
+    that has not heard of it yet misses it, so every group size is scored on the same events.
     """
     from recstream.stream.state import RecState  # the service's state: same learning and content code
 
     item_index, n_items = _rows(data.item_ids)
-    state = RecState(config, history_per_user=1_000_000) if ranker == "model" else None
+    if group is not None and (ranker != "model" or item_metadata):
+        raise ValueError("a group of members ranks with the model, without item metadata")
+    state = RecState(config, history_per_user=1_000_000) if ranker == "model" and group is None else None
+    ranks = ranker == "model"
     if state is not None and item_metadata:
         state.use_text_encoder(text_encoder)
         ids = list(item_metadata)
@@ -166,16 +178,22 @@ def prequential_implicit(data: Interactions, config: MFConfig, ranker: str = "mo
         user, item, index = data.user_ids[n], data.item_ids[n], int(item_index[n])
         history = seen.setdefault(user, [])
         cold[n] = counts[index] < cold_count
-        if state is not None:
+        if ranks:
+            if group is not None:
+                state = group.state_of(n)
             model = state.model
             row = model.items.ids.get(item)
-            if row is not None and len(model.items) > K:
-                evaluated[n] = True
+            rankable = row is not None and len(model.items) > K
+            evaluated[n] = rankable if group is None else index < known_items and known_items > K
+            if evaluated[n] and not rankable:
+                group.unranked += 1  # a miss: the owner has not heard of the item yet
+            if rankable:
                 if row not in history:  # a repeat can never be a hit once seen items are excluded
                     user_row = model.users.ids.get(user)
                     vector = (model.query_vectors(np.array([user_row]), int(data.timestamps[n]))[0]
                               if user_row is not None else np.zeros(model.config.dim, np.float32))
-                    scores = model.items.vectors @ vector + model.ranking_biases()
+                    scores = model.items.vectors @ vector + (model.ranking_biases() if group is None
+                                                             else group.ranking_biases(n))
                     if user_row is not None and state.sessions.enabled:  # the blend the service publishes
                         rows, blend = state.sessions.candidates(np.array([user_row]), int(data.timestamps[n]))[0]
                         if len(rows):
@@ -189,13 +207,15 @@ def prequential_implicit(data: Interactions, config: MFConfig, ranker: str = "mo
             row = int(batch_items[0])
             if item_metadata and (n + 1) % refresh_every == 0:
                 state.refresh_cold_items(cold_count)
+            if group is not None:
+                group.event_learned(n)
         else:
             row = index
             if index < known_items:
                 evaluated[n] = True
                 if index not in history:
                     hits[n], gains[n] = _hit_and_gain(counts[:known_items], index, np.asarray(history, dtype=np.int64))
-            known_items = max(known_items, index + 1)
+        known_items = max(known_items, index + 1)
         counts[index] += 1.0
         if row not in history:
             history.append(row)

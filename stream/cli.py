@@ -191,6 +191,20 @@ def _read_item_metadata(path: str) -> dict[str, tuple[dict | None, str | None]]:
     return out
 
 
+def _members(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a number of members (1 or more), not {text!r}")
+    return int(text)
+
+
+def _sync_every(text: str) -> int:
+    if text == "never":
+        return 0
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a positive number of events or 'never', not {text!r}")
+    return int(text)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import json
 
@@ -199,10 +213,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = _config(args, {})
     data, rejected = _load_interactions(args, config)
     metadata = _read_item_metadata(args.item_metadata) if args.item_metadata else None
+    if args.members is not None and (args.protocol != "prequential" or metadata is not None):
+        raise ConfigError("--members evaluates the prequential protocol, without --item-metadata")
     if args.protocol == "session":
         return _eval_session(args, config, data, rejected)
     results: dict[str, ev.EvalResult] = {}
-    if args.protocol == "split":
+    if args.members is not None:  # a consumer group simulated in one process (evaluation/members.py)
+        from recstream.evaluation import members as em
+
+        sync_every = em.DEFAULT_SYNC_EVERY if args.sync_every is None else args.sync_every
+        results["recstream"] = em.evaluate(data, config.model, args.mode, args.members, sync_every)
+        if args.baseline != "none":
+            results["baseline"] = em.evaluate(data, config.model, args.mode, 1)
+            baseline_name = "one process (--members 1)"
+    elif args.protocol == "split":
         train, held = ev.user_split(data, args.test_fraction, seed=args.seed)
         results["recstream"] = ev.split_model(train, held, config.model, args.epochs)
         if args.baseline != "none":
@@ -245,6 +269,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         theirs = results["baseline"].metrics.get(key) if "baseline" in results else None
         fmt = (lambda v: f"{v:12,.0f}") if key in ("events", "events_per_s") else (lambda v: f"{v:12.4f}")
         print(f"{key:<17} {fmt(mine)} {fmt(theirs) if theirs is not None else '':>12}")
+    if args.members is not None:
+        print(em.describe(results["recstream"].metrics))
     if rejected:
         print(f"rejected {sum(rejected.values()):,} lines: {_top_reasons(rejected)}")
     if args.json_out:
@@ -440,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--item-metadata", help="item metadata JSON lines ({item_id, features, text}): content "
                                                   "vectors for cold items; the baseline is then the model without it")
     evaluate.add_argument("--baseline", choices=("default", "none"), default="default")
+    evaluate.add_argument("--members", type=_members, help="simulate a consumer group of N members, users split "
+                          "by a hash of the id, item deltas exchanged (docs/scale-out.md); baseline: one process")
+    evaluate.add_argument("--sync-every", type=_sync_every, metavar="K|never",
+                          help="with --members: events of the group's stream between exchanges "
+                               "(default: evaluation.members.DEFAULT_SYNC_EVERY)")
     evaluate.add_argument("--json-out")
     evaluate.add_argument("--plot", help="PNG of the metric over the stream (needs matplotlib)")
     evaluate.add_argument("--config")
