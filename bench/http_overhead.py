@@ -36,7 +36,7 @@ import numpy as np
 from confluent_kafka import Producer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from recstream.stream.broker import EmbeddedBroker, create_topics, free_port  # noqa: E402
+from recstream.stream.broker import EmbeddedBroker, create_topics, free_port, produce_waiting  # noqa: E402
 from recstream.stream.config import load_config  # noqa: E402
 from recstream.stream.events import EventBatch  # noqa: E402
 from recstream.stream.service import RecStreamService  # noqa: E402
@@ -149,12 +149,7 @@ def latency(bootstrap: str, n_items: int, n_users: int, rate: float, queries: in
         started = time.monotonic()
         while not stop.is_set():
             for key, value in gen.events(int(rate / 10)).messages():
-                while True:
-                    try:
-                        producer.produce(topics["input"], value=value, key=key)
-                        break
-                    except BufferError:
-                        producer.poll(0.05)
+                produce_waiting(producer, topics["input"], value, key)
             produced["n"] += int(rate / 10)
             producer.poll(0)
             time.sleep(max(0.0, started + produced["n"] / rate - time.monotonic()))

@@ -52,7 +52,7 @@ import orjson
 from confluent_kafka import Consumer, KafkaError, Producer
 from recstream.embeddings.model import _ITEM_ARRAYS, _USER_ARRAYS
 from recstream.index.build import build_in_subprocess, mips_item_vectors, mips_query
-from recstream.stream.broker import EmbeddedBroker, create_topics, produce_all
+from recstream.stream.broker import EmbeddedBroker, create_topics, produce_all, produce_waiting
 from recstream.stream.checkpoint import CheckpointStore
 from recstream.stream.config import load_config
 from recstream.stream.service import RecStreamService
@@ -350,12 +350,7 @@ def live_producer_child(conn, settings: dict) -> None:
             user = f"u{users[j]}"
             ts = int(time.time() * 1000)
             value = dumps({"user_id": user, "item_id": f"i{items[j]}", "event_type": EVENT_TYPES[types[j]], "ts": ts})
-            while True:
-                try:
-                    producer.produce(topic, value=value, key=user.encode())
-                    break
-                except BufferError:
-                    producer.poll(0.01)
+            produce_waiting(producer, topic, value, user.encode())
             if j % probe_every == 0:
                 probe_users.append(users[j])
                 probe_ts.append(ts)

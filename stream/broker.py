@@ -98,18 +98,26 @@ class EmbeddedBroker:
         self.stop()
 
 
+def produce_waiting(producer: Producer, topic: str, value: bytes | None, key: bytes | None = None,
+                    partition: int = -1, **options) -> None:
+    """``producer.produce``, waiting while its local queue is full (``BufferError``: deliveries
+    drain, then it is tried again). Every producer of the project goes through here; the service's
+    wrapper adds what to do with a message the producer refuses (``KafkaException``)."""
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key, partition=partition, **options)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
 def produce_all(bootstrap_servers: str, topic: str, messages: Iterable[tuple[bytes | None, bytes | None]],
                 flush_timeout_s: float = 60.0) -> int:
     """Produce (key, value) messages to ``topic`` in order, waiting while the local queue is full;
     returns how many were still undelivered after ``flush_timeout_s`` (for tools and tests)."""
     producer = Producer({"bootstrap.servers": bootstrap_servers, "linger.ms": 20, "logger": kafka_logger()})
     for key, value in messages:
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key)
-                break
-            except BufferError:  # the local queue is full: let deliveries drain
-                producer.poll(0.05)
+        produce_waiting(producer, topic, value, key)
     return producer.flush(flush_timeout_s)
 
 

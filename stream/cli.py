@@ -362,6 +362,7 @@ def cmd_topics(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from confluent_kafka import Producer
+    from recstream.stream.broker import produce_waiting
     from recstream.stream.logs import kafka_logger, settings_for
     from recstream.stream.synthetic import SyntheticClickstream
 
@@ -374,12 +375,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     while sent < args.events:
         chunk = min(10_000, args.events - sent)
         for key, value in gen.events(chunk).messages():
-            while True:
-                try:
-                    producer.produce(args.topic, value=value, key=key)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
+            produce_waiting(producer, args.topic, value, key)
         producer.poll(0)
         sent += chunk
         if args.rate:

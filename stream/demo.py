@@ -15,7 +15,7 @@ import time
 import numpy as np
 import orjson
 from confluent_kafka import Consumer, Producer
-from recstream.stream.broker import EmbeddedBroker, create_topics
+from recstream.stream.broker import EmbeddedBroker, create_topics, produce_waiting
 from recstream.stream.config import HttpConfig, load_config
 from recstream.stream.service import RecStreamService
 from recstream.stream.synthetic import GENRES, SyntheticClickstream
@@ -35,12 +35,7 @@ def _generate(bootstrap: str, gen: SyntheticClickstream, rate: float, stop: thre
         for key, value in gen.events(max(1, int(rate * tick))).messages():
             if rng.random() < 0.001:  # a few broken messages, to show the dead-letter topic at work
                 value = value[: len(value) // 2]
-            while True:
-                try:
-                    producer.produce("clicks", value=value, key=key)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
+            produce_waiting(producer, "clicks", value, key)
             counts["produced"] += 1
         producer.poll(0)
         time.sleep(max(0.0, started + counts["produced"] / rate - time.monotonic()))

@@ -47,7 +47,7 @@ from confluent_kafka.admin import AdminClient
 from recstream.embeddings.drift import ItemDriftAlarm, LossDriftDetector
 from recstream.index.query import Recommender
 from recstream.index.refresh import IndexRefresher
-from recstream.stream.broker import topic_ids, wait_for_cluster
+from recstream.stream.broker import produce_waiting, topic_ids, wait_for_cluster
 from recstream.stream.checkpoint import BackgroundCheckpointWriter, CheckpointStore, StateDirLock
 from recstream.stream.clock import batch_now, settle_timestamps
 from recstream.stream.config import ConfigError, ServiceConfig
@@ -495,11 +495,9 @@ class RecStreamService:
                  partition: int = -1) -> None:
         while True:
             try:
-                self.producer.produce(topic, value=value, key=key, headers=headers, on_delivery=self._delivered,
-                                      partition=partition)
+                produce_waiting(self.producer, topic, value, key, partition, headers=headers,
+                                on_delivery=self._delivered)
                 return
-            except BufferError:  # local queue full: let deliveries drain, then retry
-                self.producer.poll(0.05)
             except KafkaException as exc:  # refused before sending, e.g. over the producer's message.max.bytes
                 error = exc.args[0]
                 if error.code() == KafkaError.MSG_SIZE_TOO_LARGE and topic == self.config.topics.dlq:

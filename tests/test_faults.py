@@ -18,7 +18,7 @@ import orjson
 from confluent_kafka import Consumer, Producer
 from prometheus_client.parser import text_string_to_metric_families
 from recstream.embeddings.model import MFConfig
-from recstream.stream.broker import create_topics, free_port
+from recstream.stream.broker import create_topics, free_port, produce_waiting
 from recstream.stream.config import EventsConfig
 from recstream.stream.events import EventDecoder
 from recstream.stream.replay import export_state
@@ -67,12 +67,7 @@ def _produce_partitioned(bootstrap: str, topic: str, values: list[bytes], partit
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
     started = time.monotonic()
     for n, value in enumerate(values):
-        while True:
-            try:
-                producer.produce(topic, value=value, partition=n % partitions)
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce_waiting(producer, topic, value, partition=n % partitions)
         if rate and n % 1000 == 0:
             producer.poll(0)
             time.sleep(max(0.0, started + n / rate - time.monotonic()))
