@@ -49,9 +49,17 @@ import numpy as np
 from recstream.embeddings.model import OnlineMF
 from recstream.embeddings.sgd import MAX_COMPONENT, MAX_SCALAR
 
-# Items per message: ~300 bytes each at d=32, so a message stays well under Kafka's default
-# 1 MB limit (message.max.bytes) at any dimension up to ~256.
-ITEMS_PER_MESSAGE = 2000
+# A message's size: under Kafka's default limit of 1 MB per message (the broker's message.max.bytes).
+MESSAGE_BYTES = 500_000
+
+
+def items_per_message(dim: int) -> int:
+    """Items that fit a message at ``dim``: two float32 vectors, a bias, a count and an id each.
+
+    >>> items_per_message(32), items_per_message(256)
+    (1592, 237)
+    """
+    return max(1, MESSAGE_BYTES // (8 * dim + 58))  # 58: bias, count, an id of up to ~40 bytes, msgpack
 
 
 class InvalidDelta(ValueError):
@@ -182,11 +190,12 @@ class ItemSync:
         self.reset_rows(rows)
         self._unbased = np.union1d(self._unbased, rows)
 
-    def take(self, items_per_message: int = ITEMS_PER_MESSAGE) -> list[ItemDelta]:
+    def take(self, per_message: int | None = None) -> list[ItemDelta]:
         """This member's changes since its last send, as the messages to send (none if nothing
         changed); its base then counts them as sent."""
         self._fit()
         model = self.model
+        per_message = per_message or items_per_message(model.config.dim)
         n = len(model.items)
         # Vectors, biases and counts move only with the item's change mark; a transition vector
         # moves when the item is a user's previous one, unmarked, so it is compared in full.
@@ -209,12 +218,12 @@ class ItemSync:
         self.seq += 1
         self.sent_items += len(rows)
         ids = model.items.ids.ids_of(rows.tolist())
-        starts = range(0, len(rows), items_per_message)
-        return [ItemDelta(self.member, self.seq, part, len(starts), model.config.dim, ids[s:s + items_per_message],
-                          vectors[s:s + items_per_message].astype("<f4").tobytes(),
-                          transitions[s:s + items_per_message].astype("<f4").tobytes(),
-                          biases[s:s + items_per_message].astype("<f4").tobytes(),
-                          events[s:s + items_per_message].astype("<i8").tobytes())
+        starts = range(0, len(rows), per_message)
+        return [ItemDelta(self.member, self.seq, part, len(starts), model.config.dim, ids[s:s + per_message],
+                          vectors[s:s + per_message].astype("<f4").tobytes(),
+                          transitions[s:s + per_message].astype("<f4").tobytes(),
+                          biases[s:s + per_message].astype("<f4").tobytes(),
+                          events[s:s + per_message].astype("<i8").tobytes())
                 for part, s in enumerate(starts)]
 
     def apply(self, delta: ItemDelta) -> int:

@@ -30,7 +30,9 @@ from recstream.stream.state import RecState
 
 log = logging.getLogger(__name__)
 
-USERS_PER_CHUNK = 1000  # ~2-10 KB per user with its history: chunks well under 1 MB... at most ~10 MB
+# A chunk's size: under Kafka's default limit of 1 MB per message. A user with a long history
+# takes a few kB (its history's item ids), so chunks are cut by size, not by a count of users.
+CHUNK_BYTES = 500_000
 
 
 class UserChunk(msgspec.Struct, frozen=True):
@@ -107,7 +109,10 @@ def import_users(state: RecState, chunk: UserChunk) -> np.ndarray:
     scalars = {name: np.frombuffer(data, dtype=model.user_state_dtype(name)) for name, data in chunk.scalars.items()}
     # Their place in this member's input: now (the sender's count of its own events means nothing here).
     scalars["last_seq"] = np.full(n, model.events_applied, dtype=np.int64)
-    last = np.array([model.items.rows([i])[0] if i else -1 for i in chunk.last_items], dtype=np.int64)
+    last = np.full(n, -1, dtype=np.int64)
+    named = [k for k, item in enumerate(chunk.last_items) if item]
+    if named:
+        last[named] = model.items.rows([chunk.last_items[k] for k in named])
     model.set_user_state(rows, {"vectors": np.frombuffer(chunk.vectors, "<f4").reshape(n, dim),
                                 "short_vectors": np.frombuffer(chunk.short, "<f4").reshape(n, dim),
                                 "last_item": last, **scalars})
@@ -147,9 +152,15 @@ class UserHandover:
         """Hand over ``rows`` (the partition's users) as of input ``offset``; returns the chunks."""
         handover = uuid.uuid4().hex[:12]
         chunks = 0
-        for start in range(0, len(rows), USERS_PER_CHUNK):
-            chunk = export_users(state, rows[start:start + USERS_PER_CHUNK], handover, partition, chunks)
-            self._produce(self.topic, f"{partition}/{chunks}".encode(), _ENCODE(chunk), partition=partition)
+        pending = [rows[start:start + 1000] for start in range(0, len(rows), 1000)]  # then halved while too big
+        while pending:
+            part = pending.pop(0)
+            data = _ENCODE(export_users(state, part, handover, partition, chunks))
+            if len(data) > CHUNK_BYTES and len(part) > 1:  # too big: halve it (in order)
+                half = len(part) // 2
+                pending[:0] = [part[:half], part[half:]]
+                continue
+            self._produce(self.topic, f"{partition}/{chunks}".encode(), data, partition=partition)
             chunks += 1
         self._produce(self.topic, f"{partition}/marker".encode(),
                       _ENCODE(Marker(handover, partition, chunks, offset)), partition=partition)

@@ -209,3 +209,36 @@ def test_a_member_killed_with_9_loses_no_event_of_the_group(kafka_bootstrap: str
         key = f"{group_topics['input']}/{p}"
         total = sum(counts_of.get(key, 0) for counts_of in applied)
         assert counts[p] <= total <= 2 * counts[p], (p, counts[p], applied)
+
+
+def test_handover_chunks_stay_under_the_size_limit_and_carry_every_user(monkeypatch) -> None:
+    """Users with long histories are cut into more chunks (Kafka refuses messages over 1 MB by
+    default); reading the chunks back gives every user with their vector and history."""
+    from recstream.embeddings.model import MFConfig
+    from recstream.stream import handover as module
+    from recstream.stream.events import EventBatch
+    from recstream.stream.state import RecState
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    users, items = [f"u{u}" for u in rng.integers(0, 60, n)], [f"item-{i:06d}" for i in rng.integers(0, 2000, n)]
+    state = RecState(MFConfig(dim=8))
+    state.apply(EventBatch(users, items, np.full(n, np.nan, np.float32), np.ones(n, np.float32),
+                           np.arange(1, n + 1, dtype=np.int64), list(range(n))), "clicks", np.zeros(n, np.int64))
+    monkeypatch.setattr(module, "CHUNK_BYTES", 4000)
+    sent: list[tuple[bytes, bytes]] = []
+    handover = module.UserHandover("t", {}, lambda topic, key, value, partition: sent.append((key, value)))
+    rows = state.users_of_partition(0)
+    chunks = handover.write(state, 0, rows, offset=n)
+    assert chunks == len(sent) - 1 > 2 and sent[-1][0] == b"0/marker"
+    decoded = [module._DECODE_CHUNK(value) for _, value in sent[:-1]]
+    assert all(len(value) <= 4000 or len(chunk.users) == 1 for (_, value), chunk in zip(sent, decoded))
+    other = RecState(MFConfig(dim=8))
+    for chunk in decoded:
+        module.import_users(other, chunk)
+    assert len(other.model.users) == len(rows)
+    for user in ("u0", "u17", "u59"):
+        a, b = state.model.users.ids.get(user), other.model.users.ids.get(user)
+        np.testing.assert_array_equal(other.model.users.vectors[b], state.model.users.vectors[a])
+        assert ([state.model.items.ids.id_of(i) for i in state.history.items_of(a)]
+                == [other.model.items.ids.id_of(i) for i in other.history.items_of(b)])

@@ -73,7 +73,7 @@ def test_messages_split_into_parts_are_all_applied() -> None:
     a, b = OnlineMF(CONFIG), OnlineMF(CONFIG)
     sync_a, sync_b = ItemSync(a, "a"), ItemSync(b, "b")
     _learn(a, *_stream(4))
-    messages = sync_a.take(items_per_message=7)
+    messages = sync_a.take(per_message=7)
     assert len(messages) > 2 and {m.parts for m in messages} == {len(messages)}
     assert sum(sync_b.apply(m) for m in messages) == len(a.items)
     np.testing.assert_allclose(_items(b)["i1"], _items(a)["i1"], atol=1e-6)
