@@ -215,8 +215,8 @@ class RecStreamService:
         }
         return consumer, producer
 
-    def _check_topics(self) -> set[str]:
-        """The cluster's topics, once every topic the config names is among them."""
+    def _check_topics(self):
+        """The cluster's metadata, once every topic the config names is among its topics."""
         topics = self.config.topics
         metadata = wait_for_cluster(self.producer, self.config.bootstrap_servers, self.config.loop.startup_timeout_s,
                                     self.stop)
@@ -225,7 +225,7 @@ class RecStreamService:
             if topic and topic not in metadata.topics:
                 raise ConfigError(f"{field_name}: topic {topic!r} does not exist on "
                                   f"{self.config.bootstrap_servers} (create it, e.g. `recstream topics`)")
-        return set(metadata.topics)
+        return metadata
 
     def _start_group_sync(self, existing_topics: set[str], consumer_config: dict) -> GroupSync | None:
         """Share item state with the group (``[sync]``): read the deltas already sent, then run."""
@@ -249,12 +249,11 @@ class RecStreamService:
                  time.monotonic() - started, moved)
         return group_sync
 
-    def _user_handover(self, existing_topics: set[str], consumer_config: dict) -> UserHandover | None:
+    def _user_handover(self, metadata, consumer_config: dict) -> UserHandover | None:
         """Users that go with their partition (``[sync]``; the group's user-state topic)."""
         mode, topic = self.config.sync.mode, self.config.user_state_topic
-        if mode == "off" or (mode == "auto" and topic not in existing_topics):
+        if mode == "off" or (mode == "auto" and topic not in metadata.topics):
             return None
-        metadata = self.producer.list_topics(timeout=30)
         if topic not in metadata.topics:
             raise ConfigError(f"sync.mode: on, but the user-state topic {topic!r} does not exist on "
                               f"{self.config.bootstrap_servers} (create it: `recstream topics --group-id "
@@ -285,15 +284,20 @@ class RecStreamService:
             return
         with self.model_lock:
             for tp, rows in handed:
-                self.state.forget_users(rows)
-                self.state.pending.forget(rows)
-                del self.state.positions[f"{tp.topic}/{tp.partition}"]
+                self._drop_partition_users(f"{tp.topic}/{tp.partition}", rows)
                 self.stats.users_handed_over += len(rows)
         self._state_changed = True
         log.info("handed over %s", ", ".join(f"{len(rows)} users of {tp.topic}/{tp.partition}" for tp, rows in handed))
         if self.store is not None:
             # A restart must not bring the handed-over users back from the last checkpoint.
             self._checkpoint(wait=True)
+
+    def _drop_partition_users(self, key: str, rows: np.ndarray) -> None:
+        """This member no longer holds input partition ``key`` ("topic/partition"): forget its users
+        (``rows``), their waiting updates and the position (model lock held)."""
+        self.state.forget_users(rows)
+        self.state.pending.forget(rows)
+        del self.state.positions[key]
 
     def _take_over(self, partitions: list[TopicPartition]) -> None:
         """For newly assigned ``partitions`` whose users this member does not hold as of where the
@@ -313,9 +317,7 @@ class RecStreamService:
                 # Another member went further since we held it: our copies of its users are stale.
                 with self.model_lock:
                     rows = self.state.users_of_partition(tp.partition)
-                    self.state.forget_users(rows)
-                    self.state.pending.forget(rows)
-                    del self.state.positions[key]
+                    self._drop_partition_users(key, rows)
                 self._state_changed = True
                 log.info("%s moved on while another member held it: forgot %d stale users of it", key, len(rows))
             marker, chunks = self.handover.read(tp.partition)
@@ -353,9 +355,9 @@ class RecStreamService:
         _compile_kernels(self.config)  # before joining the group: a first compile can outlast max.poll.interval.ms
         consumer_cfg, producer_cfg = self._client_configs()
         self.producer = Producer(producer_cfg)
-        existing_topics = self._check_topics()
-        self.group_sync = self._start_group_sync(existing_topics, consumer_cfg)
-        self.handover = self._user_handover(existing_topics, consumer_cfg)
+        metadata = self._check_topics()
+        self.group_sync = self._start_group_sync(set(metadata.topics), consumer_cfg)
+        self.handover = self._user_handover(metadata, consumer_cfg)
         # An admin client is a producer-type instance: consumer-only settings would draw warnings.
         self._admin = AdminClient({**settings_for("producer", {**self.config.kafka, **self.config.kafka_consumer}),
                                    "logger": kafka_logger()})
