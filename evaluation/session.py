@@ -30,9 +30,9 @@ import heapq
 import time
 
 import numpy as np
-from recstream.evaluation.prequential import EvalResult, Interactions, _rows
 from recstream.embeddings.model import MFConfig
 from recstream.embeddings.session_kernels import K, expected_hit_rr, rank_then_learn
+from recstream.evaluation.prequential import EvalResult, Interactions, _rows
 
 
 def _rank(scores: np.ndarray, target: int, excluded: np.ndarray) -> tuple[float, float]:

@@ -52,9 +52,8 @@ from recstream.stream.checkpoint import BackgroundCheckpointWriter, CheckpointSt
 from recstream.stream.clock import batch_now, settle_timestamps
 from recstream.stream.config import ConfigError, ServiceConfig
 from recstream.stream.events import EventBatch, EventDecoder
-from recstream.stream.group_sync import GroupSync, member_id
-from recstream.stream.handover import UserHandover, import_users
 from recstream.stream.logs import kafka_logger, settings_for
+from recstream.stream.membership import GroupMembership
 from recstream.stream.metadata import parse_item_metadata
 from recstream.stream.publishing import UpdateSchedule
 from recstream.stream.state import RecState
@@ -177,8 +176,7 @@ class RecStreamService:
         self._checkpointed_events = self.model.events_applied
         self.consumer: Consumer | None = None
         self.producer: Producer | None = None
-        self.group_sync: GroupSync | None = None  # item state shared with the group, if on
-        self.handover: UserHandover | None = None  # users that go with their partition, if on
+        self.membership: GroupMembership | None = None  # what is shared with the group ([sync]), if anything
         self._admin: AdminClient | None = None  # for topic ids (see _forget_recreated_topics)
         # Read by the HTTP side (stream/web.py): when the poll loop last turned (/healthz), and an
         # optional stream.metrics.ServiceMetrics that gets one call per batch, dead letter and flush.
@@ -227,123 +225,20 @@ class RecStreamService:
                                   f"{self.config.bootstrap_servers} (create it, e.g. `recstream topics`)")
         return metadata
 
-    def _start_group_sync(self, existing_topics: set[str], consumer_config: dict) -> GroupSync | None:
-        """Share item state with the group (``[sync]``): read the deltas already sent, then run."""
-        sync, topic = self.config.sync, self.config.sync_topic
-        if sync.mode == "off" or (sync.mode == "auto" and topic not in existing_topics):
-            return None
-        if topic not in existing_topics:
-            raise ConfigError(f"sync.mode: on, but the sync topic {topic!r} does not exist on "
-                              f"{self.config.bootstrap_servers} (create it: `recstream topics --group-id "
-                              f"{self.config.topics.group_id}`)")
-        member = member_id(sync.member, self.config.state_dir)
-        item_sync = self.state.enable_item_sync(member)
-        group_sync = GroupSync(topic, sync.interval_s, item_sync, self.state.sync_positions,
-                               {**consumer_config, "group.id": f"{self.config.topics.group_id}.sync.{member}"},
-                               self._produce, self._dead_letter)
-        group_sync.start()
-        started = time.monotonic()
-        moved = group_sync.catch_up(self.model_lock, sync.catch_up_timeout_s)
-        self.stats.sync_items_received += moved
-        log.info("item sync: caught up with the group in %.1fs (%d item deltas applied)",
-                 time.monotonic() - started, moved)
-        return group_sync
-
-    def _user_handover(self, metadata, consumer_config: dict) -> UserHandover | None:
-        """Users that go with their partition (``[sync]``; the group's user-state topic)."""
-        mode, topic = self.config.sync.mode, self.config.user_state_topic
-        if mode == "off" or (mode == "auto" and topic not in metadata.topics):
-            return None
-        if topic not in metadata.topics:
-            raise ConfigError(f"sync.mode: on, but the user-state topic {topic!r} does not exist on "
-                              f"{self.config.bootstrap_servers} (create it: `recstream topics --group-id "
-                              f"{self.config.topics.group_id}`)")
-        have, need = len(metadata.topics[topic].partitions), len(metadata.topics[self.config.topics.input].partitions)
-        if have < need:
-            raise ConfigError(f"sync.mode: the user-state topic {topic!r} has {have} partition(s), the input "
-                              f"{need}: it needs one per input partition")
-        return UserHandover(topic, consumer_config, self._produce)
-
-    def _hand_over(self, partitions: list[TopicPartition]) -> None:
-        """Give up the users of ``partitions`` (just checkpointed and committed): write them to the
-        user-state topic for the next owner, then forget them here."""
-        handed: list[tuple[TopicPartition, np.ndarray]] = []
-        for tp in partitions:
-            offset = self.state.positions.get(f"{tp.topic}/{tp.partition}")
-            if tp.topic != self.config.topics.input or offset is None:
-                continue
-            with self.model_lock:
-                rows = self.state.users_of_partition(tp.partition)
-                self.handover.write(self.state, tp.partition, rows, offset)
-            handed.append((tp, rows))
-        if not handed:
-            return
-        if not self._deliver_all(patient=False):
-            log.warning("user handover undelivered: keeping the users of %s",
-                        [f"{tp.topic}/{tp.partition}" for tp, _ in handed])
-            return
-        with self.model_lock:
-            for tp, rows in handed:
-                self._drop_partition_users(f"{tp.topic}/{tp.partition}", rows)
-                self.stats.users_handed_over += len(rows)
-        self._state_changed = True
-        log.info("handed over %s", ", ".join(f"{len(rows)} users of {tp.topic}/{tp.partition}" for tp, rows in handed))
-        if self.store is not None:
-            # A restart must not bring the handed-over users back from the last checkpoint.
-            self._checkpoint(wait=True)
-
-    def _drop_partition_users(self, key: str, rows: np.ndarray) -> None:
-        """This member no longer holds input partition ``key`` ("topic/partition"): forget its users
-        (``rows``), their waiting updates and the position (model lock held)."""
-        self.state.forget_users(rows)
-        self.state.pending.forget(rows)
-        del self.state.positions[key]
-
     def _take_over(self, partitions: list[TopicPartition]) -> None:
-        """For newly assigned ``partitions`` whose users this member does not hold as of where the
-        partition resumes: drop stale copies, and take the users over from their last handover when
-        it reflects exactly that offset (the group's committed one)."""
-        partitions = [tp for tp in partitions if tp.topic == self.config.topics.input]
-        if self.handover is None or not partitions:
+        if self.membership is None:
             return
-        committed = {tp.partition: tp.offset for tp in self.consumer.committed(partitions, timeout=30)}
         our_commits = self.store.last_commits() if self.store is not None else {}
-        for tp in partitions:
-            key, resume = f"{tp.topic}/{tp.partition}", committed.get(tp.partition, -1)
-            position = self.state.positions.get(key)
-            if position is not None and (resume < 0 or position >= resume or our_commits.get(key) == resume):
-                continue  # ours as of where it resumes (or we are ahead, or the group's offset is our own)
-            if position is not None:
-                # Another member went further since we held it: our copies of its users are stale.
-                with self.model_lock:
-                    rows = self.state.users_of_partition(tp.partition)
-                    self._drop_partition_users(key, rows)
-                self._state_changed = True
-                log.info("%s moved on while another member held it: forgot %d stale users of it", key, len(rows))
-            marker, chunks = self.handover.read(tp.partition)
-            if marker is None:
-                continue
-            if marker.offset != resume:
-                log.warning("the users of %s were handed over at offset %d, but it resumes at %s: they start "
-                            "over here", key, marker.offset, resume)
-                continue
-            with self.model_lock:
-                taken = sum(len(import_users(self.state, chunk)) for chunk in chunks)
-            self.stats.users_taken_over += taken
+        committed = lambda tps: {tp.partition: tp.offset for tp in self.consumer.committed(tps, timeout=30)}  # noqa: E731
+        if self.membership.take_over(partitions, committed, our_commits):
             self._state_changed = True
-            log.info("took over %d users of %s (handed over at offset %d)", taken, key, marker.offset)
 
     def _sync_items(self) -> None:
-        """Apply the group's item deltas that have arrived; send ours when the interval is up."""
-        read = dict(self.state.sync_positions)
-        moved = self.group_sync.poll(self.model_lock)
+        moved, changed = self.membership.turn()
         if moved:
-            self.stats.sync_items_received += moved
             self.refresher.poke()
-        sent = self.group_sync.send(self.model_lock) if self.group_sync.due() else 0
-        self.stats.sync_items_sent += sent
-        if sent or read != self.state.sync_positions:
-            self._state_changed = True  # the item base and the sync positions are checkpointed
+        if changed:
+            self._state_changed = True
 
     # -- main loop -----------------------------------------------------------------------------
 
@@ -356,8 +251,8 @@ class RecStreamService:
         consumer_cfg, producer_cfg = self._client_configs()
         self.producer = Producer(producer_cfg)
         metadata = self._check_topics()
-        self.group_sync = self._start_group_sync(set(metadata.topics), consumer_cfg)
-        self.handover = self._user_handover(metadata, consumer_cfg)
+        self.membership = GroupMembership.join(self.config, self.state, self.model_lock, self.stats, metadata,
+                                               consumer_cfg, self._produce, self._dead_letter)
         # An admin client is a producer-type instance: consumer-only settings would draw warnings.
         self._admin = AdminClient({**settings_for("producer", {**self.config.kafka, **self.config.kafka_consumer}),
                                    "logger": kafka_logger()})
@@ -373,11 +268,11 @@ class RecStreamService:
         try:
             while not self.stop.is_set():
                 self.last_loop_turn = time.monotonic()
-                messages = self.consumer.consume(loop.batch_size, loop.poll_timeout_s)
+                messages = self.consumer.consume(loop.batch_size, self._poll_timeout())
                 self._behind = len(messages) >= loop.batch_size
                 if messages:
                     self._process(messages)
-                if self.group_sync is not None:
+                if self.membership is not None:
                     self._sync_items()
                 if self.store is not None:
                     # Commit as soon as a checkpoint is written, not at the next flush: until then a
@@ -388,12 +283,12 @@ class RecStreamService:
                     or (not self._behind and len(self.state.pending) >= self.config.output.max_pending_users)
                 ):
                     self.flush(budgeted=True)
-            if self.group_sync is not None:  # the group gets our last changes; the checkpoint counts them sent
-                self.stats.sync_items_sent += self.group_sync.send(self.model_lock)
+            if self.membership is not None:  # the group gets our last changes; the checkpoint counts them sent
+                self.membership.send_last()
             self.flush(checkpoint=True)
         finally:
-            if self.group_sync is not None:
-                self.group_sync.close()
+            if self.membership is not None:
+                self.membership.close()
             self.refresher.stop()
             try:
                 self.consumer.close()  # revokes: _on_revoke flushes what is left
@@ -402,6 +297,15 @@ class RecStreamService:
                 if self._lock is not None:
                     self._lock.release()
         log.info("stopped after %d events", self.stats.events_applied)
+
+    def _poll_timeout(self) -> float:
+        """How long a poll may wait for a full batch: ``loop.poll_timeout_s``, but no later than the
+        next round while users wait for an update (a poll waits its whole timeout unless a full
+        batch arrives, so a live stream's round would otherwise start up to that much late)."""
+        timeout = self.config.loop.poll_timeout_s
+        if self.state.pending:
+            timeout = min(timeout, max(0.0, self._schedule.next_round - time.monotonic()))
+        return timeout
 
     def _process(self, messages: list[Message]) -> None:
         good = messages
@@ -858,8 +762,13 @@ class RecStreamService:
             log.warning("revoked while output deliveries fail: leaving their offsets uncommitted")
         elif not self.flush(checkpoint=True, patient=False):
             log.warning("revoked with output undelivered: leaving their offsets uncommitted")
-        elif self.handover is not None:
-            self._hand_over(partitions)  # checkpointed and committed: the next owner resumes right there
+        elif self.membership is not None:
+            # Checkpointed and committed: the next owner resumes right there.
+            if self.membership.hand_over(partitions, lambda: self._deliver_all(patient=False)):
+                self._state_changed = True
+                if self.store is not None:
+                    # A restart must not bring the handed-over users back from the last checkpoint.
+                    self._checkpoint(wait=True)
         gone = {(p.topic, p.partition) for p in partitions}
         for tp in gone:
             self._uncommitted.pop(tp, None)

@@ -19,7 +19,7 @@ from recstream.embeddings.model import MFConfig, OnlineMF
 from recstream.embeddings.session import SessionSignals
 from recstream.embeddings.sync import ItemSync
 from recstream.embeddings.text import HashedWords, MiniLMText, make_text_encoder
-from recstream.stream.checkpoint import Checkpoint, CheckpointStore, IncompatibleCheckpoint
+from recstream.stream.checkpoint import FORMAT_VERSION, Checkpoint, CheckpointStore, IncompatibleCheckpoint
 from recstream.stream.events import EventBatch
 from recstream.stream.publishing import PendingUpdates
 
@@ -270,6 +270,12 @@ class RecState:
 
     @classmethod
     def restore(cls, checkpoint: Checkpoint, config: MFConfig, history_per_user: int = 500) -> RecState:
+        written = checkpoint.meta.get("format")
+        if not isinstance(written, int) or written > FORMAT_VERSION:
+            # A newer layout read as this one could load arrays that mean something else: stop instead.
+            raise IncompatibleCheckpoint(
+                f"checkpoint {checkpoint.path} has format {written!r}; this recstream reads format "
+                f"{FORMAT_VERSION} and older (run the recstream that wrote it, or use a new state dir)")
         stored = checkpoint.meta.get("model_config", {})
         differ = [f"model.{k}: config has {getattr(config, k)!r}, checkpoint has {stored.get(k)!r}"
                   for k in _MUST_MATCH if stored.get(k) != getattr(config, k)]

@@ -1,11 +1,12 @@
 """Checkpoints: exact round trips, atomic replacement, damaged files, incompatible configs."""
 
+import json
 import logging
 
 import numpy as np
 import pytest
 from recstream.embeddings.model import MFConfig
-from recstream.stream.checkpoint import CheckpointStore, IncompatibleCheckpoint
+from recstream.stream.checkpoint import FORMAT_VERSION, CheckpointStore, IncompatibleCheckpoint
 from recstream.stream.config import EventsConfig
 from recstream.stream.events import EventDecoder
 from recstream.stream.state import RecState
@@ -93,3 +94,16 @@ def test_incompatible_dimension_stops_with_what_differs(tmp_path):
     state.save(store)
     with pytest.raises(IncompatibleCheckpoint, match=r"model.dim: config has 16, checkpoint has 8"):
         RecState.load_or_new(store, MFConfig(dim=16, seed=7))
+
+
+def test_a_checkpoint_of_a_newer_format_stops_start_up_instead_of_being_misread(tmp_path):
+    store = CheckpointStore(tmp_path)
+    state = RecState(CFG)
+    state.apply(_batches(1)[0])
+    meta_path = state.save(store)
+    assert RecState.load_or_new(store, CFG).model.events_applied == state.model.events_applied  # this format: read
+    meta = json.loads(meta_path.read_text())
+    meta["format"] = FORMAT_VERSION + 1
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(IncompatibleCheckpoint, match=rf"has format {FORMAT_VERSION + 1}; this recstream reads format"):
+        RecState.load_or_new(store, CFG)
