@@ -295,7 +295,9 @@ def rates(started: float, timeline: list[tuple[float, int, int]]) -> dict:
 
 def live_service_child(conn, progress, ready, stop, settings: dict) -> None:
     """The service on the live topic, restored from the catch-up's checkpoint, until ``stop``."""
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    if settings.get("log_rounds"):  # each round's size and time, as the service logs them at debug level
+        logging.getLogger("recstream.stream.service").setLevel(logging.DEBUG)
     baseline = current_rss()
     config = service_config(settings["bootstrap"], settings["topic"], settings["output"], True,
                             settings["state_dir"], settings.get("overrides"))
@@ -496,7 +498,8 @@ def live_phase(bootstrap: str, state_dir: str, events_path: str, args) -> dict:
                                                                {"bootstrap": bootstrap, "topic": output}))
     service = SPAWN.Process(target=live_service_child, args=(pipes["service"][1], applied, service_ready, stop_service,
                                                              {"bootstrap": bootstrap, "topic": topic, "output": output,
-                                                              "state_dir": state_dir, "overrides": OVERRIDES}))
+                                                              "state_dir": state_dir, "overrides": OVERRIDES,
+                                                              "log_rounds": getattr(args, "log_rounds", False)}))
     reader.start()
     service.start()
     print(f"live service: pid {service.pid}", file=sys.stderr, flush=True)
@@ -646,6 +649,8 @@ def main() -> None:
     parser.add_argument("--phase-timeout", type=float, default=900,
                         help="stop a catch-up run after this many s (its rates are then over what it applied)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--log-rounds", action="store_true",
+                        help="the live service logs each publishing round (users, seconds) to stderr")
     parser.add_argument("--quick", action="store_true",
                         help="100k users and items, 300k events, 15 s live (a smoke test of a few minutes)")
     parser.add_argument("--out", default=None, help="default bench/results/scale.json (scale-quick.json with --quick)")

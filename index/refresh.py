@@ -40,9 +40,11 @@ class IndexConfig:
     build_timeout_s: float = 600.0
     # At most this many items (the recently popular, then the highest potential) are scored
     # exactly for every update; the index serves the rest, to at most max_lookups users per
-    # publishing round (see index/query.py).
+    # publishing call (see index/query.py), those whose tail could beat their list by the widest
+    # margin. A lookup costs a tree walk (about half a millisecond at a million items), so this cap
+    # is what bounds a live round's time; users past it get the hot set's list.
     exact_items: int = 8192
-    max_lookups: int = 1000
+    max_lookups: int = 100
     # Frequency filter: an item is indexed and recommended only once it has this many events (it
     # is learned from the first): ids seen once or twice (typos, bots, a flood of new ids) stay
     # out of the index and out of everyone's top-K. 1: every item.

@@ -231,3 +231,29 @@ def test_a_small_batch_scored_by_one_product_ranks_as_the_clustered_search(tmp_p
     clustered = recommender.recommend(users, None)
     np.testing.assert_array_equal(product.item_rows, clustered.item_rows)
     np.testing.assert_allclose(product.scores, clustered.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_the_tail_bound_never_leaves_out_a_user_whose_tail_can_win():
+    """The banded bound is an upper bound: every user whose best tail score reaches their k-th hot
+    score is among the users sent to the index (and it rules out some users, or it would be idle)."""
+    from recstream.index.query import _NORM_BANDS, _norm_bands
+
+    rng = np.random.default_rng(11)
+    n_items, n_users = 5000, 400
+    Q = (rng.normal(size=(n_items, 16)) * rng.gamma(2.0, 0.3, size=(n_items, 1))).astype(np.float32)
+    biases = rng.normal(scale=0.5, size=n_items).astype(np.float32)
+    X = (rng.normal(size=(n_users, 16)) * rng.gamma(2.0, 0.5, size=(n_users, 1))).astype(np.float32)
+    tail = rng.random(n_items) < 0.8
+    biases[~tail] += 3.0  # the hot set: the recently popular
+    kth = np.quantile(X @ Q[~tail].T + biases[~tail], 0.995, axis=1).astype(np.float32)  # a k-th hot score
+    top_scores = np.repeat(kth[:, None], 10, axis=1)
+    item_norms = np.linalg.norm(Q, axis=1).astype(np.float32)
+    recommender = Recommender(OnlineMF(MFConfig(dim=16, seed=0)), None, k=10)
+    need = set(recommender._tail_possible(np.linalg.norm(X, axis=1), tail, item_norms, biases, top_scores).tolist())
+    can_win = np.flatnonzero((X @ Q[tail].T + biases[tail]).max(axis=1) >= kth)
+    assert set(can_win.tolist()) <= need
+    # Tighter than pairing the tail's largest bias with its longest vector (what it replaced).
+    loose = biases[tail].max() + np.linalg.norm(X, axis=1) * item_norms[tail].max() >= kth
+    assert len(need) < loose.sum(), (len(can_win), len(need), loose.sum())
+    band_norm, band_bias = _norm_bands(item_norms, biases, tail, _NORM_BANDS)
+    assert band_norm.max() == item_norms[tail].max() and band_bias.max() == biases[tail].max()
