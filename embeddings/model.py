@@ -8,7 +8,18 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
-from recstream.embeddings.sgd import MAX_COMPONENT, MAX_SCALAR, item_popularity, rows_finite, sgd_batch
+from recstream.embeddings.sgd import (
+    MAX_COMPONENT,
+    MAX_SCALAR,
+    MEAN_RATING,
+    ItemArrays,
+    Shared,
+    StepSizes,
+    UserArrays,
+    item_popularity,
+    rows_finite,
+    sgd_batch,
+)
 from recstream.embeddings.table import EmbeddingTable
 
 log = logging.getLogger(__name__)
@@ -250,7 +261,7 @@ class OnlineMF:
 
     @property
     def global_mean(self) -> float:
-        return float(self._mean_state[0]) * self.config.rating_unit
+        return float(self._mean_state[MEAN_RATING]) * self.config.rating_unit
 
     def learn(
         self,
@@ -294,28 +305,39 @@ class OnlineMF:
         P, bu = self.users.storage
         Q, bi = self.items.storage
         cfg = self.config
-        loss = sgd_batch(
-            P, Q, bu, bi, self._item_seq, self._item_events, self._user_events,
-            user_rows, item_rows,
-            np.ascontiguousarray(ratings, dtype=np.float32),
-            np.ascontiguousarray(weights, dtype=np.float32),
-            self._mean_state, self._rng_state, self._negative_pool, self._negative_pool_state,
-            np.float32(cfg.learning_rate * rate_scale), np.float32(cfg.new_item_learning_rate * rate_scale),
-            np.float32(cfg.new_item_events), np.float32(cfg.transition_learning_rate * rate_scale),
-            np.float32(cfg.bias_learning_rate * rate_scale), np.float32(cfg.bias_prior_events), np.float32(rate_scale),
-            np.float32(cfg.regularization),
-            cfg.n_negatives, self.model_version, predictions,
-            np.ascontiguousarray(timestamps, dtype=np.int64), self._short, self._short_ts,
-            cfg.short_term_keep, cfg.short_term_half_life_s * 1000.0,
-            self._transition, self._last_item, self._pool_count,
-            self._user_scale, np.float32(cfg.rating_scale_learning_rate * rate_scale),
-            np.float32(cfg.rating_scale_regularization),
-            self._pop_taste, np.float32(cfg.popularity_taste_learning_rate * rate_scale),
-            np.float32(cfg.popularity_taste_regularization),
-            self._replay["users"], self._replay["items"], self._replay["ratings"], self._replay["state"],
-            cfg.rating_replay_steps, np.float32(cfg.rating_replay_learning_rate * rate_scale),
-            np.float32(cfg.rating_replay_regularization),
+        per_user = UserArrays(vectors=P, biases=bu, events=self._user_events, short=self._short,
+                              short_ts=self._short_ts, last_item=self._last_item, scale=self._user_scale,
+                              pop_taste=self._pop_taste)
+        per_item = ItemArrays(vectors=Q, biases=bi, changed=self._item_seq, events=self._item_events,
+                              transitions=self._transition, pool_count=self._pool_count)
+        shared = Shared(means=self._mean_state, rng=self._rng_state, positives=self._negative_pool,
+                        positives_state=self._negative_pool_state, replay_users=self._replay["users"],
+                        replay_items=self._replay["items"], replay_ratings=self._replay["ratings"],
+                        replay_state=self._replay["state"])
+        rates = StepSizes(
+            lr=np.float32(cfg.learning_rate * rate_scale),
+            lr_new=np.float32(cfg.new_item_learning_rate * rate_scale),
+            new_events=np.float32(cfg.new_item_events),
+            lr_seq=np.float32(cfg.transition_learning_rate * rate_scale),
+            lr_bias=np.float32(cfg.bias_learning_rate * rate_scale),
+            bias_prior=np.float32(cfg.bias_prior_events),
+            rate_scale=np.float32(rate_scale),
+            reg=np.float32(cfg.regularization),
+            lr_scale=np.float32(cfg.rating_scale_learning_rate * rate_scale),
+            scale_reg=np.float32(cfg.rating_scale_regularization),
+            lr_taste=np.float32(cfg.popularity_taste_learning_rate * rate_scale),
+            taste_reg=np.float32(cfg.popularity_taste_regularization),
+            lr_replay=np.float32(cfg.rating_replay_learning_rate * rate_scale),
+            replay_reg=np.float32(cfg.rating_replay_regularization),
+            short_keep=float(cfg.short_term_keep),
+            short_half_life_ms=float(cfg.short_term_half_life_s * 1000.0),
+            n_negatives=int(cfg.n_negatives),
+            replay_steps=int(cfg.rating_replay_steps),
         )
+        loss = sgd_batch(per_user, per_item, shared, rates, user_rows, item_rows,
+                         np.ascontiguousarray(ratings, dtype=np.float32),
+                         np.ascontiguousarray(weights, dtype=np.float32),
+                         np.ascontiguousarray(timestamps, dtype=np.int64), self.model_version, predictions)
         self.events_applied += len(user_rows)
         if unit != 1.0:
             explicit = ~np.isnan(ratings)

@@ -7,6 +7,8 @@ order and the seed alone, and the state fits in a checkpoint.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numba import njit
 
@@ -173,76 +175,141 @@ def _replay_ratings(P, Q, bu, bi, scale, pop_taste, item_events, item_seq, seq, 
         item_seq[j] = seq
 
 
+# Slots of the running means (``Shared.means``): every event reads them, checkpoints keep them.
+MEAN_RATING = 0  # running mean of all ratings (mu)
+RATINGS_SEEN = 1
+MEAN_WEIGHT = 2  # running mean of the positive implicit weights
+WEIGHTS_SEEN = 3
+
+
+class UserArrays(NamedTuple):
+    """What the kernel learns per user (row ``u`` of each array)."""
+
+    vectors: np.ndarray  # p_u, (n, dim) float32
+    biases: np.ndarray  # b_u, float32
+    events: np.ndarray  # events of any kind, int64
+    short: np.ndarray  # short-term interest vector, (n, dim) float32
+    short_ts: np.ndarray  # event time of the short-term vector, int64 (0: none yet)
+    last_item: np.ndarray  # previous implicit item, int64 (-1: none)
+    scale: np.ndarray  # s_u, how widely the user uses the rating scale, float32
+    pop_taste: np.ndarray  # t_u, rating shift per centred log item count, float32
+
+
+class ItemArrays(NamedTuple):
+    """What the kernel learns per item (row ``i`` of each array)."""
+
+    vectors: np.ndarray  # q_i, (n, dim) float32
+    biases: np.ndarray  # b_i, float32
+    changed: np.ndarray  # model version of the item's last change, int64
+    events: np.ndarray  # events of any kind, int64
+    transitions: np.ndarray  # F_i, where users go after item i, (n, dim) float32
+    pool_count: np.ndarray  # the item's entries in the ring of recent positives, int64
+
+
+class Shared(NamedTuple):
+    """State every event may touch: running means, the random generator and the two rings."""
+
+    means: np.ndarray  # float64 [MEAN_RATING, RATINGS_SEEN, MEAN_WEIGHT, WEIGHTS_SEEN]
+    rng: np.ndarray  # splitmix64 state, one uint64
+    positives: np.ndarray  # ring of recent implicit positives (item rows): where negatives come from
+    positives_state: np.ndarray  # [next write position, number filled]
+    replay_users: np.ndarray  # ring of recent ratings: users, items, ratings
+    replay_items: np.ndarray
+    replay_ratings: np.ndarray
+    replay_state: np.ndarray  # [next write position, number filled]
+
+
+class StepSizes(NamedTuple):
+    """Rates and regularisation of one call (already times the pass's ``rate_scale``)."""
+
+    lr: np.float32  # users and well-known items
+    lr_new: np.float32  # an item with few events, falling as they pass new_events
+    new_events: np.float32
+    lr_seq: np.float32  # transition vectors
+    lr_bias: np.float32  # floor of a rating bias's running-mean step
+    bias_prior: np.float32  # prior events of a rating bias's running mean
+    rate_scale: np.float32  # the pass's decay
+    reg: np.float32
+    lr_scale: np.float32  # rating scale s_u, pulled toward 1 by scale_reg
+    scale_reg: np.float32
+    lr_taste: np.float32  # popularity taste t_u, pulled toward 0 by taste_reg
+    taste_reg: np.float32
+    lr_replay: np.float32  # replayed ratings' item steps, L2 replay_reg
+    replay_reg: np.float32
+    short_keep: float  # short-term vector: share kept per event
+    short_half_life_ms: float  # its fade (and the sequence's) per event time
+    n_negatives: int
+    replay_steps: int
+
+
 @njit(cache=True, nogil=True)
-def sgd_batch(
-    P, Q, bu, bi, item_seq, item_events, user_events,
-    users, items, ratings, weights,
-    mean_state, rng_state, recent_items, recent_state,
-    lr, lr_new, new_events, lr_seq, lr_bias, bias_prior, rate_scale, reg, n_negatives, seq, predictions,
-    timestamps, short, short_ts, short_keep, short_half_life_ms,
-    F, last_item, pool_count, scale, lr_scale, scale_reg, pop_taste, lr_taste, taste_reg,
-    replay_users, replay_items, replay_ratings, replay_state, replay_steps, lr_replay, replay_reg,
-):
-    """Apply events ``0..n-1`` in order; returns the summed loss of the batch.
+def sgd_batch(U, I, S, rates, users, items, ratings, weights, timestamps, seq, predictions):
+    """Apply events ``0..n-1`` (``users``, ``items``, ``ratings``, ``weights``, ``timestamps``) in
+    order to the user state ``U``, the item state ``I`` and the shared state ``S``, with step sizes
+    ``rates``; returns the summed loss of the batch. ``predictions[e]`` receives the model's output
+    for event ``e`` *before* learning from it (the rating estimate, or the implicit score):
+    prequential evaluation reads it. Every item whose row moved gets ``I.changed[i] = seq``;
+    ``I.events`` and ``U.events`` count the events of any kind on each id.
 
     Explicit event (``ratings[e]`` is a number): squared loss on
-    ``mu + bu + bi + p.q``, with ``mu`` (``mean_state[0]``) the running mean of all ratings.
-    A bias is a mean of residuals: it steps by ``1 / (events + bias_prior)``
-    until that falls to ``lr_bias``, so a new user's or item's bias settles
-    in a few ratings and an old one still follows drift. Users also use the
-    rating scale differently (some spread 1-5, some stay within 3-4): the item
-    part enters as ``mu + bu + scale[u] * (bi + p.q)``, ``scale[u]`` learned
-    by ``lr_scale`` and pulled toward 1 by ``scale_reg``. And some rate
-    well-known items higher than obscure ones, some the other way:
-    ``pop_taste[u]`` times the item's centred log event count joins the
-    rating (learned by ``lr_taste``, pulled toward 0 by ``taste_reg``).
-    One pass over a stream leaves item vectors under-trained (most items have
-    a handful of ratings, each seen once), so every rating also joins a ring
-    of recent ratings (``replay_*``, ``replay_state`` = [next write position,
-    number filled]), and ``replay_steps`` ratings drawn from it step their
-    item's vector again, by ``lr_replay`` with L2 ``replay_reg``, against
-    today's user vectors, biases and scale. Only item vectors move in a replay
-    (biases replayed as well overfit, see the README; users outside the batch
-    keep their vectors), and replayed items count as changed.
+    ``mu + b_u + t_u * pop_i + s_u * (b_i + p_u . q_i)``, ``mu`` (``S.means[MEAN_RATING]``) the
+    running mean of all ratings. A bias is a mean of residuals: it steps by
+    ``1 / (events + bias_prior)`` until that falls to ``lr_bias``, so a new user's or item's bias
+    settles in a few ratings and an old one still follows drift. Users also use the rating scale
+    differently (some spread 1-5, some stay within 3-4): ``s_u`` is learned by ``lr_scale`` and
+    pulled toward 1 by ``scale_reg``. And some rate well-known items higher than obscure ones,
+    some the other way: ``t_u`` times the item's centred log event count ``pop_i`` joins the
+    rating (learned by ``lr_taste``, pulled toward 0 by ``taste_reg``). One pass over a stream
+    leaves item vectors under-trained (most items have a handful of ratings, each seen once), so
+    every rating also joins a ring of recent ratings (``S.replay_*``), and ``replay_steps``
+    ratings drawn from it step their item's vector again, by ``lr_replay`` with L2
+    ``replay_reg``, against today's user vectors, biases and scale. Only item vectors move in a
+    replay (biases replayed as well overfit; users outside the batch keep their vectors), and
+    replayed items count as changed.
+
     Implicit event (``ratings[e]`` is NaN): logistic loss, the item as a
-    positive with confidence ``weights[e]`` (relative to the running mean of
-    implicit weights, ``mean_state[2]``) and ``n_negatives`` negatives
-    drawn from a ring buffer of recent positives, i.e. in proportion to recent
-    popularity. Drawing negatives from recently active items (not uniformly)
-    keeps the set of items an update moves small, which is what lets the
-    index rescore "changed since the last build" items exactly.
-    Negatives drawn in proportion to recent popularity make the score learn
-    ``log P(i|u) - log P_recent(i)`` (a PMI, as in word2vec), so ranking adds
-    that popularity back: ``pool_count[i]`` counts item i's entries in the
-    ring (see ``OnlineMF.ranking_biases``); an item pushed out of the ring
-    counts as changed. ``recent_state`` holds [next write position, number
-    filled] of the ring buffer.
+    positive with confidence ``weights[e]`` (relative to the running mean of implicit weights,
+    ``S.means[MEAN_WEIGHT]``) and ``n_negatives`` negatives drawn from the ring of recent
+    positives (``S.positives``), i.e. in proportion to recent popularity. Drawing negatives from
+    recently active items (not uniformly) keeps the set of items an update moves small. Negatives
+    drawn in proportion to recent popularity make the score learn ``log P(i|u) - log
+    P_recent(i)`` (a PMI, as in word2vec), so ranking adds that popularity back:
+    ``I.pool_count[i]`` counts item i's entries in the ring (see ``OnlineMF.ranking_biases``); an
+    item pushed out of the ring counts as changed.
 
-    Step sizes: users and well-known items step by ``lr``; an item with few
-    events steps by up to ``lr_new``, falling as its count passes
-    ``new_events`` (most items of a catalogue have few events, and a slow rate
-    leaves them near their random start; popular items need the small one).
-    Transition vectors step by ``lr_seq``: "what comes after this item" is a
-    fast-moving signal (MovieLens scores best near 0.4), but where clicks have
-    no order a high rate only shakes the item vectors (see the README).
+    Step sizes: users and well-known items step by ``lr``; an item with few events steps by up to
+    ``lr_new``, falling as its count passes ``new_events`` (most items of a catalogue have few
+    events, and a slow rate leaves them near their random start; popular items need the small
+    one). Transition vectors step by ``lr_seq``: "what comes after this item" is a fast-moving
+    signal, but where clicks have no order a high rate only shakes the item vectors.
 
-    ``item_seq[i]`` is set to ``seq`` for every item whose row moved;
-    ``item_events[i]`` and ``user_events[u]`` count the events of any kind on each id.
-    ``predictions[e]`` receives the model's output for event e *before* learning
-    from it (the rating estimate, or the implicit score): prequential evaluation
-    reads it.
+    Short-term interest: after an implicit event, ``U.short[u]`` moves toward the item's vector
+    (``short <- keep * fade * short + (1 - keep) * q_i``), where ``fade`` halves every
+    ``short_half_life_ms`` of event time since the user's previous event (``U.short_ts[u]``); a
+    burst of clicks pulls it along, a pause lets it fade back to nothing.
+    ``OnlineMF.query_vectors`` adds it to the long-term vector when ranking. Events without a
+    time (ts 0) leave it alone.
 
-    Short-term interest: after an implicit event, ``short[u]`` moves toward the
-    item's vector (``short <- keep * fade * short + (1 - keep) * q_i``), where
-    ``fade`` halves every ``short_half_life_ms`` of event time since the user's
-    previous event (``short_ts[u]``); a burst of clicks pulls it along, a pause
-    lets it fade back to nothing. ``OnlineMF.query_vectors`` adds it to the
-    long-term vector when ranking. Events without a time (ts 0) leave it alone.
-
-    Sequence (FPMC-style): each item also has a transition vector ``F[i]``; an
-    implicit event scores ``b_j + (p_u + phi * F[prev]) . q_j`` with ``prev`` the
-    user's previous item (``last_item[u]``) and ``phi`` the same fade.
+    Sequence (FPMC-style): each item also has a transition vector ``I.transitions[i]``; an
+    implicit event scores ``b_j + (p_u + phi * F[prev]) . q_j`` with ``prev`` the user's previous
+    item (``U.last_item[u]``) and ``phi`` the same fade.
     """
+    # The named state unpacked into locals: the loop below reads them at every event, and
+    # attribute reads inside it (or the two paths as inlined functions) ran 10-30% slower.
+    P, bu, user_events, short, short_ts, last_item, scale, pop_taste = (
+        U.vectors, U.biases, U.events, U.short, U.short_ts, U.last_item, U.scale, U.pop_taste)
+    Q, bi, item_seq, item_events, F, pool_count = (
+        I.vectors, I.biases, I.changed, I.events, I.transitions, I.pool_count)
+    mean_state, rng_state, recent_items, recent_state = S.means, S.rng, S.positives, S.positives_state
+    replay_users, replay_items, replay_ratings, replay_state = (
+        S.replay_users, S.replay_items, S.replay_ratings, S.replay_state)
+    lr, lr_new, new_events, lr_seq, lr_bias, bias_prior, rate_scale, reg = (
+        rates.lr, rates.lr_new, rates.new_events, rates.lr_seq, rates.lr_bias, rates.bias_prior, rates.rate_scale,
+        rates.reg)
+    lr_scale, scale_reg, lr_taste, taste_reg, lr_replay, replay_reg = (
+        rates.lr_scale, rates.scale_reg, rates.lr_taste, rates.taste_reg, rates.lr_replay, rates.replay_reg)
+    short_keep, short_half_life_ms, n_negatives, replay_steps = (
+        rates.short_keep, rates.short_half_life_ms, rates.n_negatives, rates.replay_steps)
     dim = P.shape[1]
     cap = recent_items.shape[0]
     loss = 0.0
@@ -265,10 +332,10 @@ def sgd_batch(
             item_part = bi[i] + dot
             popularity = item_popularity(events_i)
             taste = pop_taste[u] * popularity
-            predictions[e] = _rating(mean_state[0], bu[u], taste, s, item_part)
-            mean_state[1] += 1.0
-            mean_state[0] += (r - mean_state[0]) / mean_state[1]
-            err = r - _rating(mean_state[0], bu[u], taste, s, item_part)
+            predictions[e] = _rating(mean_state[MEAN_RATING], bu[u], taste, s, item_part)
+            mean_state[RATINGS_SEEN] += 1.0
+            mean_state[MEAN_RATING] += (r - mean_state[MEAN_RATING]) / mean_state[RATINGS_SEEN]
+            err = r - _rating(mean_state[MEAN_RATING], bu[u], taste, s, item_part)
             loss += err * err
             err = _clip(err, MAX_ERROR)
             pop_taste[u] = _clip(pop_taste[u] + lr_taste * (err * popularity - taste_reg * pop_taste[u]), MAX_SCALAR)
@@ -277,7 +344,7 @@ def sgd_batch(
             bu[u] = _clip(bu[u] + _bias_rate(lr_bias, events_u, bias_prior, rate_scale) * (err - reg * bu[u]),
                           MAX_SCALAR)
             scale[u] = _clip(s + lr_scale * (err * item_part - scale_reg * (s - 1.0)), MAX_SCALAR)
-            _replay_ratings(P, Q, bu, bi, scale, pop_taste, item_events, item_seq, seq, mean_state[0], u, i, r,
+            _replay_ratings(P, Q, bu, bi, scale, pop_taste, item_events, item_seq, seq, mean_state[MEAN_RATING], u, i, r,
                             replay_users, replay_items, replay_ratings, replay_state, replay_steps, rng_state,
                             lr_replay, replay_reg)
             continue
@@ -287,9 +354,9 @@ def sgd_batch(
         # than 10 times the average, whatever came before it.)
         raw = weights[e]
         if raw > 0:
-            mean_state[3] += 1.0
-            mean_state[2] += (raw - mean_state[2]) / mean_state[3]
-        w = min(raw / mean_state[2], 10.0) if raw > 0 else 0.0
+            mean_state[WEIGHTS_SEEN] += 1.0
+            mean_state[MEAN_WEIGHT] += (raw - mean_state[MEAN_WEIGHT]) / mean_state[WEIGHTS_SEEN]
+        w = min(raw / mean_state[MEAN_WEIGHT], 10.0) if raw > 0 else 0.0
         # Sequence: the previous item's transition vector joins the user's, faded by the time
         # since that event. Events without a time (ts 0: shuffled logs) carry no sequence.
         elapsed = max(timestamps[e] - short_ts[u], 0)
@@ -338,6 +405,8 @@ def sgd_batch(
         if filled < cap:
             recent_state[1] = filled + 1
     return loss
+
+
 
 
 @njit(cache=True, nogil=True)
