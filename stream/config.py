@@ -69,9 +69,9 @@ class OutputConfig:
     # At most one update per user per interval; offsets are committed at the same cadence,
     # after the updates of the interval are delivered.
     flush_interval_s: float = 1.0
-    # Publishing takes at most this share of the time (the longest-waiting users first, the rest
-    # wait): learning keeps at least the rest, so a backlog is read and a fast stream followed
-    # whatever updates cost, and each user's final state is published (see stream/publishing.py).
+    # While the consumer is behind, publishing takes at most this share of the time (the
+    # longest-waiting users first, the rest wait): a backlog is read at least this fast, and
+    # each user's final state is published once it is (see stream/publishing.py).
     max_publish_share: float = 0.5
     # A round starts early once this many users are pending (unless the consumer is behind).
     max_pending_users: int = 50_000

@@ -1,22 +1,18 @@
 """Recommendation updates: which users are due one, when the next round is, and the messages.
 
 Updates are coalesced: a user touched several times between two rounds gets one update, made
-from their state at the round. Rounds are at least ``output.flush_interval_s`` apart, and
-publishing gets at most ``max_publish_share`` of the time: a round publishes the longest-waiting
-users for as long as its budget lasts, ``share / (1 - share)`` times the time since the previous
-round ended (at least one chunk of users), and the next round starts no sooner than its length
-divided by the share after it started. The users left stay pending, gathering their later
-events, for the next round. A consumer whose rounds are short (the share does not bind)
-publishes every pending user every interval; one that is behind (a backlog, a catch-up, a
-replayed topic, or a live stream faster than its updates) covers more events with each update,
-and each user still gets an update with their final state once the backlog is read.
+from their state at the round. Rounds are ``output.flush_interval_s`` apart while the consumer
+keeps up, and each publishes every pending user. While it is behind (its last poll came back
+full: a backlog, a catch-up, a replayed topic), publishing gets at most ``max_publish_share`` of
+the time: a round publishes the longest-waiting users for as long as its budget lasts,
+``share / (1 - share)`` times the time spent consuming since the previous round, and the rest
+stay pending, gathering their later events, for the next round. The more a consumer is behind,
+the more events each update covers; each user still gets an update with their final state once
+the backlog is read. A consumer that has caught up publishes every interval again.
 
 Spacing rounds by the last round's length alone does not bound the share: the next round
 publishes the users of the events read meanwhile, and when an update costs more than the events
-behind it, rounds grow without the consumer gaining on its backlog. Nor does bounding it only
-while the last poll came back full: a live stream that outruns its updates returns short polls
-between the rounds, and a round that published every pending user then took 28 s of a live
-1M-user run at 20k events/s, with learning stopped meanwhile.
+behind it, rounds grow without the consumer gaining on its backlog.
 """
 
 from __future__ import annotations
@@ -33,13 +29,13 @@ class UpdateSchedule:
 
     >>> clock = [0.0]
     >>> s = UpdateSchedule(interval_s=1.0, max_publish_share=0.5, now=lambda: clock[0])
-    >>> s.round_done(started=10.0, seconds=0.2)
-    >>> s.next_round  # a short round: the interval
+    >>> s.round_done(started=10.0, seconds=0.2, behind=False)
+    >>> s.next_round
     11.0
     >>> clock[0] = 13.2  # 3 s of consuming since that round ended at 10.2
     >>> s.budget_s()  # as long again for publishing
     3.0
-    >>> s.round_done(started=13.2, seconds=3.0)
+    >>> s.round_done(started=13.2, seconds=3.0, behind=True)
     >>> s.next_round  # 3 s of publishing: 3 s of consuming next
     19.2
     """
@@ -50,17 +46,11 @@ class UpdateSchedule:
         self.max_publish_share = max_publish_share
         self._now = now
         self.next_round = now() + interval_s
-        self.earliest = now()
         self.last_round_end = now()
         self.last_round_s = 0.0
 
     def due(self) -> bool:
         return self._now() >= self.next_round
-
-    def may_start_early(self) -> bool:
-        """Whether a round may start before the interval is up (many users waiting) without
-        publishing taking more than its share."""
-        return self._now() >= self.earliest
 
     def budget_s(self) -> float:
         """Publishing time a round may take while behind: ``share / (1 - share)`` of the consuming
@@ -70,11 +60,13 @@ class UpdateSchedule:
             return float("inf")
         return (self._now() - self.last_round_end) * share / (1.0 - share)
 
-    def round_done(self, started: float, seconds: float) -> None:
+    def round_done(self, started: float, seconds: float, behind: bool) -> None:
         self.last_round_s = seconds
         self.last_round_end = started + seconds
-        self.earliest = started + seconds / self.max_publish_share
-        self.next_round = max(started + self.interval_s, self.earliest)
+        gap = self.interval_s
+        if behind:
+            gap = max(gap, seconds / self.max_publish_share)
+        self.next_round = started + gap
 
 
 class PendingUpdates:

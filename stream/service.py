@@ -280,8 +280,7 @@ class RecStreamService:
                     self._collect_checkpoint()
                 if self._uncommitted and (
                     self._schedule.due()
-                    or (not self._behind and len(self.state.pending) >= self.config.output.max_pending_users
-                        and self._schedule.may_start_early())
+                    or (not self._behind and len(self.state.pending) >= self.config.output.max_pending_users)
                 ):
                     self.flush(budgeted=True)
             if self.membership is not None:  # the group gets our last changes; the checkpoint counts them sent
@@ -449,13 +448,13 @@ class RecStreamService:
         With a state dir, offsets are committed only together with a checkpoint
         (when one is due, or ``checkpoint`` is set). ``patient=False`` (inside a
         rebalance callback) tries delivery once instead of retrying. ``budgeted``
-        (the loop's rounds): publish only for the round's time budget, publishing's
-        share of the time (stream.publishing); the users left stay pending, carried by
-        the checkpoints, and without a state dir nothing is committed until none are left. Returns
+        (the loop's rounds): while behind, publish only for the round's time budget
+        (stream.publishing); the users left stay pending, carried by the checkpoints,
+        and without a state dir nothing is committed until none are left. Returns
         False if output was left undelivered, and so nothing was committed.
         """
         started = time.monotonic()
-        budget = self._schedule.budget_s() if budgeted else None
+        budget = self._schedule.budget_s() if budgeted and self._behind else None
         published_ms: list[np.ndarray] = []
         try:
             while self.state.pending:
@@ -468,7 +467,7 @@ class RecStreamService:
                 if budget is not None:
                     break  # the rest waits; unbudgeted, events applied while deliveries were retried join
         finally:
-            self._schedule.round_done(started, time.monotonic() - started)
+            self._schedule.round_done(started, time.monotonic() - started, self._behind)
             log.debug("round: %d updates in %.3fs (%s), %d waiting", sum(map(len, published_ms)),
                       time.monotonic() - started, "behind" if self._behind else "caught up", len(self.state.pending))
         if not self._deliver_all(patient):
