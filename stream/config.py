@@ -66,8 +66,9 @@ class OutputConfig:
     top_k: int = 10
     exclude_seen: bool = True
     history_per_user: int = 500
-    # At most one update per user per interval; offsets are committed at the same cadence,
-    # after the updates of the interval are delivered.
+    # At most one update per user per interval, and a round publishes for at most one interval
+    # (the users left go first in the next); offsets are committed at the same cadence, after
+    # the updates of the round are delivered.
     flush_interval_s: float = 1.0
     # While the consumer is behind, publishing takes at most this share of the time (the
     # longest-waiting users first, the rest wait): a backlog is read at least this fast, and

@@ -2,7 +2,8 @@
 
 Updates are coalesced: a user touched several times between two rounds gets one update, made
 from their state at the round. Rounds are ``output.flush_interval_s`` apart while the consumer
-keeps up, and each publishes every pending user. While it is behind (its last poll came back
+keeps up, and each publishes every pending user it can within one interval (the rest go first
+in the next round). While it is behind (its last poll came back
 full: a backlog, a catch-up, a replayed topic), publishing gets at most ``max_publish_share`` of
 the time: a round publishes the longest-waiting users for as long as its budget lasts,
 ``share / (1 - share)`` times the time spent consuming since the previous round, and the rest
@@ -12,7 +13,12 @@ the backlog is read. A consumer that has caught up publishes every interval agai
 
 Spacing rounds by the last round's length alone does not bound the share: the next round
 publishes the users of the events read meanwhile, and when an update costs more than the events
-behind it, rounds grow without the consumer gaining on its backlog.
+behind it, rounds grow without the consumer gaining on its backlog. And a round must be bounded
+while caught up too: a live stream faster than its updates returns short polls between rounds,
+and a round that published every pending user took 28 s of a live 1M-user run at 20k events/s,
+learning stopped meanwhile. Bounding caught-up rounds by the share instead (tried) spaced rounds
+out wherever updates took more than half of a second that had room for them, and freshness
+suffered (at 5k events/s on 1M users p50 6.1 s against 2.3-5.0 s).
 """
 
 from __future__ import annotations

@@ -40,14 +40,13 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Message,
-    Producer,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
 from recstream.embeddings.drift import ItemDriftAlarm, LossDriftDetector
 from recstream.index.query import Recommender
 from recstream.index.refresh import IndexRefresher
-from recstream.stream.broker import produce_waiting, topic_ids, wait_for_cluster
+from recstream.stream.broker import topic_ids, wait_for_cluster
 from recstream.stream.checkpoint import BackgroundCheckpointWriter, CheckpointStore, StateDirLock
 from recstream.stream.clock import batch_now, settle_timestamps
 from recstream.stream.config import ConfigError, ServiceConfig
@@ -55,6 +54,8 @@ from recstream.stream.events import EventBatch, EventDecoder
 from recstream.stream.logs import kafka_logger, settings_for
 from recstream.stream.membership import GroupMembership
 from recstream.stream.metadata import parse_item_metadata
+from recstream.stream.offsets import OffsetBook, resume_offset
+from recstream.stream.output import OutputProducer
 from recstream.stream.publishing import UpdateSchedule
 from recstream.stream.state import RecState
 from recstream.stream.update_json import update_values
@@ -62,7 +63,6 @@ from recstream.stream.update_json import update_values
 log = logging.getLogger(__name__)
 
 DLQ_REASON_HEADER = "recstream.error"
-DLQ_TRUNCATE_BYTES = 64 * 1024
 # librdkafka's logical offsets, by what they mean for an assigned partition (the log says these).
 _OFFSET_NAMES = {OFFSET_INVALID: "committed", OFFSET_BEGINNING: "earliest", OFFSET_END: "latest"}
 # Users per recommendation call in a round: small enough that a round with a time budget stops
@@ -161,21 +161,15 @@ class RecStreamService:
         self.refresher = IndexRefresher(self.model, self.model_lock, index_dir, config.index,
                                         first_version=self.state.index_version + 1)
         self._behind = False  # the last poll came back full: there is a backlog
-        self._uncommitted: dict[tuple[str, int], int] = {}  # next offsets applied but not committed
-        # (topic, key, value, headers, partition or -1: the partitioner's choice) to produce again
-        self._failed: list[tuple[str, bytes | None, bytes | None, list | None, int]] = []
-        self._producer_fatal = False
+        self.offsets = OffsetBook()  # what is applied, checkpointed, committed (stream/offsets.py)
         self._retrying_delivery = False
         self._schedule = UpdateSchedule(out.flush_interval_s, out.max_publish_share)
         self._next_checkpoint = time.monotonic() + config.checkpoint.interval_s
         self._next_content_refresh = 0.0
-        self._commit_floor: dict[tuple[str, int], int] = {}  # where each partition resumed at assign
-        self._checkpointed: dict[tuple[str, int], int] = {}  # offsets the newest written checkpoint covers
-        self._committed: dict[tuple[str, int], int] = {}  # offsets last committed to the group
         self._state_changed = False  # anything applied or skipped since the last checkpoint
         self._checkpointed_events = self.model.events_applied
         self.consumer: Consumer | None = None
-        self.producer: Producer | None = None
+        self.output: OutputProducer | None = None  # every record delivered or produced again
         self.membership: GroupMembership | None = None  # what is shared with the group ([sync]), if anything
         self._admin: AdminClient | None = None  # for topic ids (see _forget_recreated_topics)
         # Read by the HTTP side (stream/web.py): when the poll loop last turned (/healthz), and an
@@ -216,7 +210,7 @@ class RecStreamService:
     def _check_topics(self):
         """The cluster's metadata, once every topic the config names is among its topics."""
         topics = self.config.topics
-        metadata = wait_for_cluster(self.producer, self.config.bootstrap_servers, self.config.loop.startup_timeout_s,
+        metadata = wait_for_cluster(self.output.producer, self.config.bootstrap_servers, self.config.loop.startup_timeout_s,
                                     self.stop)
         for field_name, topic in (("topics.input", topics.input), ("topics.output", topics.output),
                                   ("topics.dead_letter", topics.dlq), ("topics.item_metadata", topics.item_metadata)):
@@ -249,7 +243,7 @@ class RecStreamService:
         gc.set_threshold(50_000, 20, 100)
         _compile_kernels(self.config)  # before joining the group: a first compile can outlast max.poll.interval.ms
         consumer_cfg, producer_cfg = self._client_configs()
-        self.producer = Producer(producer_cfg)
+        self.output = OutputProducer(producer_cfg, self.config.topics.dlq, self.stats)
         metadata = self._check_topics()
         self.membership = GroupMembership.join(self.config, self.state, self.model_lock, self.stats, metadata,
                                                consumer_cfg, self._produce, self._dead_letter)
@@ -278,7 +272,9 @@ class RecStreamService:
                     # Commit as soon as a checkpoint is written, not at the next flush: until then a
                     # crash leaves events in the checkpoint that the partition's next owner reads again.
                     self._collect_checkpoint()
-                if self._uncommitted and (
+                # Users may wait with nothing left to commit (a round's budget ran out after the
+                # checkpoint that committed their events): they are still due their update.
+                if (self.offsets or self.state.pending) and (
                     self._schedule.due()
                     or (not self._behind and len(self.state.pending) >= self.config.output.max_pending_users)
                 ):
@@ -293,7 +289,7 @@ class RecStreamService:
             try:
                 self.consumer.close()  # revokes: _on_revoke flushes what is left
             finally:
-                self.producer.flush(self.config.output.delivery_timeout_s)
+                self.output.flush(self.config.output.delivery_timeout_s)
                 if self._lock is not None:
                     self._lock.release()
         log.info("stopped after %d events", self.stats.events_applied)
@@ -364,7 +360,7 @@ class RecStreamService:
 
     def _advance(self, next_offsets: dict[tuple[str, int], int]) -> None:
         self.state.advance({f"{t}/{p}": o for (t, p), o in next_offsets.items()})
-        self._uncommitted.update(next_offsets)
+        self.offsets.applied(next_offsets)
         self._state_changed = True
 
     def _apply_metadata(self, messages: list[Message]) -> None:
@@ -399,46 +395,7 @@ class RecStreamService:
 
     def _produce(self, topic: str, key: bytes | None, value: bytes | None, headers: list | None = None,
                  partition: int = -1) -> None:
-        while True:
-            try:
-                produce_waiting(self.producer, topic, value, key, partition, headers=headers,
-                                on_delivery=self._delivered)
-                return
-            except KafkaException as exc:  # refused before sending, e.g. over the producer's message.max.bytes
-                error = exc.args[0]
-                if error.code() == KafkaError.MSG_SIZE_TOO_LARGE and topic == self.config.topics.dlq:
-                    shorter, headers = self._truncated_letter(value, headers)
-                    if len(shorter) < len(value or b""):
-                        value = shorter
-                        continue
-                # Kept with the failed deliveries: retried with backoff, offsets held, the log says why.
-                log.error("producing to %s failed: %s", topic, error.str())
-                self.stats.delivery_failures += 1
-                self._failed.append((topic, key, value, headers, partition))
-                return
-
-    def _truncated_letter(self, value: bytes | None, headers: list | None) -> tuple[bytes, list]:
-        """A dead letter the producer cannot send whole: its head, and a header saying how big it was
-        (rather than retry forever and stall the partition)."""
-        value = value or b""
-        limit = int(self._client_configs()[1].get("message.max.bytes", DLQ_TRUNCATE_BYTES * 2))
-        keep = min(DLQ_TRUNCATE_BYTES, limit // 2)
-        if not any(name == "recstream.truncated_from" for name, _ in headers or []):
-            headers = [*(headers or []), ("recstream.truncated_from", str(len(value)).encode())]
-        return value[:keep], headers
-
-    def _delivered(self, err: KafkaError | None, message: Message) -> None:
-        if err is None:
-            return
-        self.stats.delivery_failures += 1
-        if err.fatal() or err.code() == KafkaError.PRODUCER_FENCED:
-            self._producer_fatal = True
-        value, headers = message.value(), message.headers()
-        if err.code() == KafkaError.MSG_SIZE_TOO_LARGE and message.topic() == self.config.topics.dlq:
-            value, headers = self._truncated_letter(value, headers)  # the broker will never take it whole
-        # A record produced to a chosen partition must go there again (a handover); keyed ones go
-        # where the key takes them anyway.
-        self._failed.append((message.topic(), message.key(), value, headers, message.partition()))
+        self.output.produce(topic, key, value, headers, partition)
 
     # -- publishing, checkpointing and committing ----------------------------------------------
 
@@ -448,13 +405,16 @@ class RecStreamService:
         With a state dir, offsets are committed only together with a checkpoint
         (when one is due, or ``checkpoint`` is set). ``patient=False`` (inside a
         rebalance callback) tries delivery once instead of retrying. ``budgeted``
-        (the loop's rounds): while behind, publish only for the round's time budget
-        (stream.publishing); the users left stay pending, carried by the checkpoints,
-        and without a state dir nothing is committed until none are left. Returns
+        (the loop's rounds): publish only for the round's time budget (while behind,
+        publishing's share of the time; caught up, one flush interval: stream.publishing);
+        the users left stay pending, carried by the checkpoints, and without a state dir
+        nothing is committed until none are left. Returns
         False if output was left undelivered, and so nothing was committed.
         """
         started = time.monotonic()
-        budget = self._schedule.budget_s() if budgeted and self._behind else None
+        budget = None
+        if budgeted:  # while behind, publishing's share; caught up, one interval
+            budget = self._schedule.budget_s() if self._behind else self.config.output.flush_interval_s
         published_ms: list[np.ndarray] = []
         try:
             while self.state.pending:
@@ -482,7 +442,7 @@ class RecStreamService:
             if checkpoint or due:
                 self._checkpoint(wait=checkpoint)
         elif not self.state.pending:
-            self._commit(dict(self._uncommitted))
+            self._commit(dict(self.offsets.uncommitted))
         self._report_item_drift()
         self._refresh_content()
         if self.on_flush is not None:
@@ -548,21 +508,13 @@ class RecStreamService:
         self._checkpointed_events = events
         self.stats.checkpoints += 1
         log.info("checkpoint %s: %d events (snapshot %.2fs)", path.name, events, self.stats.last_checkpoint_s)
-        self._checkpointed.update(covered)
+        self.offsets.checkpoint_written(covered)
         self._commit_checkpointed()
 
     def _commit_checkpointed(self) -> None:
-        """Commit what the newest written checkpoint covers and the group does not have yet.
-
-        Usually that is the checkpoint just written; it is also a commit that failed (the broker
-        was away) or partitions lost before their commit and assigned back: on an idle stream no
-        new checkpoint would ever come to commit them.
-        """
-        assigned = set(self.stats.assigned)
-        # Only for partitions still ours, and never behind where they resumed since the snapshot.
-        self._commit({tp: offset for tp, offset in self._checkpointed.items()
-                      if tp in assigned and offset >= self._commit_floor.get(tp, 0)
-                      and self._committed.get(tp) != offset})
+        """Commit what the newest written checkpoint covers and the group does not have yet
+        (``OffsetBook.to_commit``)."""
+        self._commit(self.offsets.to_commit(set(self.stats.assigned)))
 
     def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
         if not offsets:
@@ -575,7 +527,7 @@ class RecStreamService:
             # already holds these offsets; without one the events will be read again.
             log.warning("commit failed (%s); will retry with the next flush", exc.args[0])
             return
-        self._committed.update(offsets)
+        self.offsets.committed(offsets)
         if self.store is not None:
             try:
                 self.store.record_commit({f"{t}/{p}": o for (t, p), o in offsets.items()})
@@ -583,9 +535,6 @@ class RecStreamService:
                 # The commit itself succeeded; only the note that it was ours is missing. It matters
                 # only after a fall back to an older checkpoint (see _start_offsets).
                 log.error("committed, but could not record it in %s (%s)", self.store.directory, exc)
-        for tp, offset in offsets.items():
-            if self._uncommitted.get(tp) == offset:
-                del self._uncommitted[tp]
         self.stats.commits += 1
 
     def _publish_updates(self, limit: int) -> np.ndarray:
@@ -609,41 +558,20 @@ class RecStreamService:
         return np.asarray(last_event_ts, dtype=np.int64)
 
     def _deliver_all(self, patient: bool = True) -> bool:
-        """Wait until everything produced is delivered, re-producing failures with backoff.
-
-        While deliveries fail, consumption is paused but the consumer keeps
-        polling, so it stays in its group instead of being timed out of it.
-        Returns False if asked to stop while deliveries still fail, or at the
-        first failure when not ``patient``: failed messages stay queued for the
-        next flush.
-        """
-        backoff = 0.5
+        """Wait until everything produced is delivered (``OutputProducer.deliver_all``). While
+        deliveries fail, consumption is paused but the consumer keeps polling, so it stays in its
+        group instead of being timed out of it."""
         paused = False
+
+        def wait(seconds: float) -> None:
+            nonlocal paused
+            if not paused and self.consumer is not None:
+                self.consumer.pause(self.consumer.assignment())
+                paused = True
+            self._wait_in_group(seconds)
+
         try:
-            while True:
-                remaining = self.producer.flush(self.config.output.delivery_timeout_s)
-                if remaining == 0 and not self._failed:
-                    return True
-                if not patient:
-                    log.warning("%d message(s) undelivered, %d failed; offsets not committed",
-                                remaining, len(self._failed))
-                    return False
-                failed, self._failed = self._failed, []
-                if self.stop.is_set() and backoff > 0.5:
-                    log.error("stopping with %d undelivered message(s); offsets not committed",
-                              remaining + len(failed))
-                    return False
-                log.warning("%d message(s) undelivered, %d failed; retrying in %.1fs (offsets not committed)",
-                            remaining, len(failed), backoff)
-                if self._producer_fatal:
-                    self._replace_producer()
-                if not paused and self.consumer is not None:
-                    self.consumer.pause(self.consumer.assignment())
-                    paused = True
-                self._wait_in_group(backoff)
-                for topic, key, value, headers, partition in failed:
-                    self._produce(topic, key, value, headers, partition)
-                backoff = min(backoff * 2, 30.0)
+            return self.output.deliver_all(self.config.output.delivery_timeout_s, patient, self.stop.is_set, wait)
         finally:
             if paused:
                 self.consumer.resume(self.consumer.assignment())
@@ -662,15 +590,6 @@ class RecStreamService:
                     self._process(messages)
         finally:
             self._retrying_delivery = False
-
-    def _replace_producer(self) -> None:
-        # A fatal error (e.g. a fenced idempotent producer) ends a producer instance for good.
-        log.warning("producer hit a fatal error; starting a new one")
-        old = self.producer
-        old.purge()
-        old.flush(0)  # serves the purged messages' delivery reports: they join _failed and are re-sent
-        self.producer = Producer(self._client_configs()[1])
-        self._producer_fatal = False
 
     # -- rebalance -----------------------------------------------------------------------------
 
@@ -708,10 +627,7 @@ class RecStreamService:
             if tp.topic in recreated:
                 tp.offset = OFFSET_BEGINNING  # the group's offsets, if any, were the old topic's
             elif position is not None:
-                # Our own commit never outranks our state (after falling back to an older
-                # checkpoint, the events since it must be read again). Another member's may:
-                # it went further while it owned the partition, and those events are in its state.
-                tp.offset = position if ours else max(position, group_offset)
+                tp.offset = resume_offset(position, group_offset, ours)
             elif start == "earliest":
                 tp.offset = OFFSET_BEGINNING
             elif start == "latest":
@@ -733,12 +649,9 @@ class RecStreamService:
                     # even if no event follows (else the stored position stays behind).
                     self._state_changed = True
                 self.state.positions[key] = tp.offset
-                self._commit_floor[(tp.topic, tp.partition)] = tp.offset
-                if self.store is not None and tp.offset != committed.get((tp.topic, tp.partition), -1):
-                    # Ahead of the group (e.g. lost before its commit, or a crash between checkpoint
-                    # and commit): the next checkpoint covers it and commits it, even on an idle stream.
+                if self.offsets.resumed((tp.topic, tp.partition), tp.offset,
+                                        committed.get((tp.topic, tp.partition), -1), self.store is not None):
                     self._state_changed = True
-                    self._uncommitted.setdefault((tp.topic, tp.partition), tp.offset)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._take_over(partitions)
@@ -770,14 +683,12 @@ class RecStreamService:
                     # A restart must not bring the handed-over users back from the last checkpoint.
                     self._checkpoint(wait=True)
         gone = {(p.topic, p.partition) for p in partitions}
-        for tp in gone:
-            self._uncommitted.pop(tp, None)
+        self.offsets.gone(gone)
         self.stats.assigned = [tp for tp in self.stats.assigned if tp not in gone]
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Another member may already own these: committing for them now would be wrong.
         gone = {(p.topic, p.partition) for p in partitions}
         log.warning("lost %s; their uncommitted offsets will be re-read by the new owner", sorted(gone))
-        for tp in gone:
-            self._uncommitted.pop(tp, None)
+        self.offsets.gone(gone)
         self.stats.assigned = [tp for tp in self.stats.assigned if tp not in gone]

@@ -199,14 +199,14 @@ def test_broker_outage_then_resume(restartable_broker, tmp_path):
 
     send(1000, "before")
     with running(config) as service:
-        wait_for(lambda: service.stats.events_applied == 1000 and not service._uncommitted, what="first events")
+        wait_for(lambda: service.stats.events_applied == 1000 and not service.offsets, what="first events")
         restartable_broker.stop()
         commits_at_outage = service.stats.commits
         time.sleep(10)
         assert service.stats.commits == commits_at_outage  # nothing committed while away
         restartable_broker.start()  # same port, same storage: topics and offsets are still there
         send(400, "after")
-        wait_for(lambda: service.stats.events_applied >= 1400 and not service._uncommitted, timeout_s=90,
+        wait_for(lambda: service.stats.events_applied >= 1400 and not service.offsets, timeout_s=90,
                  what="the events sent after the outage, committed")
         time.sleep(1)
         assert service.stats.events_applied == 1400  # resumed where it was: nothing lost, nothing twice
@@ -225,16 +225,16 @@ def test_unwritable_output_holds_commits_back_and_retries(kafka_bootstrap, kafka
     values = [orjson.dumps({"user_id": f"u{k % 30}", "item_id": f"i{k % 20}"}) for k in range(600)]
     with running(config) as service:
         _produce_partitioned(kafka_bootstrap, topics["input"], values[:300], 2)
-        wait_for(lambda: service.stats.events_applied == 300 and not service._uncommitted, what="first commit")
+        wait_for(lambda: service.stats.events_applied == 300 and not service.offsets, what="first commit")
         kafka_proxy.stop()
         commits = service.stats.commits
         _produce_partitioned(kafka_bootstrap, topics["input"], values[300:], 2)
         wait_for(lambda: service.stats.delivery_failures > 0, timeout_s=30, what="delivery failures")
         time.sleep(2)
         assert service.stats.events_applied == 600
-        assert service.stats.commits == commits and service._uncommitted  # held back
+        assert service.stats.commits == commits and service.offsets  # held back
         kafka_proxy.start()
-        wait_for(lambda: service.stats.commits > commits and not service._uncommitted, timeout_s=60,
+        wait_for(lambda: service.stats.commits > commits and not service.offsets, timeout_s=60,
                  what="commit after the output came back")
     assert "undelivered" in caplog.text and "offsets not committed" in caplog.text
     updates = read_all(kafka_bootstrap, topics["output"], expect=60, timeout_s=30)
@@ -290,7 +290,7 @@ def test_fuzzed_input_every_bad_message_in_the_dlq_every_good_one_applied(kafka_
     assert producer.flush(60) == 0
     config = service_config(kafka_bootstrap, topics)
     with running(config) as service:
-        wait_for(lambda: service.stats.messages == len(stream) and not service._uncommitted, timeout_s=120,
+        wait_for(lambda: service.stats.messages == len(stream) and not service.offsets, timeout_s=120,
                  what="every message handled")
         assert service.stats.events_applied == len(valid) and service.stats.dead_letters == n_bad
     letters = read_all(kafka_bootstrap, topics["dlq"], expect=n_bad, timeout_s=60)

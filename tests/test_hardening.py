@@ -72,7 +72,7 @@ def test_poison_pills_and_oversized_dead_letters_leave_the_service_running(kafka
                                                         "kafka.producer.message.max.bytes": "100000"})
     with running(config) as service:
         wait_for(lambda: service.stats.events_applied == 60 and service.stats.dead_letters == 3
-                 and service.stats.item_metadata == 1 and service.stats.commits > 0 and not service._uncommitted,
+                 and service.stats.item_metadata == 1 and service.stats.commits > 0 and not service.offsets,
                  timeout_s=60, what="good events applied and committed, three dead letters")
     letters = {m.key(): m for m in read_all(kafka_bootstrap, topics["dlq"], expect=3)}
     reasons = {k: dict(m.headers())[DLQ_REASON_HEADER].decode() for k, m in letters.items()}
@@ -181,7 +181,7 @@ def test_one_event_from_the_far_future_moves_neither_now_nor_its_user_into_the_f
             + [event("u1", "i3", ts=2**62 - 1)] + [event(f"u{n % 5}", f"i{n % 9}") for n in range(40)])
     config = service_config(kafka_bootstrap, topics, **{"events.clock_tolerance_s": 60})
     with running(config) as service:
-        wait_for(lambda: service.stats.events_applied == 81 and not service._uncommitted, what="all applied")
+        wait_for(lambda: service.stats.events_applied == 81 and not service.offsets, what="all applied")
         assert service.stats.clock_ahead == 1
         assert start <= service.stats.last_event_ts <= int(time.time() * 1000) + 60_000
         model = service.model
@@ -258,7 +258,7 @@ def test_an_unwritable_commit_record_does_not_stop_the_service(kafka_bootstrap, 
     produce(kafka_bootstrap, topics["input"], [event(f"u{n}", f"i{n % 5}") for n in range(90)])
     config = service_config(kafka_bootstrap, topics, **{"state_dir": str(state_dir), "checkpoint.interval_s": 0.5})
     with running(config) as service:
-        wait_for(lambda: service.stats.events_applied == 90 and service.stats.commits > 0 and not service._uncommitted,
+        wait_for(lambda: service.stats.events_applied == 90 and service.stats.commits > 0 and not service.offsets,
                  what="applied, checkpointed and committed")
     assert sum(committed_offsets(kafka_bootstrap, config.topics.group_id, topics["input"], 3).values()) == 90
     assert "committed, but could not record it" in caplog.text
@@ -331,14 +331,14 @@ def test_an_input_topic_deleted_and_created_again_is_read_from_its_start_and_com
                                                         "checkpoint.interval_s": 0.3})
     produce(kafka_bootstrap, topics["input"], [event(f"u{n}", f"i{n % 5}") for n in range(90)])
     with running(config) as service:
-        wait_for(lambda: service.stats.events_applied == 90 and not service._uncommitted, what="the old topic done")
+        wait_for(lambda: service.stats.events_applied == 90 and not service.offsets, what="the old topic done")
     admin = AdminClient({"bootstrap.servers": kafka_bootstrap})
     admin.delete_topics([topics["input"]])[topics["input"]].result()
     wait_for(lambda: topics["input"] not in admin.list_topics(timeout=10).topics, what="the topic gone")
     create_topics(kafka_bootstrap, {topics["input"]: 3})
     produce(kafka_bootstrap, topics["input"], [event(f"v{n}", f"i{n % 5}") for n in range(30)])
     with running(config) as service:
-        wait_for(lambda: service.stats.events_applied == 30 and service.stats.commits > 0 and not service._uncommitted,
+        wait_for(lambda: service.stats.events_applied == 30 and service.stats.commits > 0 and not service.offsets,
                  what="the new topic's events applied and committed")
         assert service.model.events_applied == 120
     assert "was deleted and created again" in caplog.text

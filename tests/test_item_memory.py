@@ -335,7 +335,7 @@ def test_a_service_with_item_expiry_never_publishes_a_forgotten_item(kafka_boots
         for messages, applied in ((first, len(first)), (then, len(first) + len(then))):
             produce(kafka_bootstrap, topics["input"], messages)
             wait_for(lambda: service.stats.events_applied == applied, what="all events applied")
-        wait_for(lambda: service.stats.commits > 0 and not service._uncommitted, what="a commit of everything")
+        wait_for(lambda: service.stats.commits > 0 and not service.offsets, what="a commit of everything")
         assert service.state.items_forgotten == 39 and len(service.model.items.ids.free) == 39 - len(new)
     updates = read_all(kafka_bootstrap, topics["output"], expect=service.stats.updates_published)
     assert len(updates) == service.stats.updates_published > 0
@@ -357,7 +357,7 @@ def test_a_capped_service_keeps_running_on_a_flood_of_new_items_within_its_cap(k
                                                        "state_dir": str(tmp_path / "state")})
     with running(config) as service:
         wait_for(lambda: service.stats.events_applied == len(messages), what="all events applied")
-        wait_for(lambda: service.stats.commits > 0 and not service._uncommitted, what="a commit of everything")
+        wait_for(lambda: service.stats.commits > 0 and not service.offsets, what="a commit of everything")
         forgotten = service.state.items_forgotten
         activity = [a[: len(service.model.items)].copy() for a in service.model.item_activity()]
     # The table never grew past the cap (its row count is its high-water mark), and most items came and went.

@@ -200,7 +200,7 @@ def test_a_capped_service_keeps_running_on_a_flood_of_new_users_within_its_cap(k
                                                        "state_dir": str(tmp_path / "state")})
     with running(config) as service:
         wait_for(lambda: service.stats.events_applied == len(messages), what="all events applied")
-        wait_for(lambda: service.stats.commits > 0 and not service._uncommitted, what="a commit of everything")
+        wait_for(lambda: service.stats.commits > 0 and not service.offsets, what="a commit of everything")
         forgotten = service.state.users_forgotten
     # The table never grew past the cap (its row count is its high-water mark), and most users came and went.
     assert len(service.model.users) <= cap and forgotten > len(set(flood.user_ids)) - cap

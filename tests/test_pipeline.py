@@ -27,7 +27,7 @@ def test_events_in_recommendation_updates_out(kafka_bootstrap, topics):
     config = service_config(kafka_bootstrap, topics, **{"output.top_k": 5})
     with running(config) as service:
         wait_for(lambda: service.stats.events_applied == len(messages), what="all events applied")
-        wait_for(lambda: service.stats.commits > 0 and not service._uncommitted, what="a commit of everything")
+        wait_for(lambda: service.stats.commits > 0 and not service.offsets, what="a commit of everything")
     updates = read_all(kafka_bootstrap, topics["output"], expect=service.stats.updates_published)
     assert len(updates) == service.stats.updates_published > 0
 
@@ -66,7 +66,7 @@ def test_bad_messages_go_to_the_dead_letter_topic(kafka_bootstrap, topics):
     config = service_config(kafka_bootstrap, topics)
     with running(config) as service:
         wait_for(lambda: service.stats.events_applied == 50 and service.stats.dead_letters == len(bad)
-                 and service.stats.commits > 0 and not service._uncommitted, what="all messages handled")
+                 and service.stats.commits > 0 and not service.offsets, what="all messages handled")
     letters = read_all(kafka_bootstrap, topics["dlq"], expect=len(bad))
     assert len(letters) == len(bad)
     by_key = {m.key(): m for m in letters}
@@ -93,14 +93,14 @@ def test_offsets_follow_processing_and_a_restart_resumes_without_loss(kafka_boot
     group = config.topics.group_id
     with running(config) as service:
         wait_for(lambda: service.stats.events_applied == 2000 and service.stats.commits > 0
-                 and not service._uncommitted, what="first 2000 applied and committed")
+                 and not service.offsets, what="first 2000 applied and committed")
     committed = _committed(kafka_bootstrap, group, topics["input"])
     assert sum(committed.values()) == 2000  # committed offsets are exactly what was applied
 
     second = [event(f"u{n % 40}", f"i{n % 30}") for n in range(700)]
     produce(kafka_bootstrap, topics["input"], second)
     with running(config) as service:  # same group: resumes from the committed offsets
-        wait_for(lambda: service.stats.events_applied >= 700 and not service._uncommitted
+        wait_for(lambda: service.stats.events_applied >= 700 and not service.offsets
                  and service.stats.commits > 0, what="the new events")
         time.sleep(1.0)  # give a wrongly replayed backlog the time to show up
         assert service.stats.events_applied == 700

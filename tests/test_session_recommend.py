@@ -60,7 +60,7 @@ def test_published_updates_carry_the_session_blend(kafka_bootstrap, topics):
     config = service_config(kafka_bootstrap, topics, **{"output.top_k": 5, "model.session_mf_weight": 0.0})
     with running(config) as service:
         wait_for(lambda: service.stats.events_applied == len(messages), what="all events applied")
-        wait_for(lambda: service.stats.commits > 0 and not service._uncommitted, what="a commit of everything")
+        wait_for(lambda: service.stats.commits > 0 and not service.offsets, what="a commit of everything")
     updates = [orjson.loads(m.value()) for m in read_all(kafka_bootstrap, topics["output"],
                                                          expect=service.stats.updates_published)]
     probe = [u for u in updates if u["user_id"] == "probe"][-1]
