@@ -45,6 +45,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -633,6 +634,27 @@ def table(result: dict) -> str:
     return head + "\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
+def live_only(bootstrap: str, topic: str, state_dir: str, live_path: str, args, out: Path, info: dict,
+              say: Callable[[str], None]) -> None:
+    """``--live-only``: a catch-up without publishing (its state saved), then the live phase."""
+    catch = catch_up(bootstrap, topic, args.events, False, args.phase_timeout, save_state_dir=state_dir)
+    say(f"catch-up without publishing {catch['steady_events_per_s']:,.0f}/s steady")
+    live = live_phase(bootstrap, state_dir, live_path, args)
+    catch["flushes"] = len(catch.pop("timeline"))
+    lat, warm = live["latency_ms"], live["latency_ms_warmup"]
+    say(f"live {args.live_rate:,}/s for {args.live_seconds}s: freshness p50 / p95 / p99 / max "
+        f"{lat['p50']:,.0f} / {lat['p95']:,.0f} / {lat['p99']:,.0f} / {lat['max']:,.0f} ms (warm-up p50 "
+        f"{warm['p50']:,.0f} ms); applied {live['applied_by_stop']:,} of {live['produced']:,}; "
+        f"{live['service']['checkpoints']} checkpoints, {live['service']['index_builds']} index builds")
+    result = {"command": " ".join([sys.executable, *sys.argv]), "machine": info, "settings": OVERRIDES,
+              "workload": {"users": args.users, "items": args.items, "events": args.events,
+                           "partitions": args.partitions, "seed": args.seed},
+              "catch_up_no_publish": catch, "live": live}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=float))
+    print(f"written to {out} (commit {info['commit'][:10]}{', with uncommitted changes' if info['uncommitted_changes'] else ''})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=1_000_000)
@@ -649,6 +671,8 @@ def main() -> None:
     parser.add_argument("--phase-timeout", type=float, default=900,
                         help="stop a catch-up run after this many s (its rates are then over what it applied)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--live-only", action="store_true",
+                        help="only a catch-up without publishing (for the state) and the live phase")
     parser.add_argument("--log-rounds", action="store_true",
                         help="the live service logs each publishing round (users, seconds) to stderr")
     parser.add_argument("--quick", action="store_true",
@@ -663,7 +687,10 @@ def main() -> None:
         for key, value in quick.items():  # flags given explicitly still win
             if getattr(args, key) == defaults[key]:
                 setattr(args, key, value)
-    out = Path(args.out or ("bench/results/scale-quick.json" if args.quick else "bench/results/scale.json"))
+    default_out = "scale-quick.json" if args.quick else "scale.json"
+    if args.live_only:
+        default_out = f"scale-live-{args.live_rate // 1000}k{'-quick' if args.quick else ''}.json"
+    out = Path(args.out or f"bench/results/{default_out}")
     OVERRIDES.update(setting.split("=", 1) for setting in args.set)
     load_config(overrides=OVERRIDES)  # a bad --set stops here, naming the setting
     logging.basicConfig(level=logging.WARNING)
@@ -698,6 +725,9 @@ def main() -> None:
 
         runs: dict[str, list[dict]] = {"no_publish": [], "publish": []}
         state_dir, points_path = f"{tmp}/state", f"{tmp}/points.npy"
+        if args.live_only:
+            live_only(bootstrap, topic, state_dir, live_path, args, out, info, say)
+            return
         for r in range(args.repeats):
             runs["no_publish"].append(catch_up(bootstrap, topic, args.events, False, args.phase_timeout))
             say(f"run {r + 1}: no publishing {runs['no_publish'][-1]['events_per_s']:,.0f}/s total, "
