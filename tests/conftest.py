@@ -258,7 +258,8 @@ def service_thread(service: RecStreamService) -> Iterator[threading.Thread]:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test that uses the broker is marked ``kafka``, so ``-m "not kafka"`` is the fast subset."""
     for item in items:
-        if "kafka_bootstrap" in getattr(item, "fixturenames", ()):
+        # restartable_broker: a broker of the test's own (stopped and started again by it).
+        if {"kafka_bootstrap", "restartable_broker"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.kafka)
 
 
