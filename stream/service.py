@@ -222,8 +222,10 @@ class RecStreamService:
     def _take_over(self, partitions: list[TopicPartition]) -> None:
         if self.membership is None:
             return
+        def committed(tps: list[TopicPartition]) -> dict[int, int]:
+            return {tp.partition: tp.offset for tp in self.consumer.committed(tps, timeout=30)}
+
         our_commits = self.store.last_commits() if self.store is not None else {}
-        committed = lambda tps: {tp.partition: tp.offset for tp in self.consumer.committed(tps, timeout=30)}  # noqa: E731
         if self.membership.take_over(partitions, committed, our_commits):
             self._state_changed = True
 
