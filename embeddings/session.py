@@ -39,7 +39,9 @@ the items the session signals do not reach. Weights are ``model.session_*_weight
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import numba
 import numpy as np
@@ -51,6 +53,9 @@ from recstream.embeddings.session_knn import RecentSessions, drop_items
 _USERS_PER_THREAD = 256
 # Room for this many reached items per user to begin with (the buffers double when a user needs more).
 _ROWS_PER_USER = 64
+# Batches of fewer events than this are learned in the calling thread (handing them to the
+# worker would cost more than the overlap gains).
+_BACKGROUND_MIN_EVENTS = 256
 _USER_STATE = (("hist", np.int32), ("hlen", np.int64), ("last_ts", np.int64), ("skey", np.int64),
                ("serial", np.int64))
 
@@ -83,6 +88,7 @@ class SessionSignals:
         self.next_serial = np.zeros(1, dtype=np.int64)
         self.repeats = np.array([1.0, 2.0])  # (decayed) re-view clicks, continuing clicks
         self._items = 0
+        self._worker: ThreadPoolExecutor | None = None  # for ``learning``, made at its first big batch
         self._fit_scratch(1024)
         # Load the compiled kernels now (from numba's disk cache: about a second, once per process),
         # not in the first batch a consumer handles.
@@ -180,6 +186,28 @@ class SessionSignals:
         self.fit(int(users.max()) + 1, int(items.max()) + 1)
         keys = np.zeros(len(users), np.int64) if session_keys is None else np.asarray(session_keys, dtype=np.int64)
         learn_batch(users, items, np.asarray(timestamps, dtype=np.int64), keys, self.learn_args())
+
+    @contextmanager
+    def learning(self, user_rows: np.ndarray, item_rows: np.ndarray, timestamps: np.ndarray,
+                 session_keys: np.ndarray | None = None) -> Iterator[None]:
+        """:meth:`update` on a worker thread while the caller's block runs; done when the block is.
+
+        The session signals share no array with the factor model, and both kernels release the
+        GIL, so the model learns the same batch on the other core meanwhile; the result is the
+        one ``update`` gives. Inside the block the caller must not touch these signals. A small
+        batch is learned at once, before the block.
+        """
+        if len(user_rows) < _BACKGROUND_MIN_EVENTS:
+            self.update(user_rows, item_rows, timestamps, session_keys)
+            yield
+            return
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="session-learning")
+        learned = self._worker.submit(self.update, user_rows, item_rows, timestamps, session_keys)
+        try:
+            yield
+        finally:
+            learned.result()  # (re-raises what the update raised)
 
     def candidates(self, user_rows: np.ndarray, now_ms: int | np.ndarray = 0,
                    session_keys: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:

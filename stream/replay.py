@@ -19,15 +19,18 @@ import dataclasses
 import gzip
 import io
 import logging
+import queue
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
@@ -44,6 +47,10 @@ from recstream.stream.state import RecState
 log = logging.getLogger(__name__)
 
 CHUNK = 10_000
+# Chunks read and decoded ahead of the one being learned (see read_ahead).
+READ_AHEAD = 2
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -301,7 +308,7 @@ def replay_file(state: RecState, decoder: EventDecoder, path: str | Path, epochs
     result = ReplayResult()
     started = time.monotonic()
     for epoch in range(epochs):
-        for chunk in read_event_log(path, decoder, columns, ts_unit):
+        for chunk in read_ahead(read_event_log(path, decoder, columns, ts_unit)):
             if chunk.bad:
                 result.reject(chunk.bad)
                 if result.rejected <= 5:
@@ -315,6 +322,61 @@ def replay_file(state: RecState, decoder: EventDecoder, path: str | Path, epochs
     if progress:
         progress.update(result.events_applied, 1.0, final=True)
     return result
+
+
+class _ReadFailed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def read_ahead(chunks: Iterator[T], depth: int = READ_AHEAD) -> Iterator[T]:
+    """``chunks``, produced on a thread of their own up to ``depth`` ahead of the caller.
+
+    Reading and decoding a log hold the GIL; the learning kernels release it. With the
+    decoding on another thread, the next chunk is decoded while this one is learned, on the
+    other core. The order is unchanged; an error of the reader is raised here, at its place in
+    the sequence; leaving the loop early stops the reader and closes ``chunks``.
+
+    >>> list(read_ahead(iter(range(5))))
+    [0, 1, 2, 3, 4]
+    """
+    handoff: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            with closing(chunks) if hasattr(chunks, "close") else nullcontext():
+                for chunk in chunks:
+                    if not put(chunk):
+                        return
+        except BaseException as error:  # handed to the caller, raised there
+            put(_ReadFailed(error))
+            return
+        put(end)
+
+    reader = threading.Thread(target=read, name="log-reader", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = handoff.get()
+            if item is end:
+                return
+            if isinstance(item, _ReadFailed):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+        reader.join()
 
 
 def replay_topic(state: RecState, decoder: EventDecoder, kafka: dict[str, str], topic: str,

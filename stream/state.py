@@ -8,6 +8,7 @@ file and the same events consumed from Kafka give the same state.
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -122,18 +123,20 @@ class RecState:
         items = self.model.items.rows(part(batch.item_ids, start, end))
         ts = timestamps[start:end]
         seq_before = self.model.events_applied
-        self.learn_rows(users, items, batch.ratings[start:end], batch.weights[start:end], predictions[start:end], ts,
-                        rate_scale, None if batch.session_keys is None else batch.session_keys[start:end])
-        self.history.add(users, items)
-        # Kept also while nothing expires: turning expiry on later finds every user's and item's activity.
-        seq = np.arange(seq_before + 1, seq_before + 1 + len(users), dtype=np.int64)
-        for rows, (last_active, last_seq) in ((users, self.model.activity()), (items, self.model.item_activity())):
-            np.maximum.at(last_active, rows, ts)
-            np.maximum.at(last_seq, rows, seq)
-        self.expiry.advance(ts)
-        self.item_expiry.advance(ts)
-        if partition_of_event is not None:  # (a user's later event wins: numpy assigns in order)
-            self.model.input_partitions()[users] = partition_of_event[start:end]
+        with self._learning_sessions(users, items, ts, None if batch.session_keys is None
+                                     else batch.session_keys[start:end]):
+            self._learn_model(users, items, batch.ratings[start:end], batch.weights[start:end],
+                              predictions[start:end], ts, rate_scale)
+            self.history.add(users, items)
+            # Kept also while nothing expires: turning expiry on later finds every user's and item's activity.
+            seq = np.arange(seq_before + 1, seq_before + 1 + len(users), dtype=np.int64)
+            for rows, (last_active, last_seq) in ((users, self.model.activity()), (items, self.model.item_activity())):
+                np.maximum.at(last_active, rows, ts)
+                np.maximum.at(last_seq, rows, seq)
+            self.expiry.advance(ts)
+            self.item_expiry.advance(ts)
+            if partition_of_event is not None:  # (a user's later event wins: numpy assigns in order)
+                self.model.input_partitions()[users] = partition_of_event[start:end]
         return users, items
 
     def forget_users(self, rows: np.ndarray) -> None:
@@ -184,11 +187,22 @@ class RecState:
         """Learn events given by rows (see ``OnlineMF.learn_rows``) and into the session signals
         (``session_keys``: int64 per event, 0 = no session id); items holding a content placeholder
         get their own initial vector back first."""
+        with self._learning_sessions(users, items, timestamps, session_keys):
+            self._learn_model(users, items, ratings, weights, predictions, timestamps, rate_scale)
+
+    def _learning_sessions(self, users: np.ndarray, items: np.ndarray, timestamps: np.ndarray | None,
+                           session_keys: np.ndarray | None) -> AbstractContextManager:
+        """The session signals learn these events on the other core while the block runs (see
+        ``SessionSignals.learning``); the block must not touch them."""
+        if not self.sessions.enabled:
+            return nullcontext()
+        return self.sessions.learning(users, items, np.zeros(len(users), np.int64) if timestamps is None
+                                      else timestamps, session_keys)
+
+    def _learn_model(self, users: np.ndarray, items: np.ndarray, ratings: np.ndarray, weights: np.ndarray,
+                     predictions: np.ndarray | None, timestamps: np.ndarray | None, rate_scale: float) -> None:
         self.placeholders.release(self.model, items)
         self.model.learn_rows(users, items, ratings, weights, predictions, timestamps, rate_scale)
-        if self.sessions.enabled:
-            self.sessions.update(users, items, np.zeros(len(users), np.int64) if timestamps is None else timestamps,
-                                 session_keys)
 
     def encode_item_metadata(self, features: list[dict | None], texts: list[str | None]
                              ) -> tuple[list[list[str]], np.ndarray | None]:

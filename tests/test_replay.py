@@ -12,7 +12,7 @@ from recstream.embeddings.model import MFConfig, epoch_rate_scale
 from recstream.stream.broker import create_topics
 from recstream.stream.config import ConfigError, EventsConfig
 from recstream.stream.events import EventDecoder
-from recstream.stream.replay import export_state, read_event_log, replay_file, replay_topic
+from recstream.stream.replay import export_state, read_ahead, read_event_log, replay_file, replay_topic
 from recstream.stream.state import RecState
 from recstream.stream.synthetic import SyntheticClickstream
 
@@ -315,3 +315,31 @@ def test_eval_reads_parquet_with_a_weight_column_as_it_reads_csv(tmp_path):
         loaded.append((list(data.user_ids), list(data.item_ids), data.weights.tolist(), rejected))
     assert loaded[0] == loaded[1] == (["a", "b", "a", "c"], ["1", "2", "2", "1"], [3.0, 1.0, 0.5, 12.0],
                                       {"missing user_id": 1})
+
+
+def test_read_ahead_raises_the_readers_error_in_order_and_an_early_exit_closes_the_reader():
+    def chunks():
+        yield from (1, 2)
+        raise ValueError("line 3 is not JSON")
+
+    got = []
+    with pytest.raises(ValueError, match="line 3"):
+        for chunk in read_ahead(chunks()):
+            got.append(chunk)
+    assert got == [1, 2]
+
+    closed = []
+
+    def endless():
+        try:
+            n = 0
+            while True:
+                n += 1
+                yield n
+        finally:
+            closed.append(True)
+
+    for chunk in read_ahead(endless(), depth=2):
+        if chunk == 5:
+            break
+    assert closed == [True]

@@ -156,10 +156,17 @@ def test_checkpoint_keeps_the_session_signals_and_batching_does_not_matter(tmp_p
     halves.save(CheckpointStore(tmp_path))
     resumed = RecState.restore(CheckpointStore(tmp_path).load_latest(), config)
     resumed.apply(decoder.decode(messages[half:])[0])
+    # Big batches learn the sessions on a worker thread beside the model, small ones inline.
+    assert half >= session_module._BACKGROUND_MIN_EVENTS
+    small = RecState(config)
+    for start in range(0, len(messages), 100):
+        small.apply(decoder.decode(messages[start:start + 100])[0])
     n_users, n_items = len(whole.model.users), len(whole.model.items)
-    for (name, a), (_, b) in zip(sorted(whole.sessions.to_arrays(n_users, n_items).items()),
-                                 sorted(resumed.sessions.to_arrays(n_users, n_items).items())):
-        np.testing.assert_array_equal(a, b, err_msg=name)
+    for other in (resumed, small):
+        for (name, a), (_, b) in zip(sorted(whole.sessions.to_arrays(n_users, n_items).items()),
+                                     sorted(other.sessions.to_arrays(n_users, n_items).items())):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        np.testing.assert_array_equal(whole.model.items.vectors, other.model.items.vectors)
     users = np.arange(n_users)
     for (ra, sa), (rb, sb) in zip(whole.sessions.candidates(users), resumed.sessions.candidates(users)):
         np.testing.assert_array_equal(ra, rb)
