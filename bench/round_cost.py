@@ -40,7 +40,7 @@ from recstream.stream.synthetic import EVENT_TYPES, SyntheticClickstream  # noqa
 from recstream.stream.update_json import update_values  # noqa: E402
 from scale import machine  # noqa: E402  (bench/ is not a package)
 
-STAGES = ("hot_items", "_seen", "_exact_top", "_tail_possible", "_add_tail", "_blend_sessions", "eligible")
+STAGES = ("_session_top", "_factor_top", "hot_items", "_seen", "_exact_top", "_tail_possible", "_add_tail", "eligible")
 
 
 def write_parquet(path: Path, users: np.ndarray, items: np.ndarray, types: np.ndarray, ts: np.ndarray) -> None:
@@ -103,9 +103,9 @@ def main() -> None:
 
         for name in STAGES:
             timed(recommender, name, name.strip("_"))
-        timed(state.sessions, "candidates_csr", "blend_sessions: of it, session candidates")
+        timed(state.sessions, "candidates_csr", "session_top: of it, session candidates")
         decoder = EventDecoder(config.events)
-        users_total = lookups = tail_possible = 0
+        users_total = lookups = tail_possible = settled = 0
         apply_s = recommend_s = message_s = 0.0
         for r in range(args.rounds + 2):
             at = args.events + r * args.chunk
@@ -118,7 +118,7 @@ def main() -> None:
             batch, _ = decoder.decode(values)
             if r == 2:  # warmed up: count from here
                 seconds.clear()
-                users_total = lookups = tail_possible = 0
+                users_total = lookups = tail_possible = settled = 0
                 apply_s = recommend_s = message_s = 0.0
             t0 = time.perf_counter()
             user_rows, _, _ = state.apply(batch)
@@ -132,6 +132,7 @@ def main() -> None:
             apply_s, recommend_s, message_s = apply_s + t1 - t0, recommend_s + t2 - t1, message_s + t3 - t2
             users_total += len(rows)
             lookups += recommender.last.index_lookups
+            settled += recommender.last.settled_by_session
             tail_possible += recommender.last.tail_possible
     per_user = {label: 1e6 * s / users_total for label, s in sorted(seconds.items(), key=lambda kv: -kv[1])}
     result = {
@@ -141,6 +142,7 @@ def main() -> None:
         "model": {"users": len(model.users), "items": len(model.items)}, "replay_s": replay_s, "build_s": build_s,
         "users_per_round": users_total / args.rounds, "index_lookups_per_round": lookups / args.rounds,
         "tail_possible_per_round": tail_possible / args.rounds,
+        "settled_by_session_share": settled / max(users_total, 1),
         "us_per_user": {"recommend": 1e6 * recommend_s / users_total, "message": 1e6 * message_s / users_total,
                         **{f"recommend: {k}": v for k, v in per_user.items()}},
         "apply_us_per_event": 1e6 * apply_s / (args.rounds * args.chunk),
@@ -154,7 +156,8 @@ def main() -> None:
         print(f"| {label} | {value:,.1f} |")
     print(f"| (apply, per event) | {result['apply_us_per_event']:,.1f} |")
     print(f"\nindex lookups per round {result['index_lookups_per_round']:,.0f} "
-          f"(users whose tail could win: {result['tail_possible_per_round']:,.0f}); written to {args.out}")
+          f"(users whose tail could win: {result['tail_possible_per_round']:,.0f}); lists settled by the session "
+          f"candidates alone: {result['settled_by_session_share']:.0%}; written to {args.out}")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def among(values, start, stop, x):
 
 @njit(cache=True, nogil=True, parallel=True, fastmath=True)
 def _pruned_top_k(X, x_norms, vectors, biases, rows, starts, centroids, max_bias, radius,
-                  seen_start, seen_items, k):
+                  seen_start, seen_items, floor, k):
     n_users, dim = X.shape
     n_clusters = centroids.shape[0]
     out_rows = np.full((n_users, k), -1, dtype=np.int64)
@@ -74,15 +74,17 @@ def _pruned_top_k(X, x_norms, vectors, biases, rows, starts, centroids, max_bias
             bound = max_bias[c] + dot + x_norms[u] * radius[c]
             bounds[c] = bound + np.float32(1e-5) * (abs(bound) + np.float32(1.0))  # float32 rounding slack
         a, b = seen_start[u], seen_start[u + 1]
+        threshold = max(vals[k - 1], floor[u])
         for c in np.argsort(-bounds):
-            if bounds[c] <= vals[k - 1]:
+            if bounds[c] <= threshold:
                 break  # clusters come in order of bound: none further can enter
             for j in range(starts[c], starts[c + 1]):
                 s = biases[j]
                 for f in range(dim):
                     s += x[f] * vectors[j, f]
-                if s > vals[k - 1] and not among(seen_items, a, b, rows[j]):
+                if s > threshold and not among(seen_items, a, b, rows[j]):
                     insert_descending(vals, idx, k, s, rows[j])
+                    threshold = max(vals[k - 1], floor[u])
     return out_rows, out_scores
 
 
@@ -144,13 +146,15 @@ class ClusteredItems:
         offsets = np.linalg.norm(self.vectors - self.centroids[labels], axis=1)
         self.radius[filled] = np.maximum.reduceat(offsets, self.starts[filled])
 
-    def top_k(self, X: np.ndarray, seen_start: np.ndarray, seen_items: np.ndarray, k: int
-              ) -> tuple[np.ndarray, np.ndarray]:
+    def top_k(self, X: np.ndarray, seen_start: np.ndarray, seen_items: np.ndarray, k: int,
+              floor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Item rows and scores of each user's ``k`` best items, best first (``-1``/``-inf`` padding).
 
-        ``seen_items[seen_start[n]:seen_start[n + 1]]`` are left out for user ``n``.
+        ``seen_items[seen_start[n]:seen_start[n + 1]]`` are left out for user ``n``, and so are
+        items scoring ``floor[n]`` or less (the clusters below it are not visited).
         """
         X = np.ascontiguousarray(X, dtype=np.float32)
         x_norms = np.sqrt(np.einsum("ij,ij->i", X, X))
+        floor = np.full(len(X), -np.inf, np.float32) if floor is None else np.asarray(floor, dtype=np.float32)
         return _pruned_top_k(X, x_norms, self.vectors, self.biases, self.rows, self.starts, self.centroids,
-                             self.max_bias, self.radius, seen_start, seen_items, k)
+                             self.max_bias, self.radius, seen_start, seen_items, floor, k)

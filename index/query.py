@@ -21,9 +21,16 @@ ranking bias, ``x_u`` the user's query vector: see ``OnlineMF.ranking_biases`` a
   live vectors before they are merged.
 
 With session signals (``embeddings/session.py``), a user in a session gets the blend
-``session_mf_weight * s(u, i) + session signals``: the items the signals reach are scored exactly
-and merged into the factor top-k, which keeps the result exact since the signals are never
-negative.
+``w s(u, i) + g(u, i)`` (``w = session_mf_weight``, ``g`` the session signals, never negative,
+zero for items they do not reach). Their candidates come first: each user's top-k of the items
+the signals reach, scored exactly. An item they do not reach scores ``w s(u, i) <= w B_u``, with
+``B_u`` the norm-band bound over the whole catalogue, so
+
+- a user whose ``k``-th candidate scores above ``w B_u`` has their list: no factor scores at all
+  (a user who has just clicked usually is one);
+- for the others only items with ``s(u, i) > T_u / w`` (``T_u`` their ``k``-th candidate) can
+  enter: the factor top-k above that floor (hot set and tail as above, each pruned by it) is
+  merged in. Both steps are exact.
 
 Items the user interacted with recently are left out, and so are items with fewer than
 ``min_item_events`` events (the frequency filter: see ``IndexConfig``), the free rows of forgotten
@@ -60,6 +67,9 @@ def _merge_into(top_rows, top_scores, r, cand_rows, cand_scores, n):
         if x > vals[k - 1] and not among(idx, 0, k, cand_rows[c]):
             insert_descending(vals, idx, k, x, cand_rows[c])
 
+
+# Session candidates scored before the others (see _session_top): a few times k.
+_FIRST_SCORED = 40
 
 # Bands of item norm for the tail bound: 64 came within 0.1% of the exact envelope on a 1M-item model.
 _NORM_BANDS = 64
@@ -122,50 +132,67 @@ class _ItemNorms:
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _blend_into(top_rows, top_scores, weight, users, Q, biases, start, cand_rows, cand_blend, seen_start, seen_items):
-    """Each user's factor top-k (scores times ``weight``) merged with their session candidates
-    ``cand_rows[start[n]:start[n + 1]]`` by the blended score ``weight * factor + blend``; users
-    without candidates keep their list as it is.
+def _session_top(users, Q, biases, weight, factor_bound, start, cand_rows, cand_blend, seen_start, seen_items, k):
+    """Each user's top-k of their session candidates ``cand_rows[start[n]:start[n + 1]]`` by the
+    blended score ``weight * s(u, i) + blend``, remembered items left out.
 
-    Candidates are visited in order of their blend and scored exactly until the best a further
-    one could reach (its blend plus ``weight`` times the user's best factor score) cannot enter
-    the list: exact, and a handful of candidates per user when the signals reach hundreds.
+    A candidate can score at most its blend plus ``weight`` times ``factor_bound[n]`` (a bound on
+    the user's factor scores); it is scored exactly only if that could enter the list. The
+    ``_FIRST_SCORED`` highest blends are scored first, so the list fills with strong candidates
+    and the rest are mostly passed over: a few dozen exact scores per user when the signals
+    reach hundreds of items, and no sort.
     """
-    n_users, k = top_rows.shape
+    n_users = len(start) - 1
     dim = Q.shape[1]
+    out_rows = np.full((n_users, k), -1, dtype=np.int64)
+    out_scores = np.full((n_users, k), -np.inf, dtype=np.float32)
     for n in prange(n_users):  # users are independent: each writes its own row
         a, b = start[n], start[n + 1]
         if a == b:
             continue
-        best_factor = top_scores[n, 0] if top_rows[n, 0] >= 0 else np.inf
-        old_rows = top_rows[n].copy()
-        old_scores = top_scores[n].copy()
+        vals = out_scores[n]
+        idx = out_rows[n]
+        reach = weight * factor_bound[n]
+        first = min(_FIRST_SCORED, b - a)
+        strong = -np.partition(-cand_blend[a:b], first - 1)[first - 1]  # the first-th highest blend
+        for strong_pass in (True, False):
+            for c in range(a, b):
+                if (cand_blend[c] >= strong) != strong_pass or cand_blend[c] + reach <= vals[k - 1]:
+                    continue
+                item = cand_rows[c]
+                factor = biases[item]
+                for f in range(dim):
+                    factor += users[n, f] * Q[item, f]
+                x = weight * factor + cand_blend[c]
+                # (remembered items are checked last: a user's history runs to hundreds of items)
+                if x > vals[k - 1] and not among(seen_items, seen_start[n], seen_start[n + 1], item):
+                    insert_descending(vals, idx, k, x, item)
+    return out_rows, out_scores
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _merge_factor(top_rows, top_scores, at, factor_rows, factor_scores, weight, start):
+    """Merge the factor top-k of users ``at`` (``factor_*[j]`` for user ``at[j]``) into their
+    session top-k (in place), as ``weight`` times the factor score; a user without session
+    candidates (``start[n] == start[n + 1]``) gets the factor list as it is.
+
+    An item in both lists is there with its blended score already, which is higher.
+    """
+    k = top_rows.shape[1]
+    for j in prange(len(at)):
+        n = at[j]
         vals = top_scores[n]
         idx = top_rows[n]
-        vals[:] = -np.inf
-        idx[:] = -1
-        for j in range(k):  # the factor list, an item the signals also reach with its blended score
-            item = old_rows[j]
+        if start[n] == start[n + 1]:
+            vals[:] = factor_scores[j]
+            idx[:] = factor_rows[j]
+            continue
+        for c in range(k):
+            item = factor_rows[j, c]
             if item < 0:
-                continue
-            x = weight * old_scores[j]
-            for c in range(a, b):
-                if cand_rows[c] == item:  # the signals reach it too: its blended score
-                    x += cand_blend[c]
-                    break
-            if x > vals[k - 1]:
-                insert_descending(vals, idx, k, x, item)
-        for c in a + np.argsort(-cand_blend[a:b]):
-            if cand_blend[c] + weight * best_factor <= vals[k - 1]:
-                break  # in order of blend: no later candidate can enter
-            item = cand_rows[c]
-            if among(old_rows, 0, k, item) or among(seen_items, seen_start[n], seen_start[n + 1], item):
-                continue  # already scored above, or left out
-            factor = biases[item]
-            for f in range(dim):
-                factor += users[n, f] * Q[item, f]
-            x = weight * factor + cand_blend[c]
-            if x > vals[k - 1]:
+                break
+            x = weight * factor_scores[j, c]
+            if x > vals[k - 1] and not among(idx, 0, k, item):
                 insert_descending(vals, idx, k, x, item)
 
 
@@ -198,6 +225,7 @@ class QueryStats:
     exact_items: int = 0  # size of the exactly scored hot set
     tail_possible: int = 0  # users whose tail could beat their hot top-k (the bound)
     index_lookups: int = 0  # users whose tail the index was asked for
+    settled_by_session: int = 0  # users whose session candidates alone made their list
 
 
 class Recommender:
@@ -276,43 +304,75 @@ class Recommender:
             return TopK(user_rows, np.full((len(user_rows), k), -1, np.int64),
                         np.full((len(user_rows), k), -np.inf, np.float32))
         users = self.model.query_vectors(user_rows, now_ms)
-        Q = self.model.items.vectors
         biases = self.model.ranking_biases()
         user_norms = np.sqrt(np.einsum("ij,ij->i", users, users))
         item_norms = self._item_norms.update(self.model)
         eligible = self.eligible()
+        stats = QueryStats(len(user_rows))
+        if self.sessions is None:
+            top_rows, top_scores = self._factor_top(user_rows, users, user_norms, item_norms, biases, eligible, None,
+                                                    index, use_index, stats)
+            self.last = stats
+            return TopK(user_rows, top_rows, top_scores)
+        weight = np.float32(self.model.config.session_mf_weight)
+        # Session candidates span the catalogue: bound their factor scores over every item.
+        bound = self._score_bound(user_norms, np.ones(n_items, bool) if eligible is None else eligible,
+                                  item_norms, biases)
+        start, top_rows, top_scores = self._session_top(user_rows, users, biases, eligible, weight, bound, now_ms)
+        # A user whose k-th session candidate beats what any other item can score (weight times
+        # the bound) has their list: no factor top-k is needed. For the others, only items whose
+        # factor score times the weight beats that k-th candidate can enter.
+        kth = top_scores[:, -1]
+        rest = np.flatnonzero(~(kth > weight * bound))
+        stats.settled_by_session = len(user_rows) - len(rest)
+        if len(rest):
+            floor = (kth[rest] / weight if weight > 0 else np.full(len(rest), -np.inf, np.float32)).astype(np.float32)
+            factor_rows, factor_scores = self._factor_top(user_rows[rest], users[rest], user_norms[rest], item_norms,
+                                                          biases, eligible, floor, index, use_index, stats)
+            _merge_factor(top_rows, top_scores, rest, factor_rows, factor_scores, weight, start)
+        self.last = stats
+        return TopK(user_rows, top_rows, top_scores)
+
+    def _factor_top(self, user_rows: np.ndarray, users: np.ndarray, user_norms: np.ndarray, item_norms: np.ndarray,
+                    biases: np.ndarray, eligible: np.ndarray | None, floor: np.ndarray | None,
+                    index: BuiltIndex | None, use_index: bool, stats: QueryStats) -> tuple[np.ndarray, np.ndarray]:
+        """Each user's top-k by factor score: the hot set exactly, the tail from the index where it
+        can matter (see the module docstring); items scoring ``floor[n]`` or less are left out."""
+        Q = self.model.items.vectors
+        n_items = len(Q)
         hot = self.hot_items(float(np.median(user_norms)), item_norms, biases, eligible)
         seen_start, seen_items = self._seen(user_rows)
-        top_rows, top_scores = self._exact_top(users, hot, Q, biases, seen_start, seen_items)
-        stats = QueryStats(len(user_rows), len(hot))
+        top_rows, top_scores = self._exact_top(users, hot, Q, biases, seen_start, seen_items, floor)
+        stats.exact_items = len(hot)
         tail = np.ones(n_items, dtype=bool) if eligible is None else eligible.copy()
         tail[hot] = False
         if tail.any():
-            need = self._tail_possible(user_norms, tail, item_norms, biases, top_scores)
+            need = self._tail_possible(user_norms, tail, item_norms, biases, top_scores, floor)
             stats.tail_possible = len(need)
             if index is not None and use_index:
                 stats.index_lookups = self._add_tail(users, index, tail, need[: self.max_lookups], Q, biases,
                                                      seen_start, seen_items, top_rows, top_scores)
-        if self.sessions is not None:
-            self._blend_sessions(user_rows, users, Q, biases, now_ms, seen_start, seen_items, top_rows, top_scores,
-                                 eligible)
-        self.last = stats
-        return TopK(user_rows, top_rows, top_scores)
+        return top_rows, top_scores
 
-    def _blend_sessions(self, user_rows: np.ndarray, users: np.ndarray, Q: np.ndarray, biases: np.ndarray,
-                        now_ms: int, seen_start: np.ndarray, seen_items: np.ndarray, top_rows: np.ndarray,
-                        top_scores: np.ndarray, eligible: np.ndarray | None = None) -> None:
-        """Merge the items each user's session reaches into their top-k, by the blended score (in place)."""
+    def _session_top(self, user_rows: np.ndarray, users: np.ndarray, biases: np.ndarray, eligible: np.ndarray | None,
+                     weight: np.float32, factor_bound: np.ndarray, now_ms: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Where each user's session candidates start in the CSR of the signals, and their top-k by
+        the blended score (items below ``index.min_item_events`` and remembered ones left out);
+        ``factor_bound``: per user, a bound on any item's factor score."""
         start, rows, blend = self.sessions.candidates_csr(user_rows, now_ms)
-        if eligible is not None and len(rows):  # items below index.min_item_events are not recommended
+        if eligible is not None and len(rows):
             keep = eligible[rows]
             start = np.concatenate([[0], np.cumsum(keep)])[start]
             rows, blend = rows[keep], blend[keep]
         if len(rows) == 0:
-            return
-        _blend_into(top_rows, top_scores, np.float32(self.model.config.session_mf_weight),
-                    np.ascontiguousarray(users, dtype=np.float32), Q, biases, start, rows,
-                    blend.astype(np.float32), seen_start, seen_items)
+            no_rows = np.full((len(user_rows), self.k), -1, np.int64)
+            return start, no_rows, np.full((len(user_rows), self.k), -np.inf, np.float32)
+        seen_start, seen_items = self._seen(user_rows)
+        top_rows, top_scores = _session_top(np.ascontiguousarray(users, dtype=np.float32), self.model.items.vectors,
+                                            biases, weight, factor_bound, start, rows, blend.astype(np.float32),
+                                            seen_start, seen_items, self.k)
+        return start, top_rows, top_scores
 
     def _seen(self, user_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each user's remembered items, CSR-style: ``items[start[n]:start[n + 1]]`` for user ``n``."""
@@ -324,15 +384,19 @@ class Recommender:
         return start, items
 
     def _exact_top(self, users: np.ndarray, items: np.ndarray, Q: np.ndarray, biases: np.ndarray,
-                   seen_start: np.ndarray, seen_items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per user, the best ``k`` of ``items`` by exact score, remembered items left out."""
+                   seen_start: np.ndarray, seen_items: np.ndarray, floor: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Per user, the best ``k`` of ``items`` by exact score, remembered items and those scoring
+        ``floor[n]`` or less left out."""
         k = self.k
         if len(items) == 0:
             return np.full((len(users), k), -1, dtype=np.int64), np.full((len(users), k), -np.inf, dtype=np.float32)
         if len(users) * len(items) > _BRUTE_FORCE_SCORES:
-            return ClusteredItems(Q[items], biases[items], items).top_k(users, seen_start, seen_items, k)
+            return ClusteredItems(Q[items], biases[items], items).top_k(users, seen_start, seen_items, k, floor)
         # A few users (a query, a small round): one product costs less than clustering the items.
         scores = users @ Q[items].T + biases[items]
+        if floor is not None:
+            scores[scores <= floor[:, None]] = -np.inf
         at = np.searchsorted(items, seen_items)  # items are sorted: remembered items as columns
         found = at < len(items)
         found[found] = items[at[found]] == seen_items[found]
@@ -351,15 +415,22 @@ class Recommender:
         return top_rows, top_scores
 
     def _tail_possible(self, user_norms: np.ndarray, tail: np.ndarray, item_norms: np.ndarray, biases: np.ndarray,
-                       top_scores: np.ndarray) -> np.ndarray:
+                       top_scores: np.ndarray, floor: np.ndarray | None = None) -> np.ndarray:
         """Positions of the users whose tail (the items of the mask ``tail``) could beat their k-th hot
-        score, widest gap first (the bound: :func:`_norm_bands`)."""
-        band_norm, band_bias = _norm_bands(item_norms, biases, tail, _NORM_BANDS)
-        bound = (band_bias[None, :] + user_norms[:, None].astype(np.float32) * band_norm[None, :]).max(axis=1)
-        bound += np.float32(1e-5) * (np.abs(bound) + np.float32(1.0))  # float32 rounding slack
-        gap = bound - top_scores[:, -1]
+        score (and ``floor``), widest gap first (the bound: :func:`_norm_bands`)."""
+        bar = top_scores[:, -1] if floor is None else np.maximum(top_scores[:, -1], floor)
+        gap = self._score_bound(user_norms, tail, item_norms, biases) - bar
         need = np.flatnonzero(gap >= 0)
         return need[np.argsort(-gap[need], kind="stable")]
+
+    @staticmethod
+    def _score_bound(user_norms: np.ndarray, mask: np.ndarray, item_norms: np.ndarray, biases: np.ndarray
+                     ) -> np.ndarray:
+        """Per user, an upper bound on the score of any item of the mask (:func:`_norm_bands`),
+        with float32 rounding slack."""
+        band_norm, band_bias = _norm_bands(item_norms, biases, mask, _NORM_BANDS)
+        bound = (band_bias[None, :] + user_norms[:, None].astype(np.float32) * band_norm[None, :]).max(axis=1)
+        return bound + np.float32(1e-5) * (np.abs(bound) + np.float32(1.0))
 
     def _add_tail(self, users: np.ndarray, index: BuiltIndex, tail: np.ndarray, need: np.ndarray, Q: np.ndarray,
                   biases: np.ndarray, seen_start: np.ndarray, seen_items: np.ndarray, top_rows: np.ndarray,

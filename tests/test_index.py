@@ -216,6 +216,17 @@ def test_clustered_exact_search_equals_brute_force_with_exclusions():
         truth = np.argsort(-allowed)[:10]
         np.testing.assert_array_equal(found_rows[u], rows[truth])
         np.testing.assert_allclose(found_scores[u], allowed[truth], rtol=1e-5, atol=1e-5)
+    # A floor per user (what session candidates set): only items above it, the best of them.
+    floor = np.sort(scores, axis=1)[:, -6] - np.float32(1e-3)  # about five items per user clear it
+    found_rows, found_scores = ClusteredItems(vectors, biases, rows).top_k(users, seen_start, np.concatenate(seen), 10,
+                                                                           floor)
+    for u in range(300):
+        allowed = scores[u].copy()
+        allowed[[column_of[r] for r in seen[u].tolist() if r in column_of]] = -np.inf
+        above = np.flatnonzero(allowed > floor[u])
+        truth = above[np.argsort(-allowed[above])][:10]
+        assert (found_rows[u, len(truth):] == -1).all() and len(truth) < 10
+        np.testing.assert_array_equal(found_rows[u, :len(truth)], rows[truth])
 
 
 def test_a_small_batch_scored_by_one_product_ranks_as_the_clustered_search(tmp_path, monkeypatch):

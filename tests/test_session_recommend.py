@@ -23,7 +23,11 @@ def test_recommendations_rank_by_the_blend_exactly_and_leave_seen_items_out():
     history.add(users, items)
     now = int(ts.max())
     user_rows = np.unique(users)
-    got = Recommender(state.model, history, 10, sessions=state.sessions).recommend(user_rows, None, now)
+    recommender = Recommender(state.model, history, 10, sessions=state.sessions)
+    got = recommender.recommend(user_rows, None, now)
+    # Both ways are exercised: lists the session candidates alone settle, and lists that needed
+    # the factor top-k above the floor the candidates set.
+    assert 0 < recommender.last.settled_by_session < len(user_rows)
     factor_only = Recommender(state.model, history, 10).recommend(user_rows, None, now)
     model, weight = state.model, state.model.config.session_mf_weight
     vectors = model.query_vectors(user_rows, now)
