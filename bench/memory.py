@@ -12,7 +12,10 @@ settings (session signals on, history of 500 items per user):
 - ``capped``: ``--flood`` such events with ``model.max_users = --cap`` (and, for the rate, the
   same run uncapped: ``flood-uncapped``);
 - ``items``: ``--ids`` events, each on an item never seen before, from 10,000 users;
-- ``items-capped``: the same with ``model.max_items = --item-cap`` (``items`` is its uncapped run).
+- ``items-capped``: the same with ``model.max_items = --item-cap`` (``items`` is its uncapped run);
+- ``million`` (only when named in ``--scenarios``): ``--million`` events, each from a new user on a
+  new item: the state of that many users and items at once, and the peak RSS of the process
+  (the service's checkpoints fork instead of copying, so this scenario's snapshots copy nothing).
 
 RSS (``/proc/self/statm``) is read after every 100,000 events; "per id" is its growth over the
 second half of the run divided by the ids added there (the first half pays for imports and the
@@ -45,6 +48,8 @@ def _rss() -> int:
 
 def run_scenario(scenario: str, n_ids: int, cap: int, dim: int) -> dict:
     """One scenario in this process; ``cap``: ``max_users`` of ``capped``, ``max_items`` of ``items-capped``."""
+    import resource
+
     from recstream.embeddings.model import MFConfig
     from recstream.stream.events import EventBatch
     from recstream.stream.state import RecState
@@ -57,6 +62,8 @@ def run_scenario(scenario: str, n_ids: int, cap: int, dim: int) -> dict:
         fresh = [f"new-{n}" for n in range(start, start + BATCH)]
         fixed = [f"x{x}" for x in rng.integers(0, FIXED, BATCH).tolist()]
         users, items = (fixed, fresh) if scenario.startswith("items") else (fresh, fixed)
+        if scenario == "million":
+            users, items = fresh, [f"item-{n}" for n in range(start, start + BATCH)]
         ts = 1_700_000_000_000 + np.arange(start, start + BATCH, dtype=np.int64) * 100
         batch = EventBatch(users, items, np.full(BATCH, np.nan, np.float32), np.ones(BATCH, np.float32), ts,
                            list(range(BATCH)))
@@ -64,11 +71,13 @@ def run_scenario(scenario: str, n_ids: int, cap: int, dim: int) -> dict:
         state.apply(batch)
         seconds += time.perf_counter() - began
         if (start + BATCH) % STEP == 0:
-            arrays, _ = state.snapshot()
-            marks.append({"events": start + BATCH, "rss_bytes": _rss(),
+            rss_before = _rss()
+            arrays, _ = state.snapshot(copy=scenario != "million")
+            marks.append({"events": start + BATCH, "rss_bytes": _rss(), "rss_before_snapshot_bytes": rss_before,
                           "state_bytes": int(sum(a.nbytes for a in arrays.values())),
                           "users_held": state.model.users.ids.live, "user_rows": len(state.model.users),
                           "items_held": state.model.items.ids.live, "item_rows": len(state.model.items)})
+            del arrays  # (held until the next mark, a snapshot would count in the RSS read before it)
     half = marks[len(marks) // 2 - 1]
     last = marks[-1]
     added = last["events"] - half["events"]
@@ -81,6 +90,7 @@ def run_scenario(scenario: str, n_ids: int, cap: int, dim: int) -> dict:
         "events_per_s": n_ids / seconds,
         "users_forgotten": state.users_forgotten,
         "items_forgotten": state.items_forgotten,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 
 
@@ -90,6 +100,7 @@ def main() -> None:
     parser.add_argument("--flood", type=int, default=1_000_000)
     parser.add_argument("--cap", type=int, default=100_000)
     parser.add_argument("--item-cap", type=int, default=50_000)
+    parser.add_argument("--million", type=int, default=1_000_000, help="users and items of the million scenario")
     parser.add_argument("--dim", type=int, default=32)
     parser.add_argument("--scenarios", default="users,capped,flood-uncapped,items,items-capped",
                         help="a subset runs only those; the others' results are kept from --out")
@@ -102,7 +113,8 @@ def main() -> None:
     out_path = Path(args.out)
     results = json.loads(out_path.read_text())["scenarios"] if out_path.exists() else {}
     for scenario in args.scenarios.split(","):
-        n_ids = args.flood if scenario in ("capped", "flood-uncapped") else args.ids
+        n_ids = (args.flood if scenario in ("capped", "flood-uncapped") else args.million if scenario == "million"
+                 else args.ids)
         cap = args.item_cap if scenario == "items-capped" else args.cap
         out = subprocess.run([sys.executable, __file__, "--scenario", scenario, "--ids", str(n_ids),
                               "--cap", str(cap), "--dim", str(args.dim)],
@@ -128,6 +140,13 @@ def main() -> None:
         "items_capped_over_uncapped_events_per_s": items_capped["events_per_s"] / items["events_per_s"],
         "scenarios": results,
     }
+    if "million" in results:
+        million = results["million"]
+        summary["million"] = {"users": million["marks"][-1]["users_held"], "items": million["marks"][-1]["items_held"],
+                              "rss_mb": million["marks"][-1]["rss_before_snapshot_bytes"] / 2**20,
+                              "rss_with_snapshot_mb": million["marks"][-1]["rss_bytes"] / 2**20,
+                              "peak_rss_mb": million["peak_rss_bytes"] / 2**20,
+                              "state_mb": million["marks"][-1]["state_bytes"] / 2**20}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"per user: {summary['rss_bytes_per_user']:,.0f} B RSS, {summary['checkpoint_bytes_per_user']:,.0f} B "
@@ -143,6 +162,11 @@ def main() -> None:
           f"capped at {args.item_cap:,} {summary['capped_rss_growth_per_100k_new_items_mb']:.1f} MB "
           f"({summary['items_capped_rss_mb']:,.0f} MB); "
           f"capped/uncapped events/s {summary['items_capped_over_uncapped_events_per_s']:.2f}")
+    if "million" in summary:
+        m = summary["million"]
+        print(f"{m['users']:,} users and {m['items']:,} items held: RSS {m['rss_mb']:,.0f} MB, "
+              f"{m['rss_with_snapshot_mb']:,.0f} MB holding a snapshot (peak {m['peak_rss_mb']:,.0f} MB), "
+              f"state arrays {m['state_mb']:,.0f} MB")
 
 
 if __name__ == "__main__":
