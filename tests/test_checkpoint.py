@@ -54,7 +54,8 @@ def test_restore_then_continue_equals_uninterrupted(tmp_path, config):
     assert resumed.applied == {"t/0": 12000}
 
 
-def test_keeps_the_newest_two_and_falls_back_when_the_newest_is_damaged(tmp_path, caplog):
+@pytest.mark.parametrize("where", [0.5, 0.02, 0.98])  # in an array's data, near the start, near the end
+def test_keeps_the_newest_two_and_falls_back_when_the_newest_is_damaged(tmp_path, caplog, where):
     store = CheckpointStore(tmp_path, keep=2)
     state = RecState(CFG)
     for n, b in enumerate(_batches(3)):
@@ -65,12 +66,28 @@ def test_keeps_the_newest_two_and_falls_back_when_the_newest_is_damaged(tmp_path
         "ckpt-000000000002.json", "ckpt-000000000002.npz", "ckpt-000000000003.json", "ckpt-000000000003.npz"]
     data = store_path.with_suffix(".npz")
     raw = bytearray(data.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF  # one flipped byte
+    raw[int(len(raw) * where)] ^= 0xFF  # one flipped byte
     data.write_bytes(bytes(raw))
     with caplog.at_level(logging.ERROR):
         restored = store.load_latest()
     assert restored.meta["seq"] == 2 and restored.meta["positions"] == {"t/0": 2}
-    assert "ckpt-000000000003.json is damaged (checksum mismatch); falling back" in caplog.text
+    assert "ckpt-000000000003.json is damaged (" in caplog.text and "falling back" in caplog.text
+
+
+def test_a_checkpoint_written_with_a_sha256_is_still_checked_by_it(tmp_path, caplog):
+    from recstream.stream.checkpoint import _sha256
+
+    store = CheckpointStore(tmp_path)
+    state = RecState(CFG)
+    state.apply(_batches(1)[0])
+    meta_path = state.save(store)
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "sha256": _sha256(meta_path.with_suffix(".npz"))}))
+    assert store.load_latest().path == meta_path
+    meta_path.write_text(json.dumps({**meta, "sha256": "0" * 64}))
+    with caplog.at_level(logging.ERROR):
+        assert store.load_latest() is None
+    assert "damaged (checksum mismatch)" in caplog.text
 
 
 def test_truncated_and_half_written_checkpoints_are_skipped(tmp_path):
