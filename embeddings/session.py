@@ -241,17 +241,25 @@ class SessionSignals:
             while len(self._thread_scratch) < threads - 1:
                 items = len(self.tmark)
                 self._thread_scratch.append(self._new_scratch(items, self.ring.new_scratch(items, self.length)))
-            cuts = np.linspace(0, len(users), threads + 1).astype(np.int64)
+            # Every threads-th user to each thread: a user's cost follows their session and history,
+            # and rows run from the oldest users to the newest, so halves would not be even.
             with ThreadPoolExecutor(threads) as pool:
                 parts = list(pool.map(
-                    lambda t: self._candidates_chunk(users[cuts[t]:cuts[t + 1]], now[cuts[t]:cuts[t + 1]],
-                                                     keys[cuts[t]:cuts[t + 1]],
+                    lambda t: self._candidates_chunk(users[t::threads], now[t::threads], keys[t::threads],
                                                      self.score_args(self._thread_scratch[t - 1] if t else None)),
                     range(threads)))
-            offsets = np.cumsum([0] + [len(rows) for _, rows, _ in parts[:-1]])
-            ends = np.concatenate([part_ends + offset for (part_ends, _, _), offset in zip(parts, offsets)])
-            rows = np.concatenate([rows for _, rows, _ in parts])
-            scores = np.concatenate([scores for _, _, scores in parts])
+            counts = np.zeros(len(users), dtype=np.int64)
+            for t, (part_ends, _, _) in enumerate(parts):
+                counts[t::threads] = np.diff(part_ends, prepend=0)
+            start = np.zeros(len(users) + 1, dtype=np.int64)
+            np.cumsum(counts, out=start[1:])
+            rows, scores = np.empty(start[-1], np.int64), np.empty(start[-1], np.float64)
+            for t, (part_ends, part_rows, part_scores) in enumerate(parts):
+                part_counts = counts[t::threads]
+                # where each of this thread's entries goes: its user's start, plus its place among theirs
+                at = np.repeat(start[:-1][t::threads] - (part_ends - part_counts), part_counts) + np.arange(len(part_rows))
+                rows[at], scores[at] = part_rows, part_scores
+            return start, rows, scores
         start = np.zeros(len(users) + 1, dtype=np.int64)
         start[1:] = ends
         return start, rows, scores
