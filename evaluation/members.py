@@ -49,6 +49,8 @@ True
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -221,6 +223,14 @@ class _SharedSessions:
                session_keys: np.ndarray | None = None) -> None:
         self.shared.update(self.users.rows(self.model.users.ids.ids_of(user_rows.tolist())),
                            self.items.rows(self.model.items.ids.ids_of(item_rows.tolist())), timestamps, session_keys)
+
+    @contextmanager
+    def learning(self, user_rows: np.ndarray, item_rows: np.ndarray, timestamps: np.ndarray,
+                 session_keys: np.ndarray | None = None) -> Iterator[None]:
+        """``SessionSignals.learning``, learned at once: the id conversions read the member's model,
+        which the block is learning."""
+        self.update(user_rows, item_rows, timestamps, session_keys)
+        yield
 
     def candidates(self, user_rows: np.ndarray, now_ms: int | np.ndarray = 0,
                    session_keys: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
