@@ -211,6 +211,54 @@ def test_a_member_killed_with_9_loses_no_event_of_the_group(kafka_bootstrap: str
         assert counts[p] <= total <= 2 * counts[p], (p, counts[p], applied)
 
 
+def test_a_member_killed_with_9_while_its_partitions_move_loses_no_event(kafka_bootstrap: str,
+                                                                         group_topics: dict[str, str],
+                                                                         tmp_path) -> None:
+    """kill -9 of a member in the middle of handing its partitions over (it logged the revoke, a
+    second member is joining), then restarted: as for any kill -9, every event of every partition
+    is applied by some member, and none more than twice (docs/scale-out.md)."""
+    import signal
+
+    from test_faults import _latest_meta, _produce_partitioned, _start
+
+    values = [orjson.dumps({"user_id": f"u{n % 400}", "item_id": f"i{n % 53}", "ts": 1_700_000_000_000 + n})
+              for n in range(80_000)]
+    counts = [len(range(p, len(values), PARTITIONS)) for p in range(PARTITIONS)]
+    producer = threading.Thread(target=_produce_partitioned,
+                                args=(kafka_bootstrap, group_topics["input"], values, PARTITIONS, 4000))
+    producer.start()
+    sync = ("--set", "sync.mode=on", "--set", "sync.interval_s=0.5")
+    a = _start(kafka_bootstrap, group_topics, group_topics["group"], tmp_path / "a", *sync)
+    wait_for(lambda: _latest_meta(tmp_path / "a").get("events_applied", 0) > 0, timeout_s=120,
+             what="the first member to apply and checkpoint events")
+    log = tmp_path / "a.log"
+    revokes = log.read_text().count("revoked [")
+    b = _start(kafka_bootstrap, group_topics, group_topics["group"], tmp_path / "b", *sync)
+    wait_for(lambda: log.read_text().count("revoked [") > revokes, timeout_s=120,
+             what="the first member to start handing its partitions over")
+    time.sleep(random.uniform(0.0, 0.2))
+    handed_over = "handed over" in log.read_text().split("revoked [")[-1]
+    a.send_signal(signal.SIGKILL)
+    a.wait()
+    runs_before = log.read_text().count("consuming ")
+    a = _start(kafka_bootstrap, group_topics, group_topics["group"], tmp_path / "a", *sync)
+    wait_for(lambda: log.read_text().count("consuming ") > runs_before, timeout_s=120,
+             what="the restarted member to start consuming")
+    producer.join()
+    wait_for(lambda: list(committed_offsets(kafka_bootstrap, group_topics["group"], group_topics["input"],
+                                            PARTITIONS).values()) == counts,
+             timeout_s=180, what="the group to commit the end of every partition")
+    for process in (a, b):
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    applied = [_latest_meta(tmp_path / m).get("applied", {}) for m in ("a", "b")]
+    assert applied[1], "the second member never got partitions while the stream ran"
+    for p in range(PARTITIONS):
+        key = f"{group_topics['input']}/{p}"
+        total = sum(counts_of.get(key, 0) for counts_of in applied)
+        assert counts[p] <= total <= 2 * counts[p], (p, counts[p], applied, handed_over)
+
+
 def test_handover_chunks_stay_under_the_size_limit_and_carry_every_user(monkeypatch) -> None:
     """Users with long histories are cut into more chunks (Kafka refuses messages over 1 MB by
     default); reading the chunks back gives every user with their vector and history."""
