@@ -167,48 +167,79 @@ def test_users_go_with_their_partition_to_a_member_that_joins(kafka_bootstrap: s
             np.testing.assert_array_equal(vector, before[user])
 
 
+SYNC_ARGS = ("--set", "sync.mode=on", "--set", "sync.interval_s=0.5")
+
+
+def _produce_clicks_in_background(bootstrap: str, topic: str, n: int, rate: float
+                                  ) -> tuple[threading.Thread, list[int]]:
+    """``n`` clicks (event k to partition k % PARTITIONS) produced at ``rate`` events/s on a
+    thread; returns it and the events per partition."""
+    from test_faults import _produce_partitioned
+
+    values = [orjson.dumps({"user_id": f"u{k % 400}", "item_id": f"i{k % 53}", "ts": 1_700_000_000_000 + k})
+              for k in range(n)]
+    producer = threading.Thread(target=_produce_partitioned, args=(bootstrap, topic, values, PARTITIONS, rate))
+    producer.start()
+    return producer, [len(range(p, n, PARTITIONS)) for p in range(PARTITIONS)]
+
+
+def _restart_after_kill_9(bootstrap: str, group_topics: dict[str, str], state_dir, process):
+    """SIGKILL ``process`` (the member of ``state_dir``) and start it again, once it is consuming."""
+    import signal
+
+    from test_faults import _start
+
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    log = state_dir.parent / f"{state_dir.name}.log"
+    runs_before = log.read_text().count("consuming ")
+    process = _start(bootstrap, group_topics, group_topics["group"], state_dir, *SYNC_ARGS)
+    # (Signalled before its handler is installed, a process just dies: wait until it runs.)
+    wait_for(lambda: log.read_text().count("consuming ") > runs_before, timeout_s=120,
+             what="the restarted member to start consuming")
+    return process
+
+
+def _applied_by_members_at_the_end(bootstrap: str, group_topics: dict[str, str], tmp_path, members: dict,
+                                   counts: list[int]) -> list[dict[str, int]]:
+    """Wait for the group to commit every partition's end, stop the members (SIGTERM) and check
+    that each partition's events were applied at least once and at most twice across them (a
+    kill -9's bound, docs/scale-out.md); returns each member's applied counts."""
+    import signal
+
+    from test_faults import _latest_meta
+
+    wait_for(lambda: list(committed_offsets(bootstrap, group_topics["group"], group_topics["input"],
+                                            PARTITIONS).values()) == counts,
+             timeout_s=180, what="the group to commit the end of every partition")
+    for process in members.values():
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    applied = [_latest_meta(tmp_path / name).get("applied", {}) for name in members]
+    for p in range(PARTITIONS):
+        key = f"{group_topics['input']}/{p}"
+        total = sum(counts_of.get(key, 0) for counts_of in applied)
+        assert counts[p] <= total <= 2 * counts[p], (p, counts[p], applied)
+    return applied
+
+
 def test_a_member_killed_with_9_loses_no_event_of_the_group(kafka_bootstrap: str, group_topics: dict[str, str],
                                                             tmp_path) -> None:
     """kill -9 of one of two members mid-stream, then restarted: every event of every partition is
     applied by some member, and none more than twice: a member killed between writing a checkpoint
     and committing it leaves those events to the partition's next owner as well (docs/scale-out.md)."""
-    import signal
+    from test_faults import _latest_meta, _start
 
-    from test_faults import _latest_meta, _produce_partitioned, _start
-
-    values = [orjson.dumps({"user_id": f"u{n % 400}", "item_id": f"i{n % 53}", "ts": 1_700_000_000_000 + n})
-              for n in range(60_000)]
-    counts = [len(range(p, len(values), PARTITIONS)) for p in range(PARTITIONS)]
-    producer = threading.Thread(target=_produce_partitioned,
-                                args=(kafka_bootstrap, group_topics["input"], values, PARTITIONS, 6000))
-    producer.start()
-    sync = ("--set", "sync.mode=on", "--set", "sync.interval_s=0.5")
-    a = _start(kafka_bootstrap, group_topics, group_topics["group"], tmp_path / "a", *sync)
-    b = _start(kafka_bootstrap, group_topics, group_topics["group"], tmp_path / "b", *sync)
+    producer, counts = _produce_clicks_in_background(kafka_bootstrap, group_topics["input"], 60_000, 6000)
+    a = _start(kafka_bootstrap, group_topics, group_topics["group"], tmp_path / "a", *SYNC_ARGS)
+    b = _start(kafka_bootstrap, group_topics, group_topics["group"], tmp_path / "b", *SYNC_ARGS)
     wait_for(lambda: _latest_meta(tmp_path / "a").get("events_applied", 0) > 0
              and _latest_meta(tmp_path / "b").get("events_applied", 0) > 0, timeout_s=120,
              what="both members to apply and checkpoint events")
     time.sleep(random.uniform(0.0, 1.5))
-    a.send_signal(signal.SIGKILL)
-    a.wait()
-    log = tmp_path / "a.log"
-    runs_before = log.read_text().count("consuming ")
-    a = _start(kafka_bootstrap, group_topics, group_topics["group"], tmp_path / "a", *sync)
-    # (Signalled before its handler is installed, a process just dies: wait until it runs.)
-    wait_for(lambda: log.read_text().count("consuming ") > runs_before, timeout_s=120,
-             what="the restarted member to start consuming")
+    a = _restart_after_kill_9(kafka_bootstrap, group_topics, tmp_path / "a", a)
     producer.join()
-    wait_for(lambda: list(committed_offsets(kafka_bootstrap, group_topics["group"], group_topics["input"],
-                                            PARTITIONS).values()) == counts,
-             timeout_s=180, what="the group to commit the end of every partition")
-    for process in (a, b):
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
-    applied = [_latest_meta(tmp_path / m)["applied"] for m in ("a", "b")]
-    for p in range(PARTITIONS):
-        key = f"{group_topics['input']}/{p}"
-        total = sum(counts_of.get(key, 0) for counts_of in applied)
-        assert counts[p] <= total <= 2 * counts[p], (p, counts[p], applied)
+    _applied_by_members_at_the_end(kafka_bootstrap, group_topics, tmp_path, {"a": a, "b": b}, counts)
 
 
 def test_a_member_killed_with_9_while_its_partitions_move_loses_no_event(kafka_bootstrap: str,
@@ -217,46 +248,22 @@ def test_a_member_killed_with_9_while_its_partitions_move_loses_no_event(kafka_b
     """kill -9 of a member in the middle of handing its partitions over (it logged the revoke, a
     second member is joining), then restarted: as for any kill -9, every event of every partition
     is applied by some member, and none more than twice (docs/scale-out.md)."""
-    import signal
+    from test_faults import _latest_meta, _start
 
-    from test_faults import _latest_meta, _produce_partitioned, _start
-
-    values = [orjson.dumps({"user_id": f"u{n % 400}", "item_id": f"i{n % 53}", "ts": 1_700_000_000_000 + n})
-              for n in range(80_000)]
-    counts = [len(range(p, len(values), PARTITIONS)) for p in range(PARTITIONS)]
-    producer = threading.Thread(target=_produce_partitioned,
-                                args=(kafka_bootstrap, group_topics["input"], values, PARTITIONS, 4000))
-    producer.start()
-    sync = ("--set", "sync.mode=on", "--set", "sync.interval_s=0.5")
-    a = _start(kafka_bootstrap, group_topics, group_topics["group"], tmp_path / "a", *sync)
+    producer, counts = _produce_clicks_in_background(kafka_bootstrap, group_topics["input"], 80_000, 4000)
+    a = _start(kafka_bootstrap, group_topics, group_topics["group"], tmp_path / "a", *SYNC_ARGS)
     wait_for(lambda: _latest_meta(tmp_path / "a").get("events_applied", 0) > 0, timeout_s=120,
              what="the first member to apply and checkpoint events")
     log = tmp_path / "a.log"
     revokes = log.read_text().count("revoked [")
-    b = _start(kafka_bootstrap, group_topics, group_topics["group"], tmp_path / "b", *sync)
+    b = _start(kafka_bootstrap, group_topics, group_topics["group"], tmp_path / "b", *SYNC_ARGS)
     wait_for(lambda: log.read_text().count("revoked [") > revokes, timeout_s=120,
              what="the first member to start handing its partitions over")
     time.sleep(random.uniform(0.0, 0.2))
-    handed_over = "handed over" in log.read_text().split("revoked [")[-1]
-    a.send_signal(signal.SIGKILL)
-    a.wait()
-    runs_before = log.read_text().count("consuming ")
-    a = _start(kafka_bootstrap, group_topics, group_topics["group"], tmp_path / "a", *sync)
-    wait_for(lambda: log.read_text().count("consuming ") > runs_before, timeout_s=120,
-             what="the restarted member to start consuming")
+    a = _restart_after_kill_9(kafka_bootstrap, group_topics, tmp_path / "a", a)
     producer.join()
-    wait_for(lambda: list(committed_offsets(kafka_bootstrap, group_topics["group"], group_topics["input"],
-                                            PARTITIONS).values()) == counts,
-             timeout_s=180, what="the group to commit the end of every partition")
-    for process in (a, b):
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=60) == 0
-    applied = [_latest_meta(tmp_path / m).get("applied", {}) for m in ("a", "b")]
+    applied = _applied_by_members_at_the_end(kafka_bootstrap, group_topics, tmp_path, {"a": a, "b": b}, counts)
     assert applied[1], "the second member never got partitions while the stream ran"
-    for p in range(PARTITIONS):
-        key = f"{group_topics['input']}/{p}"
-        total = sum(counts_of.get(key, 0) for counts_of in applied)
-        assert counts[p] <= total <= 2 * counts[p], (p, counts[p], applied, handed_over)
 
 
 def test_handover_chunks_stay_under_the_size_limit_and_carry_every_user(monkeypatch) -> None:
