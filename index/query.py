@@ -68,7 +68,7 @@ def _merge_into(top_rows, top_scores, r, cand_rows, cand_scores, n):
             insert_descending(vals, idx, k, x, cand_rows[c])
 
 
-# Session candidates scored before the others (see _session_top): a few times k.
+# Session candidates scored before the others (see _candidates_top_k): a few times k.
 _FIRST_SCORED = 40
 
 # Bands of item norm for the tail bound: 64 came within 0.1% of the exact envelope on a 1M-item model.
@@ -132,7 +132,7 @@ class _ItemNorms:
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _session_top(users, Q, biases, weight, factor_bound, start, cand_rows, cand_blend, seen_start, seen_items, k):
+def _candidates_top_k(users, Q, biases, weight, factor_bound, start, cand_rows, cand_blend, seen_start, seen_items, k):
     """Each user's top-k of their session candidates ``cand_rows[start[n]:start[n + 1]]`` by the
     blended score ``weight * s(u, i) + blend``, remembered items left out.
 
@@ -369,9 +369,9 @@ class Recommender:
             no_rows = np.full((len(user_rows), self.k), -1, np.int64)
             return start, no_rows, np.full((len(user_rows), self.k), -np.inf, np.float32)
         seen_start, seen_items = self._seen(user_rows)
-        top_rows, top_scores = _session_top(np.ascontiguousarray(users, dtype=np.float32), self.model.items.vectors,
-                                            biases, weight, factor_bound, start, rows, blend.astype(np.float32),
-                                            seen_start, seen_items, self.k)
+        top_rows, top_scores = _candidates_top_k(np.ascontiguousarray(users, dtype=np.float32),
+                                                 self.model.items.vectors, biases, weight, factor_bound, start, rows,
+                                                 blend.astype(np.float32), seen_start, seen_items, self.k)
         return start, top_rows, top_scores
 
     def _seen(self, user_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
