@@ -39,6 +39,7 @@ the items the session signals do not reach. Weights are ``model.session_*_weight
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -58,6 +59,11 @@ _ROWS_PER_USER = 64
 _BACKGROUND_MIN_EVENTS = 256
 _USER_STATE = (("hist", np.int32), ("hlen", np.int64), ("last_ts", np.int64), ("skey", np.int64),
                ("serial", np.int64))
+# Rows for the current sessions of the group's other members (see learn_remote). A session's key
+# picks its row; two sessions on one row at once restart each other in turn, so the table is
+# sized far past the sessions a group has going at once.
+_REMOTE_SESSIONS = 65_536
+_NO_SERIALS = np.zeros(0, dtype=np.int64)
 
 
 class SessionSignals:
@@ -89,11 +95,18 @@ class SessionSignals:
         self.repeats = np.array([1.0, 2.0])  # (decayed) re-view clicks, continuing clicks
         self._items = 0
         self._worker: ThreadPoolExecutor | None = None  # for ``learning``, made at its first big batch
+        # Sharing with a consumer group (``share``): the clicks learned and not yet taken (session
+        # serials, item rows, times), the count the group already has from before a restart, and
+        # the other members' current sessions.
+        self.sharing = False
+        self._unsent: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._sent_ahead = 0
+        self._remote: dict[str, np.ndarray] | None = None
         self._fit_scratch(1024)
         # Load the compiled kernels now (from numba's disk cache: about a second, once per process),
         # not in the first batch a consumer handles.
         empty = np.zeros(0, dtype=np.int64)
-        learn_batch(empty, empty, empty, empty, self.learn_args())
+        learn_batch(empty, empty, empty, empty, self.learn_args(), empty)
         candidates_batch(empty, empty, empty, self.score_args(), empty, np.zeros(0), empty)
         if c.max_items or c.item_ttl_s:  # items will be forgotten (see forget_items)
             none = np.zeros(0, dtype=bool)
@@ -153,13 +166,24 @@ class SessionSignals:
         self.rules.forget(items)
         self.cooc.forget(items)
         self.ring.forget_items(items)
-        m = np.minimum(self.hlen, self.length)
-        drop_items(self.hist, self.hlen, items, start=(self.hlen - m) % self.length)
+        for sessions in (self._user_state(), *([self._remote] if self._remote is not None else [])):
+            hist, hlen = sessions["hist"], sessions["hlen"]
+            m = np.minimum(hlen, self.length)
+            drop_items(hist, hlen, items, start=(hlen - m) % self.length)
+        if self._unsent:  # a later item of the row is another item: its clicks are not these
+            serials, rows, ts = self._unsent_arrays()
+            keep = ~np.isin(rows, items)
+            self._unsent = [(serials[keep], rows[keep], ts[keep])]
 
-    def learn_args(self) -> tuple:
-        """The arrays the learning kernel takes after the events (see ``_learn_event``)."""
-        return (self.gap_ms, self.config.session_rules_window, self.hist, self.hlen, self.last_ts, self.skey,
-                self.serial, self.next_serial, self.rules.rows, self.rules.weights, self.rules.errors, self.rules.clock,
+    def _user_state(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name, _ in _USER_STATE}
+
+    def learn_args(self, sessions: dict[str, np.ndarray] | None = None) -> tuple:
+        """The arrays the learning kernel takes after the events (see ``learn_event``);
+        ``sessions``: other current sessions than the users' (``hist``, ``hlen``, ... by name)."""
+        own = sessions or self._user_state()
+        return (self.gap_ms, self.config.session_rules_window, own["hist"], own["hlen"], own["last_ts"], own["skey"],
+                own["serial"], self.next_serial, self.rules.rows, self.rules.weights, self.rules.errors, self.rules.clock,
                 self.cooc.rows, self.cooc.weights, self.cooc.errors, self.cooc.clock, self.rules.half_life_ms,
                 self.ring.items, self.ring.lengths, self.ring.times, self.ring.serials, self.ring.item_serials,
                 self.ring.item_heads, self.repeats)
@@ -185,7 +209,69 @@ class SessionSignals:
         users, items = np.asarray(user_rows, dtype=np.int64), np.asarray(item_rows, dtype=np.int64)
         self.fit(int(users.max()) + 1, int(items.max()) + 1)
         keys = np.zeros(len(users), np.int64) if session_keys is None else np.asarray(session_keys, dtype=np.int64)
-        learn_batch(users, items, np.asarray(timestamps, dtype=np.int64), keys, self.learn_args())
+        ts = np.asarray(timestamps, dtype=np.int64)
+        serials = np.empty(len(users), np.int64) if self.sharing else _NO_SERIALS
+        learn_batch(users, items, ts, keys, self.learn_args(), serials)
+        if self.sharing:
+            self._unsent.append((serials, items.copy(), ts.copy()))
+
+    # -- sharing with a consumer group ---------------------------------------------------------
+
+    def share(self) -> None:
+        """Record the clicks learned from now on for the group (:meth:`take_clicks`)."""
+        self.sharing = True
+
+    def _unsent_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self._unsent:
+            return _NO_SERIALS, _NO_SERIALS, _NO_SERIALS
+        return tuple(np.concatenate(column) for column in zip(*self._unsent))
+
+    def take_clicks(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The clicks learned since the last call, in order: each one's session serial (unique
+        among this member's sessions), item row and time; those the group already has
+        (:meth:`count_as_sent`) left out."""
+        serials, rows, ts = self._unsent_arrays()
+        self._unsent = []
+        skip = min(self._sent_ahead, len(serials))
+        self._sent_ahead -= skip
+        return serials[skip:], rows[skip:], ts[skip:]
+
+    def count_as_sent(self, clicks: int) -> None:
+        """The next ``clicks`` clicks to be taken are in the group already: this member sent them
+        after the checkpoint it was restored from, and learns them again from the replayed input."""
+        self._sent_ahead += clicks
+
+    def learn_remote(self, session_keys: np.ndarray, item_rows: np.ndarray, timestamps: np.ndarray) -> None:
+        """Learn another member's clicks, in its order: rules, co-occurrence and the session ring
+        learn them as this member's own, from sessions kept apart from its users'
+        (``session_keys``: positive, one per session in the group, see :meth:`remote_keys`).
+
+        Users are partitioned across the group, so each user's current session is on one member
+        and needs no sharing; what the signals learn from it about items does.
+        """
+        if len(item_rows) == 0 or not self.enabled:
+            return
+        items = np.asarray(item_rows, dtype=np.int64)
+        self.fit(0, int(items.max()) + 1)
+        if self._remote is None:
+            self._remote = {name: np.zeros((_REMOTE_SESSIONS, *getattr(self, name).shape[1:]), dtype=dtype)
+                            for name, dtype in _USER_STATE}
+        keys = np.asarray(session_keys, dtype=np.int64)
+        learn_batch(keys % _REMOTE_SESSIONS, items, np.asarray(timestamps, dtype=np.int64), keys,
+                    self.learn_args(self._remote), _NO_SERIALS)
+
+    @staticmethod
+    def remote_keys(member: str, serials: np.ndarray) -> np.ndarray:
+        """A positive key per session of ``member``'s ``serials``, the same on every member
+        (members number their sessions each on their own; the key tells them apart).
+
+        >>> keys = SessionSignals.remote_keys("a", np.array([1, 2, 1]))
+        >>> bool((keys > 0).all()), bool(keys[0] == keys[2]), bool(keys[0] == SessionSignals.remote_keys("b", [1])[0])
+        (True, True, False)
+        """
+        salt = np.uint64(int.from_bytes(hashlib.blake2b(member.encode(), digest_size=8).digest(), "little"))
+        mixed = (np.asarray(serials, dtype=np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ salt
+        return ((mixed >> np.uint64(1)) | np.uint64(1)).astype(np.int64)
 
     @contextmanager
     def learning(self, user_rows: np.ndarray, item_rows: np.ndarray, timestamps: np.ndarray,
@@ -296,6 +382,11 @@ class SessionSignals:
         out = {name: getattr(self, name)[:users].copy() for name, _ in _USER_STATE}
         out["next_serial"] = self.next_serial.copy()
         out["repeats"] = self.repeats.copy()
+        if self._remote is not None:
+            out.update({f"remote.{name}": values.copy() for name, values in self._remote.items()})
+        serials, rows, ts = self._unsent_arrays()
+        out.update({"unsent.serials": serials, "unsent.items": rows, "unsent.ts": ts,
+                    "unsent.sent_ahead": np.array([self._sent_ahead], dtype=np.int64)})
         out.update({f"rules.{k}": v for k, v in self.rules.to_arrays(items).items()})
         out.update({f"cooc.{k}": v for k, v in self.cooc.to_arrays(items).items()})
         out.update({f"ring.{k}": v for k, v in self.ring.to_arrays(items).items()})
@@ -316,6 +407,13 @@ class SessionSignals:
             setattr(self, name, full)
         self.next_serial = np.array(arrays["next_serial"], dtype=np.int64).reshape(1)
         self.repeats = np.array(arrays["repeats"], dtype=np.float64).reshape(2)
+        remote = {name: np.asarray(arrays[f"remote.{name}"], dtype=dtype) for name, dtype in _USER_STATE
+                  if f"remote.{name}" in arrays}
+        # (a changed session length restarts the other members' sessions too)
+        self._remote = remote if len(remote) == len(_USER_STATE) and remote["hist"].shape[1] == self.length else None
+        if "unsent.serials" in arrays:  # (older checkpoints: nothing unsent)
+            self._unsent = [tuple(np.asarray(arrays[f"unsent.{k}"], dtype=np.int64) for k in ("serials", "items", "ts"))]
+            self._sent_ahead = int(arrays["unsent.sent_ahead"][0])
         self.rules.load_arrays({k[6:]: v for k, v in arrays.items() if k.startswith("rules.")})
         self.cooc.load_arrays({k[5:]: v for k, v in arrays.items() if k.startswith("cooc.")})
         self.ring.load_arrays({k[5:]: v for k, v in arrays.items() if k.startswith("ring.")})

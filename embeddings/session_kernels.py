@@ -181,6 +181,8 @@ _REPEAT_KEEP = 1.0 - 1.0 / 10_000
 _MAX_REPEAT_ODDS = 4.0
 # Positions in SessionSignals.score_args() of what the kernels read besides session_scores.
 GAP_MS, HIST, HLEN, LAST_TS, SKEY, SERIAL = 0, 3, 4, 5, 6, 7
+# ... and of what learn_event takes after the event (SessionSignals.learn_args()).
+LEARN_HIST, LEARN_SERIAL = 2, 6
 ACC, TOUCHED, N_TOUCHED, SESSION_BUF = 22, 23, 25, 26
 
 
@@ -225,9 +227,15 @@ def learn_event(u, x, t, key, gap_ms, window, hist, hlen, last_ts, skey, serial,
 
 
 @njit(cache=True, nogil=True)
-def learn_batch(users, items, ts, keys, learn_args):
+def learn_batch(users, items, ts, keys, learn_args, out_serials):
+    """``learn_event`` for each event in order; with ``out_serials`` as long as the events, each
+    event's session serial goes there (what the group sync sends in place of the user)."""
+    serial = learn_args[LEARN_SERIAL]
+    record = len(out_serials) == len(users)
     for e in range(len(users)):
         learn_event(users[e], items[e], ts[e], keys[e], *learn_args)
+        if record:
+            out_serials[e] = serial[users[e]]
 
 
 @njit(cache=True, nogil=True)

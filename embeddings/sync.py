@@ -47,10 +47,13 @@ from __future__ import annotations
 import msgspec
 import numpy as np
 from recstream.embeddings.model import OnlineMF
+from recstream.embeddings.session import SessionSignals
 from recstream.embeddings.sgd import MAX_COMPONENT, MAX_SCALAR
 
 # A message's size: under Kafka's default limit of 1 MB per message (the broker's message.max.bytes).
 MESSAGE_BYTES = 500_000
+# Session clicks per message: 20 bytes each, and an id of up to ~40 bytes for each distinct item.
+CLICKS_PER_MESSAGE = MESSAGE_BYTES // 64
 
 
 def items_per_message(dim: int) -> int:
@@ -79,6 +82,12 @@ class ItemDelta(msgspec.Struct, frozen=True):
     transitions: bytes  # float32 (len(ids), dim)
     biases: bytes  # float32 (len(ids),)
     events: bytes  # int64 (len(ids),)
+    # The sender's session clicks, in its order (a part carries items or clicks): each click's
+    # session serial (int64), item (int32, an index into click_ids) and event time (int64, ms).
+    click_ids: list[str] = []
+    click_sessions: bytes = b""
+    click_items: bytes = b""
+    click_ts: bytes = b""
 
     def encode(self) -> bytes:
         return _ENCODER.encode(self)
@@ -94,6 +103,13 @@ class ItemDelta(msgspec.Struct, frozen=True):
         sizes = {"vectors": 4 * n * dim, "transitions": 4 * n * dim, "biases": 4 * n, "events": 8 * n}
         wrong = [f"{name} has {len(getattr(delta, name))} bytes, {n} items need {size}"
                  for name, size in sizes.items() if len(getattr(delta, name)) != size]
+        clicks = len(delta.click_sessions) // 8
+        sizes = {"click_sessions": 8 * clicks, "click_items": 4 * clicks, "click_ts": 8 * clicks}
+        wrong += [f"{name} has {len(getattr(delta, name))} bytes, {clicks} clicks need {size}"
+                  for name, size in sizes.items() if len(getattr(delta, name)) != size]
+        items = delta.click_item_array() if not wrong else None
+        if items is not None and len(items) and (items.min() < 0 or items.max() >= len(delta.click_ids)):
+            wrong.append(f"click items outside the {len(delta.click_ids)} click ids")
         if wrong or dim < 1 or not 0 <= delta.part < delta.parts:
             raise InvalidDelta("; ".join(wrong) or f"bad dim {dim} or part {delta.part}/{delta.parts}")
         if not all(np.isfinite(a).all() for a in (delta.vector_array(), delta.transition_array(),
@@ -113,6 +129,15 @@ class ItemDelta(msgspec.Struct, frozen=True):
     def event_array(self) -> np.ndarray:
         return np.frombuffer(self.events, dtype="<i8")
 
+    def click_session_array(self) -> np.ndarray:
+        return np.frombuffer(self.click_sessions, dtype="<i8")
+
+    def click_item_array(self) -> np.ndarray:
+        return np.frombuffer(self.click_items, dtype="<i4")
+
+    def click_ts_array(self) -> np.ndarray:
+        return np.frombuffer(self.click_ts, dtype="<i8")
+
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(ItemDelta)
@@ -122,11 +147,19 @@ class ItemSync:
     """One member's side of the item sync: its base copy of the items, what it sent and received.
 
     ``member`` names this member in the group (stable across restarts: a StatefulSet pod name).
+    With ``sessions``, the session signals are shared too: each send carries the clicks they
+    learned since the last one, and the others' clicks are learned into them (see
+    ``SessionSignals.learn_remote``).
     """
 
-    def __init__(self, model: OnlineMF, member: str) -> None:
+    def __init__(self, model: OnlineMF, member: str, sessions: SessionSignals | None = None) -> None:
         self.model = model
         self.member = member
+        self.sessions = sessions
+        if sessions is not None:
+            sessions.share()
+        self.sent_clicks = 0
+        self.received_clicks = 0
         self.seq = 0  # sequence number of this member's last send
         self.applied: dict[str, tuple[int, int]] = {}  # sender -> (sequence, part) last applied
         self.sent_items = 0
@@ -209,7 +242,8 @@ class ItemSync:
         events = model.interaction_counts(rows) - self._events[rows]
         changed = (vectors != 0).any(axis=1) | (transitions != 0).any(axis=1) | (biases != 0) | (events != 0)
         rows, vectors, transitions, biases, events = (a[changed] for a in (rows, vectors, transitions, biases, events))
-        if not len(rows):
+        clicks = self.sessions.take_clicks() if self.sessions is not None else (np.zeros(0, np.int64),) * 3
+        if not len(rows) and not len(clicks[0]):
             return []
         self._vectors[rows] += vectors
         self._transitions[rows] += transitions
@@ -217,14 +251,25 @@ class ItemSync:
         self._events[rows] += events
         self.seq += 1
         self.sent_items += len(rows)
+        self.sent_clicks += len(clicks[0])
         ids = model.items.ids.ids_of(rows.tolist())
         starts = range(0, len(rows), per_message)
-        return [ItemDelta(self.member, self.seq, part, len(starts), model.config.dim, ids[s:s + per_message],
-                          vectors[s:s + per_message].astype("<f4").tobytes(),
-                          transitions[s:s + per_message].astype("<f4").tobytes(),
-                          biases[s:s + per_message].astype("<f4").tobytes(),
-                          events[s:s + per_message].astype("<i8").tobytes())
-                for part, s in enumerate(starts)]
+        click_starts = range(0, len(clicks[0]), CLICKS_PER_MESSAGE)
+        parts = len(starts) + len(click_starts)
+        dim, none = model.config.dim, b""
+        messages = [ItemDelta(self.member, self.seq, part, parts, dim, ids[s:s + per_message],
+                              vectors[s:s + per_message].astype("<f4").tobytes(),
+                              transitions[s:s + per_message].astype("<f4").tobytes(),
+                              biases[s:s + per_message].astype("<f4").tobytes(),
+                              events[s:s + per_message].astype("<i8").tobytes())
+                    for part, s in enumerate(starts)]
+        for part, s in enumerate(click_starts, start=len(starts)):
+            serials, item_rows, ts = (column[s:s + CLICKS_PER_MESSAGE] for column in clicks)
+            distinct, at = np.unique(item_rows, return_inverse=True)
+            messages.append(ItemDelta(self.member, self.seq, part, parts, dim, [], none, none, none, none,
+                                      model.items.ids.ids_of(distinct.tolist()), serials.astype("<i8").tobytes(),
+                                      at.astype("<i4").tobytes(), ts.astype("<i8").tobytes()))
+        return messages
 
     def apply(self, delta: ItemDelta) -> int:
         """Apply another member's delta (once per sender and sequence); returns the items it moved.
@@ -239,6 +284,8 @@ class ItemSync:
                 return 0
             rows = self._rows(delta.ids)
             self._add_base(rows, delta)
+            if self.sessions is not None:
+                self.sessions.count_as_sent(len(delta.click_sessions) // 8)
             if delta.part == delta.parts - 1:
                 self.seq = delta.seq
             return 0
@@ -248,6 +295,12 @@ class ItemSync:
         self.model.add_item_deltas(rows, delta.vector_array(), delta.transition_array(), delta.bias_array(),
                                    delta.event_array())
         self._add_base(rows, delta)
+        if delta.click_ids and self.sessions is not None:
+            item_rows = self.model.items.rows(delta.click_ids)[delta.click_item_array()]
+            self._fit()
+            self.sessions.learn_remote(SessionSignals.remote_keys(delta.member, delta.click_session_array()),
+                                       item_rows, delta.click_ts_array())
+            self.received_clicks += len(item_rows)
         self.applied[delta.member] = (delta.seq, delta.part)
         self.received_items += len(rows)
         return len(rows)

@@ -86,12 +86,13 @@ class MemberGroup:
     decoded by each other member, as a Kafka consumer would receive it.
     """
 
-    def __init__(self, models: list[OnlineMF], sync_every: int) -> None:
+    def __init__(self, models: list[OnlineMF], sync_every: int, sessions: list | None = None) -> None:
         if sync_every < 0:
             raise ValueError(f"sync_every must be 0 (never) or a positive number of events, not {sync_every}")
         self.models = models
         self.sync_every = sync_every
-        self.syncs = [ItemSync(model, f"member-{k}") for k, model in enumerate(models)]
+        self.syncs = [ItemSync(model, f"member-{k}", sessions[k] if sessions else None)
+                      for k, model in enumerate(models)]
         self._learned: set[int] = set()  # members that learned since the last exchange
         self.exchanges = 0
         self.messages = 0
@@ -142,12 +143,14 @@ class MemberStates(MemberGroup):
     """
 
     def __init__(self, config: MFConfig, owner: np.ndarray, members: int, sync_every: int,
-                 share_popularity: bool = False, share_sessions: bool = False) -> None:
+                 share_popularity: bool = False, share_sessions: bool = False, sync_sessions: bool = True) -> None:
         from recstream.embeddings.session import SessionSignals
         from recstream.stream.state import RecState  # the service's state, as the single process uses
 
         self.states = [RecState(config, history_per_user=1_000_000) for _ in range(members)]
-        super().__init__([state.model for state in self.states], sync_every)
+        # As the service (sync.sessions): the session clicks travel with the deltas.
+        super().__init__([state.model for state in self.states], sync_every,
+                         [state.sessions for state in self.states] if sync_sessions and not share_sessions else None)
         self.owner = owner
         if share_sessions:
             shared, users, items = SessionSignals(config), _GroupIds(), _GroupIds()
@@ -278,11 +281,13 @@ def members_explicit(data: Interactions, config: MFConfig, members: int,
 
 
 def members_implicit(data: Interactions, config: MFConfig, members: int, sync_every: int = DEFAULT_SYNC_EVERY,
-                     share_popularity: bool = False, share_sessions: bool = False) -> EvalResult:
+                     share_popularity: bool = False, share_sessions: bool = False,
+                     sync_sessions: bool = True) -> EvalResult:
     """HR@10/NDCG@10 of rank-then-learn, each event by the member that owns its user
-    (``share_popularity``, ``share_sessions``: experiments, see :class:`MemberStates`)."""
+    (``share_popularity``, ``share_sessions``: experiments, see :class:`MemberStates`;
+    ``sync_sessions``: the service's ``sync.sessions``)."""
     group = MemberStates(config, owners(data.user_ids, members), members, sync_every, share_popularity,
-                         share_sessions)
+                         share_sessions, sync_sessions)
     result = prequential_implicit(data, config, "model", group=group)
     result.metrics.update(group.metrics())
     return result
@@ -303,7 +308,9 @@ def describe(metrics: dict[str, float]) -> str:
 
 
 def evaluate(data: Interactions, config: MFConfig, mode: str, members: int,
-             sync_every: int = DEFAULT_SYNC_EVERY) -> EvalResult:
-    """``members_explicit`` or ``members_implicit`` by ``mode``."""
-    run = members_explicit if mode == "explicit" else members_implicit
-    return run(data, config, members, sync_every)
+             sync_every: int = DEFAULT_SYNC_EVERY, sync_sessions: bool = True) -> EvalResult:
+    """``members_explicit`` or ``members_implicit`` by ``mode`` (``sync_sessions``: see
+    :func:`members_implicit`)."""
+    if mode == "explicit":
+        return members_explicit(data, config, members, sync_every)
+    return members_implicit(data, config, members, sync_every, sync_sessions=sync_sessions)

@@ -222,7 +222,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from recstream.evaluation import members as em
 
         sync_every = em.DEFAULT_SYNC_EVERY if args.sync_every is None else args.sync_every
-        results["recstream"] = em.evaluate(data, config.model, args.mode, args.members, sync_every)
+        results["recstream"] = em.evaluate(data, config.model, args.mode, args.members, sync_every, config.sync.sessions)
         if args.baseline != "none":
             results["baseline"] = em.evaluate(data, config.model, args.mode, 1)
             baseline_name = "one process (--members 1)"

@@ -141,6 +141,10 @@ class SyncConfig:
     member: str = ""
     # At start, how long to wait for the deltas already on the topic before consuming input.
     catch_up_timeout_s: float = 120.0
+    # Send this member's session clicks with its deltas and learn the other members' into the
+    # session signals (rules, co-occurrence, session-kNN learn from the whole group); false: each
+    # member learns them from its own users, at a fraction of the CPU in a big group.
+    sessions: bool = True
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ class GroupMembership:
         items = users = None
         if _required_topic(config, "sync", config.sync_topic, existing):
             member = member_id(config.sync.member, config.state_dir)
-            items = GroupSync(config.sync_topic, config.sync.interval_s, state.enable_item_sync(member),
+            items = GroupSync(config.sync_topic, config.sync.interval_s, state.enable_item_sync(member, config.sync.sessions),
                               state.sync_positions,
                               {**consumer_config, "group.id": f"{config.topics.group_id}.sync.{member}"},
                               produce, dead_letter)

@@ -163,10 +163,11 @@ class RecState:
         live[self.model.users.ids.free] = False
         return np.flatnonzero((self.model.input_partitions()[:n] == partition) & live)
 
-    def enable_item_sync(self, member: str) -> ItemSync:
-        """Share item state with the group as ``member``, continuing from the checkpoint's sync
-        state if it has one (else every item's learning so far is this member's first delta)."""
-        self.item_sync = ItemSync(self.model, member)
+    def enable_item_sync(self, member: str, sessions: bool = True) -> ItemSync:
+        """Share item state with the group as ``member`` (and the session signals' clicks, with
+        ``sessions``), continuing from the checkpoint's sync state if it has one (else every
+        item's learning so far is this member's first delta)."""
+        self.item_sync = ItemSync(self.model, member, self.sessions if sessions else None)
         if self._stored_sync is not None:
             arrays, meta = self._stored_sync
             if meta.get("member") == member:
