@@ -102,6 +102,7 @@ class SessionSignals:
         self._unsent: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._sent_ahead = 0
         self._remote: dict[str, np.ndarray] | None = None
+        self._remote_waiting: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (see learn_remote)
         self._fit_scratch(1024)
         # Load the compiled kernels now (from numba's disk cache: about a second, once per process),
         # not in the first batch a consumer handles.
@@ -163,6 +164,7 @@ class SessionSignals:
         items = np.asarray(item_rows, dtype=np.int64)
         if len(items) == 0:
             return
+        self.learn_waiting()  # (their rows are these items' until now)
         self.rules.forget(items)
         self.cooc.forget(items)
         self.ring.forget_items(items)
@@ -204,6 +206,7 @@ class SessionSignals:
                session_keys: np.ndarray | None = None) -> None:
         """Learn events in order: ``session_keys`` (int64, 0 = none) mark sessions; without them a
         user's gap over ``session_gap_s`` starts a new one."""
+        self.learn_waiting()
         if len(user_rows) == 0:
             return
         users, items = np.asarray(user_rows, dtype=np.int64), np.asarray(item_rows, dtype=np.int64)
@@ -251,14 +254,22 @@ class SessionSignals:
         """
         if len(item_rows) == 0 or not self.enabled:
             return
-        items = np.asarray(item_rows, dtype=np.int64)
+        self._remote_waiting.append(tuple(np.asarray(column, dtype=np.int64).copy()
+                                          for column in (session_keys, item_rows, timestamps)))
+
+    def learn_waiting(self) -> None:
+        """Learn the clicks :meth:`learn_remote` was given. Whatever reads or learns the signals
+        here calls this first, :meth:`update` included: so they are learned on the learning thread
+        beside the model (see :meth:`learning`), not in the thread that reads the sync topic."""
+        if not self._remote_waiting:
+            return
+        keys, items, ts = (np.concatenate(column) for column in zip(*self._remote_waiting))
+        self._remote_waiting = []
         self.fit(0, int(items.max()) + 1)
         if self._remote is None:
             self._remote = {name: np.zeros((_REMOTE_SESSIONS, *getattr(self, name).shape[1:]), dtype=dtype)
                             for name, dtype in _USER_STATE}
-        keys = np.asarray(session_keys, dtype=np.int64)
-        learn_batch(keys % _REMOTE_SESSIONS, items, np.asarray(timestamps, dtype=np.int64), keys,
-                    self.learn_args(self._remote), _NO_SERIALS)
+        learn_batch(keys % _REMOTE_SESSIONS, items, ts, keys, self.learn_args(self._remote), _NO_SERIALS)
 
     @staticmethod
     def remote_keys(member: str, serials: np.ndarray) -> np.ndarray:
@@ -313,6 +324,7 @@ class SessionSignals:
         Users are scored by as many threads as numba uses (the kernel releases the GIL), each with
         its own work arrays: a publishing round then uses the cores the consumer leaves idle.
         """
+        self.learn_waiting()
         users = np.asarray(user_rows, dtype=np.int64)
         if len(users) == 0 or not self.enabled:
             return np.zeros(len(users) + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float64)
@@ -378,6 +390,7 @@ class SessionSignals:
 
     def to_arrays(self, users: int, items: int) -> dict[str, np.ndarray]:
         """Everything the signals learned, as named arrays (copies)."""
+        self.learn_waiting()
         self.fit(users, items)
         out = {name: getattr(self, name)[:users].copy() for name, _ in _USER_STATE}
         out["next_serial"] = self.next_serial.copy()
@@ -411,6 +424,7 @@ class SessionSignals:
                   if f"remote.{name}" in arrays}
         # (a changed session length restarts the other members' sessions too)
         self._remote = remote if len(remote) == len(_USER_STATE) and remote["hist"].shape[1] == self.length else None
+        self._remote_waiting = []
         if "unsent.serials" in arrays:  # (older checkpoints: nothing unsent)
             self._unsent = [tuple(np.asarray(arrays[f"unsent.{k}"], dtype=np.int64) for k in ("serials", "items", "ts"))]
             self._sent_ahead = int(arrays["unsent.sent_ahead"][0])

@@ -81,6 +81,7 @@ def test_each_member_gets_what_the_group_learned() -> None:
     _send(a, b)
     _send(b, a)
     for member, pairs in ((a, [("p", "q")]), (b, [("x", "y"), ("y", "z")])):
+        member.sessions.learn_waiting()
         rules = member.sessions.rules
         for before, after in pairs:
             rows, weights = rules.neighbours(member.model.items.ids.get(before))
@@ -138,6 +139,7 @@ def test_other_members_sessions_survive_a_checkpoint() -> None:
     restored.share()
     a.learn(["ann"], ["z"], np.array([3_000]))
     _send(a, b)
+    restored.learn_waiting()
     rows, _ = restored.rules.neighbours(b.model.items.ids.get("y"))
     assert b.model.items.ids.get("z") in rows.tolist()  # y -> z: the same session
 
