@@ -54,6 +54,7 @@ from recstream.embeddings.sgd import MAX_COMPONENT, MAX_SCALAR
 MESSAGE_BYTES = 500_000
 # Session clicks per message: 20 bytes each, and an id of up to ~40 bytes for each distinct item.
 CLICKS_PER_MESSAGE = MESSAGE_BYTES // 64
+_ALL_PARTS = 2**31  # (seq, _ALL_PARTS): every part of delta seq
 
 
 def items_per_message(dim: int) -> int:
@@ -99,6 +100,12 @@ class ItemDelta(msgspec.Struct, frozen=True):
             delta = _DECODER.decode(data)
         except (msgspec.DecodeError, RecursionError) as exc:
             raise InvalidDelta(f"not an item delta: {exc}") from exc
+        return delta.checked()
+
+    def checked(self) -> ItemDelta:
+        """This delta, if its arrays fit its ids and clicks and hold finite values; else raises
+        :class:`InvalidDelta` saying what is wrong."""
+        delta = self
         n, dim = len(delta.ids), delta.dim
         sizes = {"vectors": 4 * n * dim, "transitions": 4 * n * dim, "biases": 4 * n, "events": 8 * n}
         wrong = [f"{name} has {len(getattr(delta, name))} bytes, {n} items need {size}"
@@ -322,6 +329,51 @@ class ItemSync:
         self._vectors[rows] = np.clip(self._vectors[rows], -MAX_COMPONENT, MAX_COMPONENT)
         self._transitions[rows] = np.clip(self._transitions[rows], -MAX_COMPONENT, MAX_COMPONENT)
         self._biases[rows] = np.clip(self._biases[rows], -MAX_SCALAR, MAX_SCALAR)
+
+    # -- snapshots for members that join late (stream/item_snapshot.py) -------------------------
+
+    def snapshot(self, per_message: int | None = None) -> tuple[list[ItemDelta], dict[str, tuple[int, int]]]:
+        """The group's items as this member has them from the sync topic (its base: every item's
+        initial values plus every delta sent, its own included), as absolute values in messages
+        of at most ``per_message`` items, and the (sequence, part) of each member's deltas they
+        include. Its own unsent learning is left out: it is sent later, as a delta."""
+        self._fit()
+        model = self.model
+        per_message = per_message or items_per_message(model.config.dim)
+        held = np.ones(self._based, dtype=bool)
+        held[self._unbased[self._unbased < self._based]] = False
+        held[model.items.ids.free[model.items.ids.free < self._based]] = False
+        rows = np.flatnonzero(held)
+        ids = model.items.ids.ids_of(rows.tolist())
+        starts = range(0, len(rows), per_message)
+        chunks = [ItemDelta(self.member, self.seq, part, len(starts), model.config.dim, ids[s:s + per_message],
+                            self._vectors[rows[s:s + per_message]].astype("<f4").tobytes(),
+                            self._transitions[rows[s:s + per_message]].astype("<f4").tobytes(),
+                            self._biases[rows[s:s + per_message]].astype("<f4").tobytes(),
+                            self._events[rows[s:s + per_message]].astype("<i8").tobytes())
+                  for part, s in enumerate(starts)]
+        included = {**self.applied, self.member: (self.seq, _ALL_PARTS)}
+        return chunks, included
+
+    def restore_snapshot(self, chunks: list[ItemDelta], included: dict[str, tuple[int, int]]) -> int:
+        """Start from another member's :meth:`snapshot`: each item's base becomes the snapshot's
+        value and the model moves by the same amount (what this member learned itself stays on
+        top, unsent); the deltas the snapshot includes are not applied again. Returns the items."""
+        moved = 0
+        for chunk in chunks:
+            if chunk.dim != self.model.config.dim:
+                raise InvalidDelta(f"dimension {chunk.dim}, this member's model.dim is {self.model.config.dim}")
+            rows = self._rows(chunk.ids)
+            values = (chunk.vector_array(), chunk.transition_array(), chunk.bias_array(), chunk.event_array())
+            bases = (self._vectors, self._transitions, self._biases, self._events)
+            self.model.add_item_deltas(rows, *(value - base[rows] for value, base in zip(values, bases)))
+            for value, base in zip(values, bases):
+                base[rows] = value
+            moved += len(rows)
+        for member, (seq, part) in included.items():
+            if member != self.member and (seq, part) > self.applied.get(member, (0, 0)):
+                self.applied[member] = (seq, part)
+        return moved
 
     # -- checkpoints ---------------------------------------------------------------------------
 

@@ -343,7 +343,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_topics(args: argparse.Namespace) -> int:
     from recstream.stream.broker import create_topics
-    from recstream.stream.config import sync_topic_for, user_state_topic_for
+    from recstream.stream.config import item_snapshot_topic_for, sync_topic_for, user_state_topic_for
 
     settings = dict(args.X or [])
     topics = {args.input_topic: args.partitions, args.output_topic: args.partitions,
@@ -354,7 +354,9 @@ def cmd_topics(args: argparse.Namespace) -> int:
         # Deltas must not be compacted (that keeps one per key); the user state is keyed to be.
         topics[sync_topic_for(args.group_id)] = 1
         topics[user_state_topic_for(args.group_id)] = args.partitions
+        topics[item_snapshot_topic_for(args.group_id)] = 1
         configs[user_state_topic_for(args.group_id)] = {"cleanup.policy": "compact"}
+        configs[item_snapshot_topic_for(args.group_id)] = {"cleanup.policy": "compact"}
     create_topics(args.bootstrap_servers, topics, settings, topic_configs=configs)
     print(f"topics ready on {args.bootstrap_servers}: {', '.join(topics)}")
     return 0

@@ -145,6 +145,9 @@ class SyncConfig:
     # session signals (rules, co-occurrence, session-kNN learn from the whole group); false: each
     # member learns them from its own users, at a fraction of the CPU in a big group.
     sessions: bool = True
+    # How often the member holding input partition 0 writes the group's items, as absolute values,
+    # to <group_id>.item-snapshot (when it exists) for members that start late (0: never).
+    snapshot_interval_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,10 @@ class ServiceConfig:
     def user_state_topic(self) -> str:
         return user_state_topic_for(self.topics.group_id)
 
+    @property
+    def item_snapshot_topic(self) -> str:
+        return item_snapshot_topic_for(self.topics.group_id)
+
 
 def sync_topic_for(group_id: str) -> str:
     """The item-sync topic a group uses unless ``sync.topic`` names another."""
@@ -186,6 +193,11 @@ def sync_topic_for(group_id: str) -> str:
 def user_state_topic_for(group_id: str) -> str:
     """The topic through which a group's partitions take their users along (stream/handover.py)."""
     return f"{group_id}.user-state"
+
+
+def item_snapshot_topic_for(group_id: str) -> str:
+    """The compacted topic of a group's items for members that start late (stream/item_snapshot.py)."""
+    return f"{group_id}.item-snapshot"
 
 
 _SECTIONS = {
@@ -285,6 +297,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "http.liveness_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
     "sync.mode": (lambda v: v in ("auto", "on", "off"), "auto, on or off"),
     "sync.interval_s": (lambda v: 0 < v <= 86400, "a number of seconds in (0, 86400]"),
+    "sync.snapshot_interval_s": (lambda v: v >= 0, "a non-negative number of seconds (0: never)"),
     "sync.catch_up_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
 }
 

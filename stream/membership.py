@@ -3,7 +3,9 @@
 Two parts, each on when its topic exists (``sync.mode: auto``) or required (``on``):
 
 - **items** (``stream/group_sync.py``): every member adds up every member's item deltas, read
-  from ``<group>.item-deltas``; at start a member catches up with the deltas already sent;
+  from ``<group>.item-deltas``; at start a member catches up with the deltas already sent, from
+  the group's latest item snapshot (``stream/item_snapshot.py``, ``<group>.item-snapshot``,
+  written by the member holding input partition 0) if it has no place in the deltas yet;
 - **users** (``stream/handover.py``): the users of a revoked partition are written to
   ``<group>.user-state`` for its next owner, who takes them over when they reflect exactly the
   offset the partition resumes at, and drops stale copies of users another member moved on.
@@ -26,6 +28,7 @@ from confluent_kafka import Message, TopicPartition
 from recstream.stream.config import ConfigError, ServiceConfig
 from recstream.stream.group_sync import GroupSync, member_id
 from recstream.stream.handover import UserHandover, import_users
+from recstream.stream.item_snapshot import ItemSnapshots
 from recstream.stream.state import RecState
 
 log = logging.getLogger(__name__)
@@ -49,15 +52,17 @@ class GroupMembership:
 
     ``produce(topic, key, value[, headers, partition])`` and ``dead_letter(message, reason)`` are the
     service's producer wrapper and dead-letter path; ``stats`` gets the counters
-    (``sync_items_sent``, ``sync_items_received``, ``users_handed_over``, ``users_taken_over``).
+    (``sync_items_sent``, ``sync_items_received``, ``sync_clicks_*``, ``users_handed_over``, ``users_taken_over``).
     """
 
     def __init__(self, config: ServiceConfig, state: RecState, model_lock: threading.Lock, stats: Any,
-                 items: GroupSync | None, users: UserHandover | None) -> None:
+                 items: GroupSync | None, users: UserHandover | None, snapshots: ItemSnapshots | None = None) -> None:
         self.config = config
         self.state = state
         self.model_lock = model_lock
         self.stats = stats
+        self.snapshots = snapshots
+        self._next_snapshot = time.monotonic() + config.sync.snapshot_interval_s
         self.items = items
         self.users = users
 
@@ -68,13 +73,16 @@ class GroupMembership:
         """Start what ``[sync]`` asks for with the cluster's ``metadata`` (None: nothing is shared).
         Item sync catches up with the deltas already sent before this returns."""
         existing = set(metadata.topics)
-        items = users = None
+        items = users = snapshots = None
         if _required_topic(config, "sync", config.sync_topic, existing):
             member = member_id(config.sync.member, config.state_dir)
+            sync_consumer = {**consumer_config, "group.id": f"{config.topics.group_id}.sync.{member}"}
             items = GroupSync(config.sync_topic, config.sync.interval_s, state.enable_item_sync(member, config.sync.sessions),
-                              state.sync_positions,
-                              {**consumer_config, "group.id": f"{config.topics.group_id}.sync.{member}"},
-                              produce, dead_letter)
+                              state.sync_positions, sync_consumer, produce, dead_letter)
+            if config.item_snapshot_topic in existing:  # (optional: groups made before it have none)
+                snapshots = ItemSnapshots(config.item_snapshot_topic, sync_consumer, produce)
+                if not state.sync_positions:  # no place in the deltas yet: start from the group's items
+                    stats.sync_snapshot_items = _restore_snapshot(snapshots, state, model_lock)
             items.start()
             started = time.monotonic()
             moved = items.catch_up(model_lock, config.sync.catch_up_timeout_s)
@@ -90,7 +98,7 @@ class GroupMembership:
             users = UserHandover(config.user_state_topic, consumer_config, produce)
         if items is None and users is None:
             return None
-        return cls(config, state, model_lock, stats, items, users)
+        return cls(config, state, model_lock, stats, items, users, snapshots)
 
     def turn(self) -> tuple[bool, bool]:
         """Once per loop turn: apply the group's item deltas that have arrived, and send ours when
@@ -102,6 +110,8 @@ class GroupMembership:
         self.stats.sync_items_received += moved
         sent = self.items.send(self.model_lock) if self.items.due() else 0
         self.stats.sync_items_sent += sent
+        self._count_clicks()
+        self._write_snapshot()
         # The item base and the sync positions are checkpointed.
         return moved > 0, bool(sent) or read != self.state.sync_positions
 
@@ -109,6 +119,26 @@ class GroupMembership:
         """At a clean stop: the group gets this member's last changes (the final checkpoint counts them sent)."""
         if self.items is not None:
             self.stats.sync_items_sent += self.items.send(self.model_lock)
+            self._count_clicks()
+
+    def _write_snapshot(self) -> None:
+        """Every ``sync.snapshot_interval_s``, on the member holding input partition 0 (one writer
+        per group, but for the moments of a rebalance): the group's items for members that start late."""
+        interval = self.config.sync.snapshot_interval_s
+        if self.snapshots is None or not interval or time.monotonic() < self._next_snapshot:
+            return
+        self._next_snapshot = time.monotonic() + interval
+        if (self.config.topics.input, 0) not in self.stats.assigned:
+            return
+        started = time.monotonic()
+        written = self.snapshots.write(self.items.item_sync, self.state.sync_positions, self.model_lock)
+        self.stats.sync_snapshots_written += 1
+        log.info("item snapshot: wrote %d items to %s in %.2fs", written, self.snapshots.topic,
+                 time.monotonic() - started)
+
+    def _count_clicks(self) -> None:
+        item_sync = self.items.item_sync
+        self.stats.sync_clicks_sent, self.stats.sync_clicks_received = item_sync.sent_clicks, item_sync.received_clicks
 
     def hand_over(self, partitions: list[TopicPartition], deliver: Callable[[], bool]) -> bool:
         """Give up the users of ``partitions`` (just checkpointed and committed): write them to the
@@ -186,3 +216,17 @@ class GroupMembership:
     def close(self) -> None:
         if self.items is not None:
             self.items.close()
+
+
+def _restore_snapshot(snapshots: ItemSnapshots, state: RecState, model_lock: threading.Lock) -> int:
+    """Start this member's items from the group's latest snapshot, and its place in the deltas
+    topic from the snapshot's; returns the items restored (0: no snapshot)."""
+    marker, chunks = snapshots.read_latest()
+    if marker is None:
+        return 0
+    with model_lock:
+        restored = state.item_sync.restore_snapshot(chunks, marker.included)
+        state.sync_positions.update(marker.positions)
+    log.info("item sync: started from %s's snapshot %s (%d items, deltas from %s)", marker.member, marker.snapshot,
+             restored, marker.positions)
+    return restored

@@ -257,6 +257,13 @@ class ServiceMetrics:
 
         yield counter("recstream_sync_items_sent", "Item deltas this member sent to its group", s.sync_items_sent)
         yield counter("recstream_sync_items_received", "Other members' item deltas applied", s.sync_items_received)
+        yield counter("recstream_sync_snapshots_written", "Item snapshots written for members that start late",
+                      s.sync_snapshots_written)
+        yield gauge("recstream_sync_snapshot_items", "Items restored from the group's item snapshot at start",
+                    s.sync_snapshot_items)
+        yield counter("recstream_sync_clicks_sent", "Session clicks this member sent to its group", s.sync_clicks_sent)
+        yield counter("recstream_sync_clicks_received", "Other members' session clicks learned",
+                      s.sync_clicks_received)
         yield counter("recstream_users_handed_over", "Users handed to the next owner of a revoked partition",
                       s.users_handed_over)
         yield counter("recstream_users_taken_over", "Users taken over with a newly assigned partition",

@@ -92,6 +92,10 @@ class ServiceStats:
     cold_items_refreshed: int = 0  # cold items given content vectors (all refreshes)
     sync_items_sent: int = 0  # item deltas sent to the group (stream/group_sync.py)
     sync_items_received: int = 0  # other members' item deltas applied
+    sync_clicks_sent: int = 0  # session clicks sent to the group (sync.sessions)
+    sync_clicks_received: int = 0  # other members' session clicks learned
+    sync_snapshots_written: int = 0  # item snapshots written for members that start late
+    sync_snapshot_items: int = 0  # items restored from the group's snapshot at start (0: none)
     users_handed_over: int = 0  # to the next owner of a revoked partition (stream/handover.py)
     users_taken_over: int = 0  # with a newly assigned partition
     assigned: list[tuple[str, int]] = field(default_factory=list)

@@ -12,7 +12,7 @@ import numpy as np
 import orjson
 import pytest
 from recstream.stream.broker import create_topics
-from recstream.stream.config import ConfigError, sync_topic_for, user_state_topic_for
+from recstream.stream.config import ConfigError, item_snapshot_topic_for, sync_topic_for, user_state_topic_for
 
 from conftest import committed_offsets, produce, read_all, running, service_config, wait_for
 
@@ -24,8 +24,10 @@ def group_topics(kafka_bootstrap: str) -> dict[str, str]:
     tag = uuid.uuid4().hex[:10]
     names = {"input": f"clicks-{tag}", "output": f"recs-{tag}", "dlq": f"clicks-{tag}.dlq", "group": f"g-{tag}"}
     create_topics(kafka_bootstrap, {names["input"]: PARTITIONS, names["output"]: PARTITIONS, names["dlq"]: 1,
-                                    sync_topic_for(names["group"]): 1, user_state_topic_for(names["group"]): PARTITIONS},
-                  topic_configs={user_state_topic_for(names["group"]): {"cleanup.policy": "compact"}})
+                                    sync_topic_for(names["group"]): 1, user_state_topic_for(names["group"]): PARTITIONS,
+                                    item_snapshot_topic_for(names["group"]): 1},
+                  topic_configs={user_state_topic_for(names["group"]): {"cleanup.policy": "compact"},
+                                 item_snapshot_topic_for(names["group"]): {"cleanup.policy": "compact"}})
     return names
 
 
@@ -77,6 +79,10 @@ def test_two_members_hold_the_same_item_vectors(kafka_bootstrap: str, group_topi
                 a, b = vectors[0][item], vectors[1][item]
                 assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) >= 0.99, item
         assert all(m.stats.sync_items_sent and m.stats.sync_items_received for m in members)
+        # Each member's session signals learned every click of the other's users too (sync.sessions).
+        wait_for(lambda: all(m.stats.sync_clicks_received == other.stats.events_applied == other.stats.sync_clicks_sent
+                             for m, other in (members, members[::-1])), timeout_s=30,
+                 what="each member to learn the other's session clicks")
 
 
 def test_a_bad_sync_message_is_a_dead_letter_and_the_member_keeps_going(
@@ -165,6 +171,40 @@ def test_users_go_with_their_partition_to_a_member_that_joins(kafka_bootstrap: s
                  what="the first member to take every partition and user back")
         for user, vector in _user_vectors(a).items():
             np.testing.assert_array_equal(vector, before[user])
+
+
+def test_a_member_that_starts_late_starts_from_the_groups_item_snapshot(kafka_bootstrap: str,
+                                                                        group_topics: dict[str, str],
+                                                                        tmp_path) -> None:
+    """A member that joins with no state restores the items the member holding partition 0 wrote,
+    reads the deltas from the snapshot's place on, and counts every event of the group once."""
+    events = _events(6000, seed=5)
+    counts: dict[str, int] = {}
+    for _, value in events:
+        item = orjson.loads(value)["item_id"]
+        counts[item] = counts.get(item, 0) + 1
+    snapshots = {"sync.snapshot_interval_s": 0.5}
+    with running(_member_config(kafka_bootstrap, group_topics, state_dir=str(tmp_path / "a"), **snapshots)) as a:
+        produce(kafka_bootstrap, group_topics["input"], events[:3000])
+        wait_for(lambda: a.stats.events_applied >= 3000 and a.stats.sync_items_sent > 0, timeout_s=90,
+                 what="the first member to apply and send the first half")
+        written = a.stats.sync_snapshots_written
+        wait_for(lambda: a.stats.sync_snapshots_written >= written + 2, timeout_s=30, what="two more snapshots")
+        with running(_member_config(kafka_bootstrap, group_topics, state_dir=str(tmp_path / "late"),
+                                    **snapshots)) as late:
+            wait_for(lambda: len(late.stats.assigned) == PARTITIONS // 2, timeout_s=90, what="the late member's share")
+            assert late.stats.sync_snapshot_items == len({orjson.loads(v)["item_id"] for _, v in events[:3000]})
+            produce(kafka_bootstrap, group_topics["input"], events[3000:])
+            wait_for(lambda: a.stats.events_applied + late.stats.events_applied >= len(events), timeout_s=90,
+                     what="the group to apply every event")
+            assert late.stats.events_applied > 0
+            wait_for(lambda: all(_item_events(m, item) == counts[item] for m in (a, late) for item in counts),
+                     timeout_s=30, what="each member to hold the group's event counts")
+            vectors = [_item_vectors(m) for m in (a, late)]
+            for item, n in counts.items():
+                if n >= 20:
+                    x, y = vectors[0][item], vectors[1][item]
+                    assert float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) >= 0.99, item
 
 
 SYNC_ARGS = ("--set", "sync.mode=on", "--set", "sync.interval_s=0.5")
