@@ -13,6 +13,7 @@ or the network is the limit), the item deltas sent and received, and how far the
 item vectors agree once the last deltas are in (cosine for items with 20+ events in the stream).
 
     python bench/members.py [--quick] [--users N --items N --events N --partitions N --repeats R --out PATH]
+                            [--set SECTION.KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def member_child(conn, progress, stop, settings: dict) -> None:
         "kafka.bootstrap.servers": settings["bootstrap"], **FAST_JOIN, "topics.input": settings["topic"],
         "topics.output": settings["output"], "topics.dead_letter": f"{settings['topic']}.dlq",
         "topics.group_id": settings["group"], "output.publish": False, "sync.member": settings["member"],
-        "sync.interval_s": SYNC_INTERVAL_S})
+        "sync.interval_s": SYNC_INTERVAL_S, **settings.get("overrides", {})})
     timeline: list[tuple[float, int]] = []
 
     def on_flush(service: RecStreamService) -> None:
@@ -66,10 +67,13 @@ def member_child(conn, progress, stop, settings: dict) -> None:
     conn.send({"member": settings["member"], "pid": os.getpid(), "timeline": timeline,
                "events_applied": service.stats.events_applied, "cpu_s": cpu,
                "sync_items_sent": service.stats.sync_items_sent, "sync_items_received": service.stats.sync_items_received,
+               "sync_clicks_sent": service.stats.sync_clicks_sent,
+               "sync_clicks_received": service.stats.sync_clicks_received,
                "items": model.items.ids.ids_of(kept.tolist()), "vectors": model.items.vectors[kept].copy()})
 
 
-def run_group(bootstrap: str, topic: str, n_events: int, members: int, timeout_s: float) -> dict:
+def run_group(bootstrap: str, topic: str, n_events: int, members: int, timeout_s: float,
+              overrides: dict | None = None) -> dict:
     """``members`` members of a new group consume the topic; stopped once together they applied it all
     and two sync intervals passed (so that each holds the other's last deltas)."""
     group = f"members-{uuid.uuid4().hex[:8]}"
@@ -81,7 +85,8 @@ def run_group(bootstrap: str, topic: str, n_events: int, members: int, timeout_s
     for m in range(members):
         receive, send = SPAWN.Pipe(duplex=False)
         progress = SPAWN.Value("q", 0)
-        settings = {"bootstrap": bootstrap, "topic": topic, "output": output, "group": group, "member": f"m{m}"}
+        settings = {"bootstrap": bootstrap, "topic": topic, "output": output, "group": group, "member": f"m{m}",
+                    "overrides": overrides or {}}
         process = SPAWN.Process(target=member_child, args=(send, progress, stop, settings))
         process.start()
         send.close()
@@ -109,6 +114,8 @@ def run_group(bootstrap: str, topic: str, n_events: int, members: int, timeout_s
         "events_per_member": [r["events_applied"] for r in results],
         "sync_items_sent": [r["sync_items_sent"] for r in results],
         "sync_items_received": [r["sync_items_received"] for r in results],
+        "sync_clicks_sent": [r["sync_clicks_sent"] for r in results],
+        "sync_clicks_received": [r["sync_clicks_received"] for r in results],
     }
     if members == 2:
         out["agreement"] = agreement(results[0], results[1])
@@ -157,11 +164,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="100k users, 100k items, 300k events")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a setting for every member (e.g. sync.sessions=false)")
     args = parser.parse_args()
     if args.quick:
         args.users, args.items, args.events = 100_000, 100_000, 300_000
     out = Path(args.out or ("bench/results/members-quick.json" if args.quick else "bench/results/members.json"))
     logging.basicConfig(level=logging.WARNING)
+    overrides = dict(item.split("=", 1) for item in args.set)
 
     def say(text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
@@ -179,7 +189,7 @@ def main() -> None:
         say(f"pre-produced {args.events:,} events to {args.partitions} partitions")
         for r in range(args.repeats):
             for key, members in (("one", 1), ("two", 2)):
-                runs[key].append(run_group(bootstrap, topic, args.events, members, args.timeout))
+                runs[key].append(run_group(bootstrap, topic, args.events, members, args.timeout, overrides))
                 run = runs[key][-1]
                 say(f"run {r + 1}, {members} member(s): {run['events_per_s']:,.0f}/s total, "
                     f"{run['steady_events_per_s']:,.0f}/s steady, CPU µs/event {run['cpu_us_per_event']}, "
@@ -190,7 +200,7 @@ def main() -> None:
                for key, rs in runs.items()}
     summary["ratio_total"] = summary["two"]["events_per_s"] / summary["one"]["events_per_s"]
     summary["ratio_steady"] = summary["two"]["steady_events_per_s"] / summary["one"]["steady_events_per_s"]
-    result = {"args": vars(args), "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+    result = {"args": vars(args), "settings": overrides, "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
               "sync_interval_s": SYNC_INTERVAL_S, "runs": runs, "summary": summary}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
