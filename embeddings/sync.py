@@ -230,25 +230,14 @@ class ItemSync:
         self.reset_rows(rows)
         self._unbased = np.union1d(self._unbased, rows)
 
-    def take(self, per_message: int | None = None) -> list[ItemDelta]:
+    def take(self, per_message: int | None = None, items: bool = True) -> list[ItemDelta]:
         """This member's changes since its last send, as the messages to send (none if nothing
-        changed); its base then counts them as sent."""
+        changed); its base then counts them as sent. ``items=False``: the session clicks alone
+        (they go out more often than the items: see ``sync.clicks_interval_s``)."""
         self._fit()
         model = self.model
         per_message = per_message or items_per_message(model.config.dim)
-        n = len(model.items)
-        # Vectors, biases and counts move only with the item's change mark; a transition vector
-        # moves when the item is a user's previous one, unmarked, so it is compared in full.
-        marked = model.items_changed_since(self._version)
-        moved = np.flatnonzero((model.item_transitions(slice(0, n)) != self._transitions[:n]).any(axis=1))
-        rows = np.union1d(marked, moved)
-        self._version = model.model_version
-        vectors = model.items.vectors[rows] - self._vectors[rows]
-        transitions = model.item_transitions(rows) - self._transitions[rows]
-        biases = model.items.biases[rows] - self._biases[rows]
-        events = model.interaction_counts(rows) - self._events[rows]
-        changed = (vectors != 0).any(axis=1) | (transitions != 0).any(axis=1) | (biases != 0) | (events != 0)
-        rows, vectors, transitions, biases, events = (a[changed] for a in (rows, vectors, transitions, biases, events))
+        rows, vectors, transitions, biases, events = self._changed() if items else self._unchanged()
         clicks = self.sessions.take_clicks() if self.sessions is not None else (np.zeros(0, np.int64),) * 3
         if not len(rows) and not len(clicks[0]):
             return []
@@ -277,6 +266,28 @@ class ItemSync:
                                       model.items.ids.ids_of(distinct.tolist()), serials.astype("<i8").tobytes(),
                                       at.astype("<i4").tobytes(), ts.astype("<i8").tobytes()))
         return messages
+
+    def _changed(self) -> tuple[np.ndarray, ...]:
+        """The rows of the items changed since the last send and what changed (value minus base)."""
+        model = self.model
+        n = len(model.items)
+        # Vectors, biases and counts move only with the item's change mark; a transition vector
+        # moves when the item is a user's previous one, unmarked, so it is compared in full.
+        marked = model.items_changed_since(self._version)
+        moved = np.flatnonzero((model.item_transitions(slice(0, n)) != self._transitions[:n]).any(axis=1))
+        rows = np.union1d(marked, moved)
+        self._version = model.model_version
+        vectors = model.items.vectors[rows] - self._vectors[rows]
+        transitions = model.item_transitions(rows) - self._transitions[rows]
+        biases = model.items.biases[rows] - self._biases[rows]
+        events = model.interaction_counts(rows) - self._events[rows]
+        changed = (vectors != 0).any(axis=1) | (transitions != 0).any(axis=1) | (biases != 0) | (events != 0)
+        return tuple(a[changed] for a in (rows, vectors, transitions, biases, events))
+
+    def _unchanged(self) -> tuple[np.ndarray, ...]:
+        dim = self.model.config.dim
+        return (np.zeros(0, np.int64), np.zeros((0, dim), np.float32), np.zeros((0, dim), np.float32),
+                np.zeros(0, np.float32), np.zeros(0, np.int64))
 
     def apply(self, delta: ItemDelta) -> int:
         """Apply another member's delta (once per sender and sequence); returns the items it moved.

@@ -27,7 +27,9 @@ process (a test holds it to that).
 ``K = sync.interval_s x events per second of the group``. The default, ``DEFAULT_SYNC_EVERY``
 = 5,000, is the default 5 s at 1,000 events/s (at 5,000 events/s, K = 25,000); docs/scale-out.md
 has the table of quality against ``K``. Here all members send at the same moment, so a delta is
-0 to K events old when applied; in the service, sends are spread over the interval.
+0 to K events old when applied; in the service, sends are spread over the interval. The session
+clicks also go out alone between two sends, every ``clicks_every`` events (the service's
+``sync.clicks_interval_s``: :func:`clicks_every_for`).
 
 >>> import numpy as np
 >>> from recstream.evaluation.prequential import Interactions
@@ -63,6 +65,17 @@ if TYPE_CHECKING:
     from recstream.stream.state import RecState
 
 DEFAULT_SYNC_EVERY = 5000  # events: see the module docstring
+
+
+def clicks_every_for(sync_every: int, interval_s: float = 5.0, clicks_interval_s: float = 0.5) -> int:
+    """Events between two exchanges of session clicks when items are exchanged every ``sync_every``
+    (0: never), in the ratio of the service's ``sync.clicks_interval_s`` to ``sync.interval_s``
+    (the defaults).
+
+    >>> clicks_every_for(5000), clicks_every_for(1), clicks_every_for(0)
+    (500, 1, 0)
+    """
+    return max(1, round(sync_every * clicks_interval_s / interval_s)) if sync_every else 0
 _EXPLICIT_BATCH = 10_000  # events per learn call when no sync cuts them shorter (results do not depend on it)
 
 
@@ -86,15 +99,19 @@ class MemberGroup:
     decoded by each other member, as a Kafka consumer would receive it.
     """
 
-    def __init__(self, models: list[OnlineMF], sync_every: int, sessions: list | None = None) -> None:
+    def __init__(self, models: list[OnlineMF], sync_every: int, sessions: list | None = None,
+                 clicks_every: int | None = None) -> None:
         if sync_every < 0:
             raise ValueError(f"sync_every must be 0 (never) or a positive number of events, not {sync_every}")
         self.models = models
         self.sync_every = sync_every
+        # The session clicks alone, between item exchanges (the service's sync.clicks_interval_s).
+        self.clicks_every = clicks_every if clicks_every is not None else sync_every
         self.syncs = [ItemSync(model, f"member-{k}", sessions[k] if sessions else None)
                       for k, model in enumerate(models)]
         self._learned: set[int] = set()  # members that learned since the last exchange
         self.exchanges = 0
+        self.click_exchanges = 0
         self.messages = 0
         self.bytes = 0
         self.items_sent = 0
@@ -108,23 +125,30 @@ class MemberGroup:
         """``events`` of the group's stream are now learned: exchange if a sync is due."""
         if self.sync_every and events % self.sync_every == 0:
             self.exchange()
+        elif self.sync_every and self.clicks_every and events % self.clicks_every == 0:
+            self.exchange(items=False)
 
-    def exchange(self) -> None:
+    def exchange(self, items: bool = True) -> None:
         # A member that learned nothing since its last send has nothing to send (what it received
         # moved its base with its vectors), so only the others are asked.
-        sent = [(k, m.encode()) for k in sorted(self._learned) for m in self.syncs[k].take()]
-        self._learned.clear()
+        sent = [(k, m.encode()) for k in sorted(self._learned) for m in self.syncs[k].take(items=items)]
+        if items:
+            self._learned.clear()
         for k, sync in enumerate(self.syncs):
             for sender, data in sent:
                 if sender != k:
                     sync.apply(ItemDelta.decode(data))
-        self.exchanges += 1
+        if items:
+            self.exchanges += 1
+        else:
+            self.click_exchanges += 1
         self.messages += len(sent)
         self.bytes += sum(len(data) for _, data in sent)
         self.items_sent = sum(sync.sent_items for sync in self.syncs)
 
     def metrics(self) -> dict[str, float]:
         return {"members": len(self.models), "sync_every": self.sync_every, "syncs": self.exchanges,
+                "clicks_every": self.clicks_every, "click_syncs": self.click_exchanges,
                 "sync_messages": self.messages, "sync_bytes": self.bytes, "sync_items": self.items_sent,
                 "events_unknown_item": self.unranked}
 
@@ -143,14 +167,16 @@ class MemberStates(MemberGroup):
     """
 
     def __init__(self, config: MFConfig, owner: np.ndarray, members: int, sync_every: int,
-                 share_popularity: bool = False, share_sessions: bool = False, sync_sessions: bool = True) -> None:
+                 share_popularity: bool = False, share_sessions: bool = False, sync_sessions: bool = True,
+                 clicks_every: int | None = None) -> None:
         from recstream.embeddings.session import SessionSignals
         from recstream.stream.state import RecState  # the service's state, as the single process uses
 
         self.states = [RecState(config, history_per_user=1_000_000) for _ in range(members)]
         # As the service (sync.sessions): the session clicks travel with the deltas.
         super().__init__([state.model for state in self.states], sync_every,
-                         [state.sessions for state in self.states] if sync_sessions and not share_sessions else None)
+                         [state.sessions for state in self.states] if sync_sessions and not share_sessions else None,
+                         clicks_every_for(sync_every) if clicks_every is None else clicks_every)
         self.owner = owner
         if share_sessions:
             shared, users, items = SessionSignals(config), _GroupIds(), _GroupIds()
@@ -179,9 +205,9 @@ class MemberStates(MemberGroup):
         return model.items.biases[: len(model.items)] + np.float32(model.config.popularity_weight) * np.log1p(
             count).astype(np.float32)
 
-    def exchange(self) -> None:
-        super().exchange()
-        if not self.share_popularity:
+    def exchange(self, items: bool = True) -> None:
+        super().exchange(items)
+        if not self.share_popularity or not items:
             return
         counts = []
         for k, model in enumerate(self.models):
@@ -282,12 +308,13 @@ def members_explicit(data: Interactions, config: MFConfig, members: int,
 
 def members_implicit(data: Interactions, config: MFConfig, members: int, sync_every: int = DEFAULT_SYNC_EVERY,
                      share_popularity: bool = False, share_sessions: bool = False,
-                     sync_sessions: bool = True) -> EvalResult:
+                     sync_sessions: bool = True, clicks_every: int | None = None) -> EvalResult:
     """HR@10/NDCG@10 of rank-then-learn, each event by the member that owns its user
     (``share_popularity``, ``share_sessions``: experiments, see :class:`MemberStates`;
-    ``sync_sessions``: the service's ``sync.sessions``)."""
+    ``sync_sessions``: the service's ``sync.sessions``; ``clicks_every``: events between two
+    exchanges of the clicks alone, default :func:`clicks_every_for`)."""
     group = MemberStates(config, owners(data.user_ids, members), members, sync_every, share_popularity,
-                         share_sessions, sync_sessions)
+                         share_sessions, sync_sessions, clicks_every)
     result = prequential_implicit(data, config, "model", group=group)
     result.metrics.update(group.metrics())
     return result
@@ -308,9 +335,10 @@ def describe(metrics: dict[str, float]) -> str:
 
 
 def evaluate(data: Interactions, config: MFConfig, mode: str, members: int,
-             sync_every: int = DEFAULT_SYNC_EVERY, sync_sessions: bool = True) -> EvalResult:
-    """``members_explicit`` or ``members_implicit`` by ``mode`` (``sync_sessions``: see
-    :func:`members_implicit`)."""
+             sync_every: int = DEFAULT_SYNC_EVERY, sync_sessions: bool = True,
+             clicks_every: int | None = None) -> EvalResult:
+    """``members_explicit`` or ``members_implicit`` by ``mode`` (``sync_sessions``,
+    ``clicks_every``: see :func:`members_implicit`)."""
     if mode == "explicit":
         return members_explicit(data, config, members, sync_every)
-    return members_implicit(data, config, members, sync_every, sync_sessions=sync_sessions)
+    return members_implicit(data, config, members, sync_every, sync_sessions=sync_sessions, clicks_every=clicks_every)

@@ -222,7 +222,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from recstream.evaluation import members as em
 
         sync_every = em.DEFAULT_SYNC_EVERY if args.sync_every is None else args.sync_every
-        results["recstream"] = em.evaluate(data, config.model, args.mode, args.members, sync_every, config.sync.sessions)
+        clicks_every = em.clicks_every_for(sync_every, config.sync.interval_s, config.sync.clicks_interval_s)
+        results["recstream"] = em.evaluate(data, config.model, args.mode, args.members, sync_every, config.sync.sessions,
+                                           clicks_every)
         if args.baseline != "none":
             results["baseline"] = em.evaluate(data, config.model, args.mode, 1)
             baseline_name = "one process (--members 1)"

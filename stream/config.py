@@ -145,6 +145,9 @@ class SyncConfig:
     # session signals (rules, co-occurrence, session-kNN learn from the whole group); false: each
     # member learns them from its own users, at a fraction of the CPU in a big group.
     sessions: bool = True
+    # ... and the clicks go out this often on their own (20 bytes each): the session signals are
+    # most of what a click is ranked by, and their freshness costs more than the items'.
+    clicks_interval_s: float = 0.5
     # How often the member holding input partition 0 writes the group's items, as absolute values,
     # to <group_id>.item-snapshot (when it exists) for members that start late (0: never).
     snapshot_interval_s: float = 300.0
@@ -297,6 +300,7 @@ _RULES: dict[str, tuple[Any, str]] = {
     "http.liveness_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
     "sync.mode": (lambda v: v in ("auto", "on", "off"), "auto, on or off"),
     "sync.interval_s": (lambda v: 0 < v <= 86400, "a number of seconds in (0, 86400]"),
+    "sync.clicks_interval_s": (lambda v: 0 < v <= 86400, "a number of seconds in (0, 86400]"),
     "sync.snapshot_interval_s": (lambda v: v >= 0, "a non-negative number of seconds (0: never)"),
     "sync.catch_up_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
 }

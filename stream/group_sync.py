@@ -55,9 +55,10 @@ class GroupSync:
 
     def __init__(self, topic: str, interval_s: float, item_sync: ItemSync, positions: dict[str, int],
                  consumer_config: dict, produce: Callable[[str, bytes, bytes], None],
-                 dead_letter: Callable[[Message, str], None]) -> None:
+                 dead_letter: Callable[[Message, str], None], clicks_interval_s: float | None = None) -> None:
         self.topic = topic
         self.interval_s = interval_s
+        self.clicks_interval_s = clicks_interval_s or interval_s
         self.item_sync = item_sync
         self.positions = positions
         self._consumer_config = consumer_config
@@ -65,6 +66,7 @@ class GroupSync:
         self._dead_letter = dead_letter
         self._consumer: Consumer | None = None
         self._next_send = time.monotonic() + interval_s
+        self._next_clicks = time.monotonic() + self.clicks_interval_s
         self.sends = 0
 
     def start(self, timeout_s: float = 30.0) -> None:
@@ -120,13 +122,22 @@ class GroupSync:
         return moved
 
     def due(self) -> bool:
+        """Whether the items are due (every ``interval_s``)."""
         return time.monotonic() >= self._next_send
 
-    def send(self, lock) -> int:
-        """Send this member's changes since its last send; returns the items sent."""
-        self._next_send = time.monotonic() + self.interval_s
+    def clicks_due(self) -> bool:
+        """Whether the session clicks are due on their own (every ``clicks_interval_s``)."""
+        return self.item_sync.sessions is not None and time.monotonic() >= self._next_clicks
+
+    def send(self, lock, items: bool = True) -> int:
+        """Send this member's changes since its last send (``items=False``: its session clicks
+        alone); returns the items sent."""
+        now = time.monotonic()
+        self._next_clicks = now + self.clicks_interval_s
+        if items:
+            self._next_send = now + self.interval_s
         with lock:
-            deltas = self.item_sync.take()
+            deltas = self.item_sync.take(items=items)
         key = self.item_sync.member.encode()
         for delta in deltas:
             self._produce(self.topic, key, delta.encode())

@@ -78,7 +78,7 @@ class GroupMembership:
             member = member_id(config.sync.member, config.state_dir)
             sync_consumer = {**consumer_config, "group.id": f"{config.topics.group_id}.sync.{member}"}
             items = GroupSync(config.sync_topic, config.sync.interval_s, state.enable_item_sync(member, config.sync.sessions),
-                              state.sync_positions, sync_consumer, produce, dead_letter)
+                              state.sync_positions, sync_consumer, produce, dead_letter, config.sync.clicks_interval_s)
             if config.item_snapshot_topic in existing:  # (optional: groups made before it have none)
                 snapshots = ItemSnapshots(config.item_snapshot_topic, sync_consumer, produce)
                 if not state.sync_positions:  # no place in the deltas yet: start from the group's items
@@ -102,18 +102,23 @@ class GroupMembership:
 
     def turn(self) -> tuple[bool, bool]:
         """Once per loop turn: apply the group's item deltas that have arrived, and send ours when
-        the interval is up. Returns (items moved, anything to checkpoint changed)."""
+        the interval is up (the session clicks alone when theirs is). Returns (items moved,
+        anything to checkpoint changed)."""
         if self.items is None:
             return False, False
         read = dict(self.state.sync_positions)
         moved = self.items.poll(self.model_lock)
         self.stats.sync_items_received += moved
-        sent = self.items.send(self.model_lock) if self.items.due() else 0
+        sent, clicks = 0, self.items.item_sync.sent_clicks
+        if self.items.due():
+            sent = self.items.send(self.model_lock)
+        elif self.items.clicks_due():
+            self.items.send(self.model_lock, items=False)
         self.stats.sync_items_sent += sent
         self._count_clicks()
         self._write_snapshot()
-        # The item base and the sync positions are checkpointed.
-        return moved > 0, bool(sent) or read != self.state.sync_positions
+        # The item base, the clicks sent and the sync positions are checkpointed.
+        return moved > 0, bool(sent) or clicks != self.items.item_sync.sent_clicks or read != self.state.sync_positions
 
     def send_last(self) -> None:
         """At a clean stop: the group gets this member's last changes (the final checkpoint counts them sent)."""
