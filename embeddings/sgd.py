@@ -371,6 +371,9 @@ def sgd_batch(U, I, S, rates, users, items, ratings, weights, timestamps, seq, p
         loss += w * np.log1p(np.exp(-x)) if x > -30.0 else w * -x
         if phi > 0:
             _step_seq(P, Q, F, bi, u, prev, phi, i, w * (1.0 - _sigmoid(x)), lr, lr_seq, lr_i, reg)
+            # The previous item's transition vector moves here (and with each negative below): it
+            # counts as changed, for the group sync, the index and the finiteness check.
+            item_seq[prev] = seq
         else:
             _step(P, Q, bu, bi, u, i, w * (1.0 - _sigmoid(x)), lr, lr_i, 0.0, lr_i, reg)
         if timestamps[e] > 0:  # a session is a span of time: events without one carry none

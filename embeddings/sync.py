@@ -270,12 +270,9 @@ class ItemSync:
     def _changed(self) -> tuple[np.ndarray, ...]:
         """The rows of the items changed since the last send and what changed (value minus base)."""
         model = self.model
-        n = len(model.items)
-        # Vectors, biases and counts move only with the item's change mark; a transition vector
-        # moves when the item is a user's previous one, unmarked, so it is compared in full.
-        marked = model.items_changed_since(self._version)
-        moved = np.flatnonzero((model.item_transitions(slice(0, n)) != self._transitions[:n]).any(axis=1))
-        rows = np.union1d(marked, moved)
+        # Whatever moves an item (its vector, bias, count, or its transition vector as a user's
+        # previous item) marks it changed: only those are compared with their base.
+        rows = model.items_changed_since(self._version)
         self._version = model.model_version
         vectors = model.items.vectors[rows] - self._vectors[rows]
         transitions = model.item_transitions(rows) - self._transitions[rows]

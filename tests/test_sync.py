@@ -182,3 +182,26 @@ def test_a_member_that_starts_from_a_snapshot_counts_every_event_once() -> None:
     for key, vector in _items(a).items():
         np.testing.assert_allclose(_items(late)[key], vector, atol=1e-5)
         np.testing.assert_allclose(_items(b)[key], vector, atol=1e-5)
+
+
+def test_transition_vectors_moved_as_a_previous_item_reach_the_other_members() -> None:
+    """An item's transition vector moves when it is a user's previous item, not only when it is
+    clicked: that marks it changed too, or its move would never be sent."""
+    config = MFConfig(dim=8, seed=3, n_negatives=0)  # (a sampled negative is marked changed anyway)
+    a, b = OnlineMF(config), OnlineMF(config)
+    sync_a, sync_b = ItemSync(a, "a"), ItemSync(b, "b")
+    for model, seed in ((a, 30), (b, 31)):
+        users, items = _stream(seed)
+        model.learn_rows(model.users.rows(users), model.items.rows(items), np.full(len(users), np.nan, np.float32),
+                         np.ones(len(users), np.float32), None, 1_700_000_000_000 + 1_000 * np.arange(len(users)))
+    _exchange(sync_a, sync_b)
+    # Then a's users click only new items: the items they clicked before move as previous items alone.
+    users = [f"u{u}" for u in range(50)]
+    before = a.item_transitions(slice(0, len(a.items)))
+    a.learn_rows(a.users.rows(users), a.items.rows([f"new{u}" for u in range(50)]), np.full(50, np.nan, np.float32),
+                 np.ones(50, np.float32), None, 1_700_000_000_000 + 500_000 + np.arange(50))
+    assert (a.item_transitions(slice(0, len(before))) != before).any()
+    _exchange(sync_a, sync_b)
+    for key in a.items.ids.ids:
+        ra, rb = a.items.ids.get(key), b.items.ids.get(key)
+        np.testing.assert_allclose(a.item_transitions(np.array([ra])), b.item_transitions(np.array([rb])), atol=1e-6)
