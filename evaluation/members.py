@@ -67,13 +67,13 @@ if TYPE_CHECKING:
 DEFAULT_SYNC_EVERY = 5000  # events: see the module docstring
 
 
-def clicks_every_for(sync_every: int, interval_s: float = 5.0, clicks_interval_s: float = 0.5) -> int:
+def clicks_every_for(sync_every: int, interval_s: float = 5.0, clicks_interval_s: float = 0.1) -> int:
     """Events between two exchanges of session clicks when items are exchanged every ``sync_every``
     (0: never), in the ratio of the service's ``sync.clicks_interval_s`` to ``sync.interval_s``
     (the defaults).
 
     >>> clicks_every_for(5000), clicks_every_for(1), clicks_every_for(0)
-    (500, 1, 0)
+    (100, 1, 0)
     """
     return max(1, round(sync_every * clicks_interval_s / interval_s)) if sync_every else 0
 _EXPLICIT_BATCH = 10_000  # events per learn call when no sync cuts them shorter (results do not depend on it)

@@ -147,7 +147,7 @@ class SyncConfig:
     sessions: bool = True
     # ... and the clicks go out this often on their own (20 bytes each): the session signals are
     # most of what a click is ranked by, and their freshness costs more than the items'.
-    clicks_interval_s: float = 0.5
+    clicks_interval_s: float = 0.1
     # How often the member holding input partition 0 writes the group's items, as absolute values,
     # to <group_id>.item-snapshot (when it exists) for members that start late (0: never).
     snapshot_interval_s: float = 300.0
