@@ -55,16 +55,19 @@ def _item_events(service, key: str) -> int:
         return int(service.model.interaction_counts(np.array([service.model.items.ids.get(key)]))[0])
 
 
-def test_two_members_hold_the_same_item_vectors(kafka_bootstrap: str, group_topics: dict[str, str]) -> None:
+@pytest.mark.parametrize("names", [("a", "b"), ("a", "b", "c")], ids=["two", "three"])
+def test_members_hold_the_same_item_vectors(kafka_bootstrap: str, group_topics: dict[str, str],
+                                            names: tuple[str, ...]) -> None:
     events = _events(6000)
     with ExitStack() as stack:
         members = [stack.enter_context(running(_member_config(kafka_bootstrap, group_topics, **{"sync.member": m})))
-                   for m in ("a", "b")]
-        wait_for(lambda: all(len(m.stats.assigned) for m in members), timeout_s=60, what="both members assigned")
+                   for m in names]
+        wait_for(lambda: sum(len(m.stats.assigned) for m in members) == PARTITIONS
+                 and all(len(m.stats.assigned) for m in members), timeout_s=60, what="every member assigned")
         produce(kafka_bootstrap, group_topics["input"], events)
         wait_for(lambda: sum(m.stats.events_applied for m in members) >= len(events), timeout_s=90,
                  what="the group to apply every event")
-        assert all(m.stats.events_applied > 0 for m in members), "one member learned everything: no group"
+        assert all(m.stats.events_applied > 0 for m in members), "a member learned nothing: no group"
         counts: dict[str, int] = {}
         for _, value in events:
             item = orjson.loads(value)["item_id"]
@@ -73,16 +76,17 @@ def test_two_members_hold_the_same_item_vectors(kafka_bootstrap: str, group_topi
         wait_for(lambda: all(_item_events(m, item) == counts[item] for m in members for item in counts),
                  timeout_s=30, what="each member to hold the group's event counts")
         vectors = [_item_vectors(m) for m in members]
-        assert vectors[0].keys() == vectors[1].keys() == counts.keys()
+        assert all(v.keys() == counts.keys() for v in vectors)
         for item, n in counts.items():
             if n >= 20:
-                a, b = vectors[0][item], vectors[1][item]
-                assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) >= 0.99, item
+                for other in vectors[1:]:
+                    a, b = vectors[0][item], other[item]
+                    assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) >= 0.99, item
         assert all(m.stats.sync_items_sent and m.stats.sync_items_received for m in members)
-        # Each member's session signals learned every click of the other's users too (sync.sessions).
-        wait_for(lambda: all(m.stats.sync_clicks_received == other.stats.events_applied == other.stats.sync_clicks_sent
-                             for m, other in (members, members[::-1])), timeout_s=30,
-                 what="each member to learn the other's session clicks")
+        # Each member's session signals learned every click of the others' users too (sync.sessions).
+        wait_for(lambda: all(m.stats.sync_clicks_sent == m.stats.events_applied
+                             and m.stats.sync_clicks_received == len(events) - m.stats.events_applied
+                             for m in members), timeout_s=30, what="each member to learn the others' session clicks")
 
 
 def test_a_bad_sync_message_is_a_dead_letter_and_the_member_keeps_going(
