@@ -44,6 +44,8 @@ True
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 import numpy as np
 from recstream.embeddings.model import OnlineMF
@@ -55,6 +57,7 @@ MESSAGE_BYTES = 500_000
 # Session clicks per message: 20 bytes each, and an id of up to ~40 bytes for each distinct item.
 CLICKS_PER_MESSAGE = MESSAGE_BYTES // 64
 _ALL_PARTS = 2**31  # (seq, _ALL_PARTS): every part of delta seq
+_CLICK_CLOCK_TOLERANCE_S = 86_400.0  # clocks of members disagree; a day is no disagreement
 
 
 def items_per_message(dim: int) -> int:
@@ -117,6 +120,11 @@ class ItemDelta(msgspec.Struct, frozen=True):
         items = delta.click_item_array() if not wrong else None
         if items is not None and len(items) and (items.min() < 0 or items.max() >= len(delta.click_ids)):
             wrong.append(f"click items outside the {len(delta.click_ids)} click ids")
+        # A click from the far future would decay everything the session signals hold to nothing
+        # (the member's own events are held to the clock on the way in: events.clock_tolerance_s).
+        latest = int((time.time() + _CLICK_CLOCK_TOLERANCE_S) * 1000)
+        if items is not None and len(items) and delta.click_ts_array().max() > latest:
+            wrong.append(f"click times past this member's clock by more than {_CLICK_CLOCK_TOLERANCE_S:.0f} s")
         if wrong or dim < 1 or not 0 <= delta.part < delta.parts:
             raise InvalidDelta("; ".join(wrong) or f"bad dim {dim} or part {delta.part}/{delta.parts}")
         if not all(np.isfinite(a).all() for a in (delta.vector_array(), delta.transition_array(),

@@ -149,6 +149,8 @@ def test_other_members_sessions_survive_a_checkpoint() -> None:
       "click_ts": b"\x00" * 8}, "click items outside"),
     ({"click_ids": ["x"], "click_sessions": b"\x01" + b"\x00" * 7, "click_items": b"", "click_ts": b"\x00" * 8},
      "click_items has 0 bytes"),
+    ({"click_ids": ["x"], "click_sessions": b"\x01" + b"\x00" * 7, "click_items": b"\x00" * 4,
+      "click_ts": np.array([2**62], "<i8").tobytes()}, "click times past this member's clock"),
 ])
 def test_bad_clicks_are_refused_with_a_reason(fields: dict, reason: str) -> None:
     data = ItemDelta("b", 1, 0, 1, 8, [], b"", b"", b"", b"", **fields).encode()
