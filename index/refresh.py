@@ -103,6 +103,7 @@ class IndexRefresher:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.held = False  # no build starts while set (the consumer is behind: see RecStreamService)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="index-refresher", daemon=True)
@@ -120,7 +121,7 @@ class IndexRefresher:
 
     def due(self) -> bool:
         n_items = len(self.model.items)
-        if n_items < self.config.min_items:
+        if n_items < self.config.min_items or self.held:
             return False
         current = self.current
         if current is None:

@@ -270,6 +270,9 @@ class RecStreamService:
                 self.last_loop_turn = time.monotonic()
                 messages = self.consumer.consume(loop.batch_size, self._poll_timeout())
                 self._behind = len(messages) >= loop.batch_size
+                # Behind, rounds answer from the hot set alone: an index build would take a core
+                # from the catch-up for nothing. The next one starts once the consumer caught up.
+                self.refresher.held = self._behind
                 if messages:
                     self._process(messages)
                 if self.membership is not None:
