@@ -359,7 +359,7 @@ class RecStreamService:
                             "retrain/reindex recommended", before, after)
             self.stats.loss_mean = self.loss_drift.mean
             if self.config.output.publish:
-                self.state.pending.add(user_rows, stamps, requeue=self._behind)
+                self.state.pending.add(user_rows, stamps)
                 self.state.pending.forget(self.state.forgotten)  # bounded memory: users the batch forgot
             self.stats.events_applied += len(batch)
             self.stats.last_event_ts = max(self.stats.last_event_ts, batch_now(stamps, self.decoder.clock_tolerance_ms))
@@ -547,7 +547,7 @@ class RecStreamService:
         self.stats.commits += 1
 
     def _publish_updates(self, limit: int) -> np.ndarray:
-        """Publish updates for the first ``limit`` users of the queue; returns their latest event times."""
+        """Publish updates for the ``limit`` longest-waiting users; returns their latest event times."""
         user_rows, last_event_ts = self.state.pending.take(limit)
         index = self.refresher.current
         with self.model_lock:
