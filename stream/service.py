@@ -663,6 +663,12 @@ class RecStreamService:
                     self._state_changed = True
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self.stop.is_set():
+            # Assigned while closing (a rebalance met our SIGTERM): the consumer is being destroyed,
+            # so the group's offsets cannot be read; the client assigns and close() revokes them,
+            # with nothing of ours to commit for them. Their next owner takes them from the group.
+            log.info("assigned %s while stopping: left to their next owner", [f"{p.topic}/{p.partition}" for p in partitions])
+            return
         self._take_over(partitions)
         self._start_offsets(partitions)
         cooperative = "cooperative" in self._client_configs()[0].get("partition.assignment.strategy", "")
