@@ -9,10 +9,10 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from recstream.stream.logs import kafka_logger
 
@@ -186,3 +186,27 @@ def topic_ids(admin: AdminClient, topics: list[str], timeout_s: float = 10.0) ->
         if topic_id is not None:
             out[topic] = str(topic_id)
     return out
+
+
+def read_partition(consumer_config: dict, topic: str, partition: int, timeout_s: float) -> Iterator[Message]:
+    """Every record of ``topic``/``partition`` from its start to its end, in order (outside any
+    consumer group: ``assign``); raises TimeoutError if the end is not reached within ``timeout_s``.
+
+    The end comes from the partition-EOF event, not the watermark (see BROKER-NOTES: some brokers
+    answer a stale latest offset).
+    """
+    consumer = Consumer({**consumer_config, "enable.partition.eof": True})
+    deadline = time.monotonic() + timeout_s
+    try:
+        consumer.assign([TopicPartition(topic, partition, OFFSET_BEGINNING)])
+        at_end = False
+        while not at_end:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic}/{partition} took over {timeout_s:.0f}s")
+            for message in consumer.consume(1000, 0.5):
+                if message.error() is not None:
+                    at_end = at_end or message.error().code() == KafkaError._PARTITION_EOF
+                    continue
+                yield message
+    finally:
+        consumer.close()

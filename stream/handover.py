@@ -20,12 +20,11 @@ users start over on a new owner unless the member itself comes back for them (st
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 
 import msgspec
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from recstream.stream.broker import read_partition
 from recstream.stream.state import RecState
 
 log = logging.getLogger(__name__)
@@ -168,36 +167,23 @@ class UserHandover:
 
     def read(self, partition: int, timeout_s: float = 60.0) -> tuple[Marker | None, list[UserChunk]]:
         """The last complete handover of ``partition``: its marker and chunks (None, [] if none)."""
-        consumer = Consumer({**self._consumer_config, "enable.partition.eof": True,
-                             "group.id": f"{self._consumer_config.get('group.id', 'recstream')}.handover"})
+        config = {**self._consumer_config, "group.id": f"{self._consumer_config.get('group.id', 'recstream')}.handover"}
         chunks: dict[tuple[str, int], UserChunk] = {}
         marker: Marker | None = None
-        deadline = time.monotonic() + timeout_s
         try:
-            # The end comes from the partition-EOF event, not the watermark (see BROKER-NOTES: some
-            # brokers answer a stale latest offset).
-            consumer.assign([TopicPartition(self.topic, partition, OFFSET_BEGINNING)])
-            at_end = False
-            while not at_end:
-                if time.monotonic() > deadline:
-                    log.warning("user handover: reading %s/%d took over %.0fs; its users start over",
-                                self.topic, partition, timeout_s)
-                    return None, []
-                for m in consumer.consume(1000, 0.5):
-                    if m.error() is not None:
-                        at_end = at_end or m.error().code() == KafkaError._PARTITION_EOF
-                        continue
-                    try:
-                        if (m.key() or b"").endswith(b"/marker"):
-                            marker = _DECODE_MARKER(m.value())
-                        else:
-                            chunk = _DECODE_CHUNK(m.value())
-                            chunks[(chunk.handover, chunk.chunk)] = chunk
-                    except msgspec.DecodeError as exc:
-                        log.error("user handover: unreadable record at %s/%d@%d (%s)", m.topic(), m.partition(),
-                                  m.offset(), exc)
-        finally:
-            consumer.close()
+            for m in read_partition(config, self.topic, partition, timeout_s):
+                try:
+                    if (m.key() or b"").endswith(b"/marker"):
+                        marker = _DECODE_MARKER(m.value())
+                    else:
+                        chunk = _DECODE_CHUNK(m.value())
+                        chunks[(chunk.handover, chunk.chunk)] = chunk
+                except msgspec.DecodeError as exc:
+                    log.error("user handover: unreadable record at %s/%d@%d (%s)", m.topic(), m.partition(),
+                              m.offset(), exc)
+        except TimeoutError as exc:
+            log.warning("user handover: %s; the users of partition %d start over", exc, partition)
+            return None, []
         if marker is None:
             return None, []
         found = [chunks.get((marker.handover, k)) for k in range(marker.chunks)]

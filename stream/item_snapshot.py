@@ -28,8 +28,8 @@ import time
 import uuid
 
 import msgspec
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from recstream.embeddings.sync import InvalidDelta, ItemDelta, ItemSync
+from recstream.stream.broker import read_partition
 
 log = logging.getLogger(__name__)
 
@@ -84,26 +84,14 @@ class ItemSnapshots:
 
     def read_latest(self, timeout_s: float = 120.0) -> tuple[SnapshotMarker | None, list[ItemDelta]]:
         """The latest complete snapshot: its marker and chunks (None, [] if there is none)."""
-        consumer = Consumer({**self._consumer_config, "enable.partition.eof": True,
-                             "group.id": f"{self._consumer_config.get('group.id', 'recstream')}.snapshot"})
+        config = {**self._consumer_config, "group.id": f"{self._consumer_config.get('group.id', 'recstream')}.snapshot"}
         latest: dict[bytes, bytes] = {}  # key -> its last value (what compaction keeps)
-        deadline = time.monotonic() + timeout_s
         try:
-            # The end comes from the partition-EOF event, not the watermark (see BROKER-NOTES).
-            consumer.assign([TopicPartition(self.topic, 0, OFFSET_BEGINNING)])
-            at_end = False
-            while not at_end:
-                if time.monotonic() > deadline:
-                    log.warning("item snapshot: reading %s took over %.0fs; reading the deltas from their start",
-                                self.topic, timeout_s)
-                    return None, []
-                for m in consumer.consume(1000, 0.5):
-                    if m.error() is not None:
-                        at_end = at_end or m.error().code() == KafkaError._PARTITION_EOF
-                        continue
-                    latest[m.key() or b""] = m.value() or b""
-        finally:
-            consumer.close()
+            for m in read_partition(config, self.topic, 0, timeout_s):
+                latest[m.key() or b""] = m.value() or b""
+        except TimeoutError as exc:
+            log.warning("item snapshot: %s; reading the deltas from their start", exc)
+            return None, []
         if b"marker" not in latest:
             return None, []
         try:
